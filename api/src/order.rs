@@ -1,0 +1,207 @@
+//! `RunPodOrder`: one paid pod (a worker) and its lifecycle.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::GpuRequest;
+use crate::duration::GoDuration;
+use crate::experiment::default_provider;
+
+/// One paid RunPod pod and its lifecycle, from request to confirmed deletion.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "ep.dev",
+    version = "v1alpha1",
+    kind = "RunPodOrder",
+    namespaced,
+    cel,
+    status = "RunPodOrderStatus",
+    shortname = "rpo",
+    category = "ep",
+    doc = "One paid RunPod pod and its lifecycle, from request to confirmed deletion.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".status.podId"),
+    printcolumn(name = "GPU", type_ = "string", json_path = ".status.gpu.displayName"),
+    printcolumn(name = "$/H", type_ = "number", json_path = ".status.costPerHour"),
+    printcolumn(name = "Spent", type_ = "number", json_path = ".status.accruedCostUsd"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("has(self.experimentRef) == has(oldSelf.experimentRef) && (!has(self.experimentRef) || self.experimentRef.name == oldSelf.experimentRef.name)")
+    .message("spec.experimentRef is immutable: create a new order for another experiment"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.approved) || !oldSelf.approved || (has(self.approved) && self.approved)")
+    .message("spec.approved cannot be withdrawn once true: set spec.stop to end the order"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.approvedBy) || (has(self.approvedBy) && self.approvedBy == oldSelf.approvedBy)")
+    .message("spec.approvedBy cannot be changed or removed once set"))]
+#[serde(rename_all = "camelCase")]
+pub struct RunPodOrderSpec {
+    /// The experiment this order serves (immutable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment_ref: Option<ExperimentRef>,
+    /// Attempt number of the experiment this order serves, set by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+    /// Name of the cluster-scoped `RunPodProvider`.
+    #[serde(default = "default_provider")]
+    pub provider_ref: String,
+    /// Order policy name (canonical or alias) from the operator settings.
+    pub policy: String,
+    /// Worker id of this pod (immutable).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.workerId is immutable"))]
+    pub worker_id: String,
+    /// GPU request.
+    pub gpu: GpuRequest,
+    /// Data center; defaults to the provider's network volume data center (they must agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_center: Option<String>,
+    /// Approval to spend money. Only the approver group may set it; once true it stays true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<bool>,
+    /// Who approved (filled by `kubectl ep approve`); immutable once set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    /// Longest the pod may live; also sets RunPod's terminateAfter (plus a grace period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime: Option<GoDuration>,
+    /// Highest acceptable price in USD per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "double(self) >= 0.0", "message": "spec.maxCostPerHour must not be negative"}]))]
+    pub max_cost_per_hour: Option<f64>,
+    /// What deleting the order does to the pod.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Ask the order to drain now (results are collected, then the pod is deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<StopRequest>,
+}
+
+/// Reference to an experiment in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentRef {
+    /// Experiment name.
+    pub name: String,
+}
+
+/// What deleting an order does to its pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Drain (collect and verify results), terminate the pod, confirm it is gone.
+    #[default]
+    Terminate,
+    /// Leave the pod to RunPod's terminateAfter; it is then reported as an orphan.
+    Orphan,
+}
+
+/// A request to drain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StopRequest {
+    /// Why, as a person would say it; kept in status and the registry.
+    #[schemars(length(min = 1))]
+    pub reason: String,
+}
+
+/// Order lifecycle phases (DESIGN section 4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderPhase {
+    /// Durable in the Kubernetes API; nothing paid yet.
+    #[default]
+    Requested,
+    /// Inputs bound and checked against live truth.
+    Provisioned,
+    /// Payload and runner on the volume, verified.
+    Synced,
+    /// Attempt claimed, run spec written, manifest sealed.
+    Verified,
+    /// Pod created and the runner heartbeating.
+    RunnerOnline,
+    /// Results being collected before deletion.
+    Draining,
+    /// Pod terminated and confirmed gone.
+    Deleted,
+    /// Ended without a result; see the reason.
+    Failed,
+}
+
+/// Observed state of an order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPodOrderStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<OrderPhase>,
+    /// Standard conditions; `Ready` is always present once reconciled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Run id this order is bound to; the pod name derives from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Fencing token of the attempt's claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<i64>,
+    /// RunPod pod name (derived from the run id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// RunPod pod id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_id: Option<String>,
+    /// RunPod machine id of the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    /// GPU actually obtained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<ObtainedGpu>,
+    /// Data center the pod runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_center: Option<String>,
+    /// Price RunPod bills, USD per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_per_hour: Option<f64>,
+    /// Spend so far, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accrued_cost_usd: Option<f64>,
+    /// Payload id synced to the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_id: Option<String>,
+    /// Why the order failed or waits (a PascalCase reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail for `reason`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Every phase change, oldest first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub transitions: Vec<PhaseTransition>,
+}
+
+/// The GPU a pod actually got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObtainedGpu {
+    /// RunPod gpu type id, e.g. `NVIDIA RTX PRO 4500 Blackwell`.
+    pub type_id: String,
+    /// Display name RunPod shows, e.g. `RTX PRO 4500`.
+    pub display_name: String,
+    /// Number of GPUs.
+    pub count: i32,
+}
+
+/// One phase change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTransition {
+    /// Phase entered.
+    pub phase: OrderPhase,
+    /// When.
+    pub at: Time,
+    /// Why (PascalCase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
