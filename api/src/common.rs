@@ -93,7 +93,8 @@ pub fn set_condition(
     let status = if status { "True" } else { "False" };
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         let transitioned = c.status != status;
-        let changed = transitioned || c.reason != reason || c.message != message || c.observed_generation != observed_generation;
+        let changed =
+            transitioned || c.reason != reason || c.message != message || c.observed_generation != observed_generation;
         if transitioned {
             c.last_transition_time = now;
         }

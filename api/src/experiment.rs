@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::common::{GpuRequest, SecretKeyRef};
 use crate::duration::GoDuration;
 
-/// An ML training experiment run on RunPod GPU pods, one attempt at a time.
+/// Desired state of an experiment: what to run, on which GPUs, within which limits.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "ep.dev",

@@ -7,6 +7,9 @@
 //!
 //! No client code lives here: nothing in this crate talks to a server.
 
+// kube's derive takes one `printcolumn(...)` per column; clippy reads the repeats as duplicates.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod duration;
 pub mod experiment;

@@ -9,7 +9,7 @@ use crate::common::GpuRequest;
 use crate::duration::GoDuration;
 use crate::experiment::default_provider;
 
-/// One paid RunPod pod and its lifecycle, from request to confirmed deletion.
+/// Desired state of an order: which GPU pod to rent for whom, and under which limits.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "ep.dev",

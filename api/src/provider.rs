@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::NamespacedSecretKeyRef;
 
-/// A RunPod account, its API endpoint and the network volume experiments run on.
+/// Desired state of a provider: the account's API, credentials and network volume.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
     group = "ep.dev",

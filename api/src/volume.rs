@@ -74,7 +74,8 @@ pub enum FormatError {
 
 /// Parses one of the versioned files, naming the file in the error.
 pub fn parse<T: for<'de> Deserialize<'de> + Versioned>(file: &str, bytes: &[u8]) -> Result<T, FormatError> {
-    let value: T = serde_json::from_slice(bytes).map_err(|source| FormatError::Parse { file: file.to_owned(), source })?;
+    let value: T =
+        serde_json::from_slice(bytes).map_err(|source| FormatError::Parse { file: file.to_owned(), source })?;
     check_version(file, value.version())?;
     Ok(value)
 }

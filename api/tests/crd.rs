@@ -1,5 +1,7 @@
 //! Schema facts users rely on, and every CEL rule evaluated on a passing and a failing object.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure by design
+
 use ep_api::{Experiment, RunPodOrder, RunPodProvider};
 use kube::CustomResourceExt;
 use serde_json::{Value, json};
@@ -79,8 +81,14 @@ fn payload_locations_stay_inside_the_root() {
 #[test]
 fn gpu_count_is_one_to_eight() {
     for bad in [0, 9, -1] {
-        assert_refused(experiment(|v| v["spec"]["gpu"]["count"] = json!(bad)).validate_cel(), "gpu count must be between 1 and 8");
-        assert_refused(order(|v| v["spec"]["gpu"]["count"] = json!(bad)).validate_cel(), "gpu count must be between 1 and 8");
+        assert_refused(
+            experiment(|v| v["spec"]["gpu"]["count"] = json!(bad)).validate_cel(),
+            "gpu count must be between 1 and 8",
+        );
+        assert_refused(
+            order(|v| v["spec"]["gpu"]["count"] = json!(bad)).validate_cel(),
+            "gpu count must be between 1 and 8",
+        );
     }
     experiment(|v| v["spec"]["gpu"]["count"] = json!(8)).validate_cel().unwrap();
 }
@@ -97,16 +105,31 @@ fn checkpoint_retention_is_required() {
 
 #[test]
 fn max_attempts_at_least_one() {
-    assert_refused(experiment(|v| v["spec"]["retry"]["maxAttempts"] = json!(0)).validate_cel(), "retry.maxAttempts must be at least 1");
+    assert_refused(
+        experiment(|v| v["spec"]["retry"]["maxAttempts"] = json!(0)).validate_cel(),
+        "retry.maxAttempts must be at least 1",
+    );
     experiment(|v| v["spec"]["retry"]["maxAttempts"] = json!(1)).validate_cel().unwrap();
 }
 
 #[test]
 fn budgets_are_not_negative() {
-    assert_refused(experiment(|v| v["spec"]["limits"]["maxCostUsd"] = json!(-1)).validate_cel(), "limits.maxCostUsd must not be negative");
-    assert_refused(experiment(|v| v["spec"]["limits"]["maxCostUsd"] = json!(-0.5)).validate_cel(), "limits.maxCostUsd must not be negative");
-    assert_refused(experiment(|v| v["spec"]["order"]["maxCostPerHour"] = json!(-2)).validate_cel(), "order.maxCostPerHour must not be negative");
-    assert_refused(order(|v| v["spec"]["maxCostPerHour"] = json!(-0.1)).validate_cel(), "spec.maxCostPerHour must not be negative");
+    assert_refused(
+        experiment(|v| v["spec"]["limits"]["maxCostUsd"] = json!(-1)).validate_cel(),
+        "limits.maxCostUsd must not be negative",
+    );
+    assert_refused(
+        experiment(|v| v["spec"]["limits"]["maxCostUsd"] = json!(-0.5)).validate_cel(),
+        "limits.maxCostUsd must not be negative",
+    );
+    assert_refused(
+        experiment(|v| v["spec"]["order"]["maxCostPerHour"] = json!(-2)).validate_cel(),
+        "order.maxCostPerHour must not be negative",
+    );
+    assert_refused(
+        order(|v| v["spec"]["maxCostPerHour"] = json!(-0.1)).validate_cel(),
+        "spec.maxCostPerHour must not be negative",
+    );
     experiment(|v| v["spec"]["limits"]["maxCostUsd"] = json!(0)).validate_cel().unwrap();
 }
 
@@ -118,9 +141,13 @@ fn depends_on_must_not_name_itself() {
 
 #[test]
 fn env_value_or_secret_not_both() {
-    let e = experiment(|v| v["spec"]["env"] = json!([{"name": "K", "value": "v", "secretKeyRef": {"name": "s", "key": "k"}}]));
+    let e = experiment(|v| {
+        v["spec"]["env"] = json!([{"name": "K", "value": "v", "secretKeyRef": {"name": "s", "key": "k"}}])
+    });
     assert_refused(e.validate_cel(), "set value or secretKeyRef, not both");
-    experiment(|v| v["spec"]["env"] = json!([{"name": "K", "secretKeyRef": {"name": "s", "key": "k"}}])).validate_cel().unwrap();
+    experiment(|v| v["spec"]["env"] = json!([{"name": "K", "secretKeyRef": {"name": "s", "key": "k"}}]))
+        .validate_cel()
+        .unwrap();
 }
 
 #[test]
@@ -183,9 +210,27 @@ fn rules(schema: &Value, out: &mut Vec<String>) {
 #[test]
 fn crds_have_what_kubectl_users_rely_on() {
     let cases = [
-        (crd_json::<Experiment>(), "experiments", "exp", "Namespaced", vec!["Phase", "GPU", "Attempt", "Cost", "F1", "AUC", "Age"]),
-        (crd_json::<RunPodOrder>(), "runpodorders", "rpo", "Namespaced", vec!["Phase", "Pod", "GPU", "$/H", "Spent", "Age"]),
-        (crd_json::<RunPodProvider>(), "runpodproviders", "rpp", "Cluster", vec!["Ready", "Data Center", "Volume", "Age"]),
+        (
+            crd_json::<Experiment>(),
+            "experiments",
+            "exp",
+            "Namespaced",
+            vec!["Phase", "GPU", "Attempt", "Cost", "F1", "AUC", "Age"],
+        ),
+        (
+            crd_json::<RunPodOrder>(),
+            "runpodorders",
+            "rpo",
+            "Namespaced",
+            vec!["Phase", "Pod", "GPU", "$/H", "Spent", "Age"],
+        ),
+        (
+            crd_json::<RunPodProvider>(),
+            "runpodproviders",
+            "rpp",
+            "Cluster",
+            vec!["Ready", "Data Center", "Volume", "Age"],
+        ),
     ];
     for (crd, plural, short, scope, columns) in cases {
         assert_eq!(crd["metadata"]["name"], format!("{plural}.ep.dev"));
@@ -195,12 +240,20 @@ fn crds_have_what_kubectl_users_rely_on() {
         let version = &crd["spec"]["versions"][0];
         assert_eq!(version["name"], "v1alpha1");
         assert_eq!(version["subresources"]["status"], json!({}), "{plural} has a status subresource");
-        let names: Vec<&str> = version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, columns, "{plural} printer columns");
         // Every spec field carries a description (it is what `kubectl explain` shows).
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
         for (field, schema) in spec["properties"].as_object().unwrap() {
-            assert!(schema["description"].as_str().is_some_and(|d| !d.is_empty()), "{plural}.spec.{field} has no description");
+            assert!(
+                schema["description"].as_str().is_some_and(|d| !d.is_empty()),
+                "{plural}.spec.{field} has no description"
+            );
         }
     }
 }

@@ -1,1 +1,100 @@
-fn main(){}
+//! The `ep-operator` binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ep_operator::crdgen;
+use ep_operator::registry::PgRegistry;
+use ep_operator::settings::{Settings, SettingsWatcher};
+
+#[derive(Parser)]
+#[command(
+    name = "ep-operator",
+    version,
+    about = "Runs ML training experiments on RunPod GPU pods from Kubernetes resources"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print every CRD as YAML (or write one file per CRD into a directory).
+    Crd {
+        /// Write `<name>.yaml` files into this directory instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+    /// Apply the exp_registry migrations (idempotent).
+    Migrate {
+        /// PostgreSQL URL, e.g. postgres://user@host:5432/db.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Validate a settings file and print the effective settings.
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Check a settings file; prints the effective settings (defaults filled in) or every error.
+    Check {
+        /// The settings file; omit to check the embedded default.
+        file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    // Several dependencies use rustls; install one process-wide provider before any of them.
+    if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
+        eprintln!("ep-operator: a rustls crypto provider was already installed");
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ep-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Crd { out_dir: None } => print!("{}", crdgen::crd_stream()?),
+        Command::Crd { out_dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for (name, yaml) in crdgen::crd_files()? {
+                let path = dir.join(name);
+                std::fs::write(&path, yaml)?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+        Command::Migrate { database_url } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let registry = PgRegistry::connect(&database_url).await?;
+                registry.migrate().await?;
+                eprintln!("exp_registry is up to date");
+                Ok::<_, Box<dyn std::error::Error>>(())
+            })?;
+        }
+        Command::Settings { command: SettingsCommand::Check { file } } => {
+            let settings = match file {
+                Some(path) => SettingsWatcher::load(&path)?.1.current().as_ref().clone(),
+                None => Settings::embedded_default(),
+            };
+            print!("{}", serde_saphyr::to_string(&settings)?);
+        }
+    }
+    Ok(())
+}

@@ -1,1 +1,25 @@
-fn main() {}
+//! `ep-runner`: Runs one experiment attempt inside a RunPod pod.
+//!
+//! Only the command-line surface exists so far; every command reports that it is not available
+//! in this build instead of pretending to work.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "ep-runner",
+    version,
+    about = "Runs one experiment attempt inside a RunPod pod (not available in this build yet)"
+)]
+struct Cli {
+    /// Arguments of the command.
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let _ = Cli::parse();
+    eprintln!("ep-runner: not available in this build yet; see the project's open issues");
+    ExitCode::from(2)
+}

@@ -90,7 +90,12 @@ fn verified_round_trips() {
             payload_id: "cd".repeat(32),
             ok: false,
             files_checked: 3,
-            mismatch: Some(Mismatch { path: "a.py".into(), kind: MismatchKind::Sha256, expected: "aa".into(), actual: "bb".into() }),
+            mismatch: Some(Mismatch {
+                path: "a.py".into(),
+                kind: MismatchKind::Sha256,
+                expected: "aa".into(),
+                actual: "bb".into(),
+            }),
             time: at("2026-11-30T05:00:00Z"),
         },
     );
@@ -108,7 +113,12 @@ fn resource_usage_round_trips() {
             cpu_system_seconds: 0.5,
             peak_rss_bytes: 50 << 20,
             samples: 3,
-            gpus: vec![GpuUsage { id: "GPU-1".into(), name: "L4".into(), util_percent_mean: 50.0, memory_peak_mib: 1000.0 }],
+            gpus: vec![GpuUsage {
+                id: "GPU-1".into(),
+                name: "L4".into(),
+                util_percent_mean: 50.0,
+                memory_peak_mib: 1000.0,
+            }],
         },
     );
 }
@@ -136,7 +146,8 @@ fn terminal_round_trips() {
 
 #[test]
 fn progress_accepts_script_fields() {
-    let p: Progress = serde_json::from_str(r#"{"step": 3, "total": 20, "metrics": {"loss": 0.4}, "phase": "train"}"#).unwrap();
+    let p: Progress =
+        serde_json::from_str(r#"{"step": 3, "total": 20, "metrics": {"loss": 0.4}, "phase": "train"}"#).unwrap();
     assert_eq!(p.step, 3);
     assert_eq!(p.metrics["loss"], 0.4);
     assert_eq!(p.extra["phase"], "train");

@@ -1,0 +1,205 @@
+//! The registry mirror: every state change written to PostgreSQL schema `exp_registry`.
+//!
+//! Postgres is a mirror, never the source of truth. Every write is an idempotent upsert keyed so
+//! that a replay after an outage is harmless; writes that carry a fencing token are refused when
+//! the registry already holds a newer one.
+
+mod pg;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+pub use pg::PgRegistry;
+
+/// The experiment statuses of the hand-run pipeline, kept as they were.
+pub mod status {
+    pub const READY: &str = "READY";
+    pub const RUNNING: &str = "RUNNING";
+    pub const NEEDS_RERUN: &str = "NEEDS_RERUN";
+    pub const COMPLETED: &str = "COMPLETED";
+    pub const FAILED: &str = "FAILED";
+    pub const FAILED_STATUS_DIVERGENCE: &str = "FAILED_STATUS_DIVERGENCE";
+}
+
+/// A registry write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry unavailable: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("registry migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stale writer for run {run_id}: fencing token {offered} is older than {held}")]
+    StaleFencingToken { run_id: String, offered: i64, held: i64 },
+    #[error("{kind} {namespace}/{name} is not in the registry yet")]
+    MissingParent { kind: &'static str, namespace: String, name: String },
+}
+
+impl RegistryError {
+    /// Stable label for metrics and event reasons.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Database(_) => "database",
+            Self::Migrate(_) => "migrate",
+            Self::StaleFencingToken { .. } => "stale_fencing_token",
+            Self::MissingParent { .. } => "missing_parent",
+        }
+    }
+}
+
+/// One experiment as the registry shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExperimentRow {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// One of [`status`].
+    pub status: String,
+    pub phase: Option<String>,
+    pub worker_id: Option<String>,
+    pub current_run_id: Option<String>,
+    pub attempts: i32,
+    pub gpu: Option<String>,
+    pub result_f1: Option<f64>,
+    pub result_auc: Option<f64>,
+    pub cost_usd: Option<f64>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub extra: Value,
+}
+
+/// One attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptRow {
+    pub namespace: String,
+    pub experiment: String,
+    pub run_id: String,
+    pub attempt: i32,
+    pub fencing_token: i64,
+    /// CLAIMED, RUNNING, DRAINING, SUCCEEDED, FAILED or STOPPED.
+    pub status: String,
+    pub order_name: Option<String>,
+    pub worker_id: Option<String>,
+    pub pod_id: Option<String>,
+    pub pid: Option<i32>,
+    pub gpu_id: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub exit_code: Option<i32>,
+    pub reason: Option<String>,
+    pub result_f1: Option<f64>,
+    pub result_auc: Option<f64>,
+    pub receipt: Option<String>,
+    pub cost_usd: Option<f64>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub extra: Value,
+}
+
+/// One order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OrderRow {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub experiment: Option<String>,
+    pub run_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub policy: String,
+    pub worker_id: String,
+    pub provider: String,
+    pub phase: String,
+    pub reason: Option<String>,
+    pub approved: bool,
+    pub pod_id: Option<String>,
+    pub gpu_type_id: Option<String>,
+    pub gpu_display_name: Option<String>,
+    pub data_center: Option<String>,
+    pub cost_per_hr: Option<f64>,
+    pub accrued_usd: Option<f64>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    pub extra: Value,
+}
+
+/// The latest heartbeat of a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeartbeatRow {
+    pub worker_id: String,
+    pub last_seen: DateTime<Utc>,
+    pub running_jobs: i32,
+    pub run_id: Option<String>,
+    pub pod_id: Option<String>,
+    pub seq: Option<i64>,
+    pub pid: Option<i32>,
+    pub gpu_ids: Option<String>,
+    pub fencing_token: Option<i64>,
+}
+
+/// A worker serving a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionRow {
+    pub worker_id: String,
+    pub run_id: String,
+    pub pod_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub end_reason: Option<String>,
+}
+
+/// A pod the RunPod account holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceRow {
+    pub pod_id: String,
+    pub provider: String,
+    pub pod_name: Option<String>,
+    pub owner_uid: Option<String>,
+    pub run_id: Option<String>,
+    pub desired_status: Option<String>,
+    pub gpu_type_id: Option<String>,
+    pub data_center: Option<String>,
+    pub cost_per_hr: Option<f64>,
+    pub accrued_usd: Option<f64>,
+    pub orphan: bool,
+    pub seen_at: DateTime<Utc>,
+    pub gone_at: Option<DateTime<Utc>>,
+}
+
+/// A phase change of any object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseChange {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub from_phase: Option<String>,
+    pub to_phase: String,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Progress of a run at one step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgressRow {
+    pub run_id: String,
+    pub step: i64,
+    pub total: Option<i64>,
+    pub metrics: Value,
+    pub reported_at: DateTime<Utc>,
+}
+
+/// What the operator writes to the registry. Every method is idempotent.
+pub trait Registry: Send + Sync {
+    fn upsert_experiment(&self, row: &ExperimentRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn upsert_attempt(&self, row: &AttemptRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn upsert_order(&self, row: &OrderRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn record_heartbeat(&self, row: &HeartbeatRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn upsert_session(&self, row: &SessionRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn upsert_instance(&self, row: &InstanceRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn record_phase(&self, row: &PhaseChange) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn record_progress(&self, row: &ProgressRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
+    fn record_settings(
+        &self,
+        sha256: &str,
+        body: &Value,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+}

@@ -1,0 +1,310 @@
+//! The PostgreSQL registry (sqlx, runtime-checked queries so builds need no database).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use super::{
+    AttemptRow, ExperimentRow, HeartbeatRow, InstanceRow, OrderRow, PhaseChange, ProgressRow, Registry, RegistryError,
+    SessionRow,
+};
+
+/// Migrations of schema `exp_registry`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The registry on a PostgreSQL pool.
+#[derive(Clone, Debug)]
+pub struct PgRegistry {
+    pool: PgPool,
+}
+
+impl PgRegistry {
+    /// Connects lazily: the operator starts and reconciles even while the database is down.
+    pub fn connect_lazy(url: &str) -> Result<Self, RegistryError> {
+        let pool = PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5)).connect_lazy(url)?;
+        Ok(Self { pool })
+    }
+
+    /// Connects now, failing if the database does not answer.
+    pub async fn connect(url: &str) -> Result<Self, RegistryError> {
+        let pool =
+            PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies pending migrations; applying twice is a no-op.
+    pub async fn migrate(&self) -> Result<(), RegistryError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool, for queries the registry does not wrap.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn experiment_id(&self, namespace: &str, name: &str) -> Result<i64, RegistryError> {
+        sqlx::query_scalar("SELECT id FROM exp_registry.experiments WHERE namespace = $1 AND name = $2")
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| RegistryError::MissingParent {
+                kind: "experiment",
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+    }
+}
+
+impl Registry for PgRegistry {
+    async fn upsert_experiment(&self, r: &ExperimentRow) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.experiments (namespace, name, uid, status, phase, worker_id, current_run_id, \
+               attempts, gpu, result_f1, result_auc, cost_usd, started_at, finished_at, extra, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now()) \
+             ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, status = EXCLUDED.status, \
+               phase = EXCLUDED.phase, worker_id = EXCLUDED.worker_id, current_run_id = EXCLUDED.current_run_id, \
+               attempts = EXCLUDED.attempts, gpu = EXCLUDED.gpu, result_f1 = EXCLUDED.result_f1, \
+               result_auc = EXCLUDED.result_auc, cost_usd = EXCLUDED.cost_usd, started_at = EXCLUDED.started_at, \
+               finished_at = EXCLUDED.finished_at, extra = EXCLUDED.extra, updated_at = now()",
+        )
+        .bind(&r.namespace)
+        .bind(&r.name)
+        .bind(&r.uid)
+        .bind(&r.status)
+        .bind(&r.phase)
+        .bind(&r.worker_id)
+        .bind(&r.current_run_id)
+        .bind(r.attempts)
+        .bind(&r.gpu)
+        .bind(r.result_f1)
+        .bind(r.result_auc)
+        .bind(r.cost_usd)
+        .bind(r.started_at)
+        .bind(r.finished_at)
+        .bind(&r.extra)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_attempt(&self, r: &AttemptRow) -> Result<(), RegistryError> {
+        let experiment_id = self.experiment_id(&r.namespace, &r.experiment).await?;
+        // The WHERE clause is the fencing check: an older token never overwrites a newer claim.
+        let applied = sqlx::query(
+            "INSERT INTO exp_registry.attempts (run_id, experiment_id, attempt, fencing_token, status, order_name, \
+               worker_id, pod_id, pid, gpu_id, lease_expires_at, exit_code, reason, result_f1, result_auc, receipt, \
+               cost_usd, started_at, finished_at, extra, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now()) \
+             ON CONFLICT (run_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, status = EXCLUDED.status, \
+               order_name = EXCLUDED.order_name, worker_id = EXCLUDED.worker_id, pod_id = EXCLUDED.pod_id, \
+               pid = EXCLUDED.pid, gpu_id = EXCLUDED.gpu_id, lease_expires_at = EXCLUDED.lease_expires_at, \
+               exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason, result_f1 = EXCLUDED.result_f1, \
+               result_auc = EXCLUDED.result_auc, receipt = EXCLUDED.receipt, cost_usd = EXCLUDED.cost_usd, \
+               finished_at = EXCLUDED.finished_at, extra = EXCLUDED.extra, updated_at = now() \
+             WHERE exp_registry.attempts.fencing_token <= EXCLUDED.fencing_token",
+        )
+        .bind(&r.run_id)
+        .bind(experiment_id)
+        .bind(r.attempt)
+        .bind(r.fencing_token)
+        .bind(&r.status)
+        .bind(&r.order_name)
+        .bind(&r.worker_id)
+        .bind(&r.pod_id)
+        .bind(r.pid)
+        .bind(&r.gpu_id)
+        .bind(r.lease_expires_at)
+        .bind(r.exit_code)
+        .bind(&r.reason)
+        .bind(r.result_f1)
+        .bind(r.result_auc)
+        .bind(&r.receipt)
+        .bind(r.cost_usd)
+        .bind(r.started_at)
+        .bind(r.finished_at)
+        .bind(&r.extra)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if applied == 0 {
+            let held: i64 = sqlx::query_scalar("SELECT fencing_token FROM exp_registry.attempts WHERE run_id = $1")
+                .bind(&r.run_id)
+                .fetch_one(&self.pool)
+                .await?;
+            return Err(RegistryError::StaleFencingToken { run_id: r.run_id.clone(), offered: r.fencing_token, held });
+        }
+        Ok(())
+    }
+
+    async fn upsert_order(&self, r: &OrderRow) -> Result<(), RegistryError> {
+        let experiment_id = match &r.experiment {
+            Some(name) => Some(self.experiment_id(&r.namespace, name).await?),
+            None => None,
+        };
+        sqlx::query(
+            "INSERT INTO exp_registry.orders (namespace, name, uid, experiment_id, run_id, attempt, policy, worker_id, \
+               provider, phase, reason, approved, pod_id, gpu_type_id, gpu_display_name, data_center, cost_per_hr, \
+               accrued_usd, deleted_at, extra, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now()) \
+             ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, experiment_id = EXCLUDED.experiment_id, \
+               run_id = EXCLUDED.run_id, attempt = EXCLUDED.attempt, policy = EXCLUDED.policy, \
+               worker_id = EXCLUDED.worker_id, provider = EXCLUDED.provider, phase = EXCLUDED.phase, \
+               reason = EXCLUDED.reason, approved = EXCLUDED.approved, pod_id = EXCLUDED.pod_id, \
+               gpu_type_id = EXCLUDED.gpu_type_id, gpu_display_name = EXCLUDED.gpu_display_name, \
+               data_center = EXCLUDED.data_center, cost_per_hr = EXCLUDED.cost_per_hr, \
+               accrued_usd = EXCLUDED.accrued_usd, deleted_at = EXCLUDED.deleted_at, extra = EXCLUDED.extra, \
+               updated_at = now()",
+        )
+        .bind(&r.namespace)
+        .bind(&r.name)
+        .bind(&r.uid)
+        .bind(experiment_id)
+        .bind(&r.run_id)
+        .bind(r.attempt)
+        .bind(&r.policy)
+        .bind(&r.worker_id)
+        .bind(&r.provider)
+        .bind(&r.phase)
+        .bind(&r.reason)
+        .bind(r.approved)
+        .bind(&r.pod_id)
+        .bind(&r.gpu_type_id)
+        .bind(&r.gpu_display_name)
+        .bind(&r.data_center)
+        .bind(r.cost_per_hr)
+        .bind(r.accrued_usd)
+        .bind(r.deleted_at)
+        .bind(&r.extra)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_heartbeat(&self, r: &HeartbeatRow) -> Result<(), RegistryError> {
+        // A replayed (older) heartbeat never moves last_seen backwards.
+        sqlx::query(
+            "INSERT INTO exp_registry.worker_heartbeats (worker_id, last_seen, running_jobs, run_id, pod_id, seq, pid, \
+               gpu_ids, fencing_token) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (worker_id) DO UPDATE SET last_seen = EXCLUDED.last_seen, running_jobs = EXCLUDED.running_jobs, \
+               run_id = EXCLUDED.run_id, pod_id = EXCLUDED.pod_id, seq = EXCLUDED.seq, pid = EXCLUDED.pid, \
+               gpu_ids = EXCLUDED.gpu_ids, fencing_token = EXCLUDED.fencing_token \
+             WHERE exp_registry.worker_heartbeats.last_seen <= EXCLUDED.last_seen",
+        )
+        .bind(&r.worker_id)
+        .bind(r.last_seen)
+        .bind(r.running_jobs)
+        .bind(&r.run_id)
+        .bind(&r.pod_id)
+        .bind(r.seq)
+        .bind(r.pid)
+        .bind(&r.gpu_ids)
+        .bind(r.fencing_token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_session(&self, r: &SessionRow) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.worker_sessions (worker_id, run_id, pod_id, started_at, ended_at, end_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (worker_id, run_id) DO UPDATE SET pod_id = COALESCE(EXCLUDED.pod_id, exp_registry.worker_sessions.pod_id), \
+               ended_at = COALESCE(EXCLUDED.ended_at, exp_registry.worker_sessions.ended_at), \
+               end_reason = COALESCE(EXCLUDED.end_reason, exp_registry.worker_sessions.end_reason)",
+        )
+        .bind(&r.worker_id)
+        .bind(&r.run_id)
+        .bind(&r.pod_id)
+        .bind(r.started_at)
+        .bind(r.ended_at)
+        .bind(&r.end_reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert_instance(&self, r: &InstanceRow) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.provider_instances (pod_id, provider, pod_name, owner_uid, run_id, desired_status, \
+               gpu_type_id, data_center, cost_per_hr, accrued_usd, orphan, first_seen, last_seen, gone_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13) \
+             ON CONFLICT (pod_id) DO UPDATE SET pod_name = EXCLUDED.pod_name, owner_uid = EXCLUDED.owner_uid, \
+               run_id = EXCLUDED.run_id, desired_status = EXCLUDED.desired_status, gpu_type_id = EXCLUDED.gpu_type_id, \
+               data_center = EXCLUDED.data_center, cost_per_hr = EXCLUDED.cost_per_hr, \
+               accrued_usd = GREATEST(exp_registry.provider_instances.accrued_usd, EXCLUDED.accrued_usd), \
+               orphan = EXCLUDED.orphan, \
+               first_seen = LEAST(exp_registry.provider_instances.first_seen, EXCLUDED.first_seen), \
+               last_seen = GREATEST(exp_registry.provider_instances.last_seen, EXCLUDED.last_seen), \
+               gone_at = COALESCE(exp_registry.provider_instances.gone_at, EXCLUDED.gone_at)",
+        )
+        .bind(&r.pod_id)
+        .bind(&r.provider)
+        .bind(&r.pod_name)
+        .bind(&r.owner_uid)
+        .bind(&r.run_id)
+        .bind(&r.desired_status)
+        .bind(&r.gpu_type_id)
+        .bind(&r.data_center)
+        .bind(r.cost_per_hr)
+        .bind(r.accrued_usd)
+        .bind(r.orphan)
+        .bind(r.seen_at)
+        .bind(r.gone_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_phase(&self, r: &PhaseChange) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.phase_log (kind, namespace, name, uid, from_phase, to_phase, reason, message, at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (uid, to_phase, at) DO NOTHING",
+        )
+        .bind(&r.kind)
+        .bind(&r.namespace)
+        .bind(&r.name)
+        .bind(&r.uid)
+        .bind(&r.from_phase)
+        .bind(&r.to_phase)
+        .bind(&r.reason)
+        .bind(&r.message)
+        .bind(r.at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_progress(&self, r: &ProgressRow) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.progress (run_id, step, total, metrics, reported_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (run_id, step) DO UPDATE SET total = EXCLUDED.total, metrics = EXCLUDED.metrics, \
+               reported_at = EXCLUDED.reported_at",
+        )
+        .bind(&r.run_id)
+        .bind(r.step)
+        .bind(r.total)
+        .bind(&r.metrics)
+        .bind(r.reported_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_settings(&self, sha256: &str, body: &Value, at: DateTime<Utc>) -> Result<(), RegistryError> {
+        sqlx::query(
+            "INSERT INTO exp_registry.settings (sha256, body, first_applied_at, last_applied_at) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (sha256) DO UPDATE SET last_applied_at = GREATEST(exp_registry.settings.last_applied_at, EXCLUDED.last_applied_at)",
+        )
+        .bind(sha256)
+        .bind(body)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,330 @@
+//! The registry on a fresh throwaway PostgreSQL: migrations are idempotent, rows written through the
+//! registry module answer the pipeline's four queries exactly as people type them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure by design
+
+use chrono::{DateTime, TimeZone, Utc};
+use ep_operator::registry::{
+    AttemptRow, ExperimentRow, HeartbeatRow, InstanceRow, OrderRow, PgRegistry, PhaseChange, ProgressRow, Registry,
+    RegistryError, SessionRow, status,
+};
+use ep_testkit::postgres::TempPostgres;
+use serde_json::json;
+use sqlx::Row;
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_764_480_000 + secs, 0).unwrap()
+}
+
+fn experiment(name: &str, status: &str) -> ExperimentRow {
+    ExperimentRow {
+        namespace: "fraud-detect".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        status: status.into(),
+        phase: None,
+        worker_id: None,
+        current_run_id: None,
+        attempts: 0,
+        gpu: None,
+        result_f1: None,
+        result_auc: None,
+        cost_usd: None,
+        started_at: None,
+        finished_at: None,
+        extra: json!({}),
+    }
+}
+
+fn attempt(run_id: &str, token: i64, status: &str) -> AttemptRow {
+    AttemptRow {
+        namespace: "fraud-detect".into(),
+        experiment: "gnn-fraud-baseline".into(),
+        run_id: run_id.into(),
+        attempt: 2,
+        fencing_token: token,
+        status: status.into(),
+        order_name: Some("gnn-fraud-baseline-a2".into()),
+        worker_id: Some("runpod-1".into()),
+        pod_id: Some("5xpma5eg46tqjq".into()),
+        pid: Some(4242),
+        gpu_id: Some("GPU-e0488b7e".into()),
+        lease_expires_at: Some(t(120)),
+        exit_code: None,
+        reason: None,
+        result_f1: None,
+        result_auc: None,
+        receipt: None,
+        cost_usd: None,
+        started_at: t(0),
+        finished_at: None,
+        extra: json!({}),
+    }
+}
+
+async fn registry(pg: &TempPostgres, db: &str) -> PgRegistry {
+    let url = pg.create_database(db).await.unwrap();
+    let r = PgRegistry::connect(&url).await.unwrap();
+    r.migrate().await.unwrap();
+    r
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_the_pipeline_queries_work_as_written() {
+    let pg = TempPostgres::start().unwrap();
+    let reg = registry(&pg, "queries").await;
+    // Twice more: a no-op, also when run through the binary as an operator would.
+    reg.migrate().await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ep-operator"))
+        .args(["migrate", "--database-url", &pg.url("queries")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(reg.pool()).await.unwrap();
+    assert_eq!(applied, 1);
+
+    let mut done = experiment("gnn-fraud-baseline", status::COMPLETED);
+    done.result_f1 = Some(0.912);
+    done.result_auc = Some(0.968);
+    done.attempts = 2;
+    done.worker_id = Some("runpod-1".into());
+    done.started_at = Some(t(0));
+    done.finished_at = Some(t(3600));
+    reg.upsert_experiment(&done).await.unwrap();
+    let mut running = experiment("gnn-fraud-deep", status::RUNNING);
+    running.worker_id = Some("runpod-2".into());
+    running.started_at = Some(t(60));
+    reg.upsert_experiment(&running).await.unwrap();
+    reg.upsert_experiment(&experiment("gnn-fraud-features", status::READY)).await.unwrap();
+    // Replaying a write is harmless.
+    reg.upsert_experiment(&done).await.unwrap();
+
+    reg.record_heartbeat(&HeartbeatRow {
+        worker_id: "runpod-2".into(),
+        last_seen: t(100),
+        running_jobs: 1,
+        run_id: Some("r-deep-a1".into()),
+        pod_id: Some("abcdefghijklmn".into()),
+        seq: Some(10),
+        pid: Some(77),
+        gpu_ids: Some("GPU-1".into()),
+        fencing_token: Some(1),
+    })
+    .await
+    .unwrap();
+
+    // The four queries of DESIGN.md section 7, character for character.
+    let rows = sqlx::query("SELECT name, status FROM exp_registry.experiments WHERE name = 'gnn-fraud-baseline';")
+        .fetch_all(reg.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<String, _>("name"), "gnn-fraud-baseline");
+    assert_eq!(rows[0].get::<String, _>("status"), "COMPLETED");
+
+    let rows = sqlx::query("SELECT name, status, result_f1, result_auc FROM exp_registry.experiments ORDER BY name;")
+        .fetch_all(reg.pool())
+        .await
+        .unwrap();
+    let got: Vec<(String, String, Option<f64>, Option<f64>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("gnn-fraud-baseline".into(), "COMPLETED".into(), Some(0.912), Some(0.968)),
+            ("gnn-fraud-deep".into(), "RUNNING".into(), None, None),
+            ("gnn-fraud-features".into(), "READY".into(), None, None),
+        ]
+    );
+
+    let rows =
+        sqlx::query("SELECT name, worker_id, started_at FROM exp_registry.experiments WHERE status = 'RUNNING';")
+            .fetch_all(reg.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<String, _>("name"), "gnn-fraud-deep");
+    assert_eq!(rows[0].get::<String, _>("worker_id"), "runpod-2");
+    assert_eq!(rows[0].get::<DateTime<Utc>, _>("started_at"), t(60));
+
+    let rows = sqlx::query("SELECT worker_id, last_seen, running_jobs FROM exp_registry.worker_heartbeats;")
+        .fetch_all(reg.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<String, _>("worker_id"), "runpod-2");
+    assert_eq!(rows[0].get::<DateTime<Utc>, _>("last_seen"), t(100));
+    assert_eq!(rows[0].get::<i32, _>("running_jobs"), 1);
+
+    // The same four queries through psql, as people run them.
+    let psql = std::process::Command::new("psql")
+        .args([&pg.url("queries"), "-X", "-A", "-t", "-c"])
+        .arg("SELECT name, status, result_f1, result_auc FROM exp_registry.experiments ORDER BY name;")
+        .output();
+    if let Ok(out) = psql {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.starts_with("gnn-fraud-baseline|COMPLETED|0.912|0.968\n"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn every_table_takes_idempotent_writes() {
+    let pg = TempPostgres::start().unwrap();
+    let reg = registry(&pg, "tables").await;
+    reg.upsert_experiment(&experiment("gnn-fraud-baseline", status::RUNNING)).await.unwrap();
+
+    // Attempts: the fencing token only moves forward (db claim gate).
+    reg.upsert_attempt(&attempt("r-base-a2", 5, "CLAIMED")).await.unwrap();
+    reg.upsert_attempt(&attempt("r-base-a2", 5, "RUNNING")).await.unwrap();
+    let err = reg.upsert_attempt(&attempt("r-base-a2", 4, "FAILED")).await.unwrap_err();
+    assert!(matches!(err, RegistryError::StaleFencingToken { offered: 4, held: 5, .. }), "{err}");
+    let status: String = sqlx::query_scalar("SELECT status FROM exp_registry.attempts WHERE run_id = 'r-base-a2'")
+        .fetch_one(reg.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "RUNNING", "the stale writer changed nothing");
+    // An attempt of an experiment the registry does not know is an error, not a silent orphan row.
+    let mut stray = attempt("r-x", 1, "CLAIMED");
+    stray.experiment = "nope".into();
+    assert!(matches!(reg.upsert_attempt(&stray).await.unwrap_err(), RegistryError::MissingParent { .. }));
+
+    let order = OrderRow {
+        namespace: "fraud-detect".into(),
+        name: "gnn-fraud-baseline-a2".into(),
+        uid: "uid-o".into(),
+        experiment: Some("gnn-fraud-baseline".into()),
+        run_id: Some("r-base-a2".into()),
+        attempt: Some(2),
+        policy: "paper-train".into(),
+        worker_id: "runpod-1".into(),
+        provider: "default".into(),
+        phase: "RUNNER_ONLINE".into(),
+        reason: None,
+        approved: true,
+        pod_id: Some("5xpma5eg46tqjq".into()),
+        gpu_type_id: Some("NVIDIA RTX PRO 4500 Blackwell".into()),
+        gpu_display_name: Some("RTX PRO 4500".into()),
+        data_center: Some("EU-RO-1".into()),
+        cost_per_hr: Some(0.72),
+        accrued_usd: Some(1.0),
+        deleted_at: None,
+        extra: json!({"terminateAfter": "2026-11-30T20:00:00Z"}),
+    };
+    reg.upsert_order(&order).await.unwrap();
+    reg.upsert_order(&order).await.unwrap();
+
+    let session = SessionRow {
+        worker_id: "runpod-1".into(),
+        run_id: "r-base-a2".into(),
+        pod_id: None,
+        started_at: t(0),
+        ended_at: None,
+        end_reason: None,
+    };
+    reg.upsert_session(&session).await.unwrap();
+    reg.upsert_session(&SessionRow { ended_at: Some(t(50)), end_reason: Some("COMPLETED".into()), ..session.clone() })
+        .await
+        .unwrap();
+    // A replay of the opening write does not reopen the session.
+    reg.upsert_session(&session).await.unwrap();
+
+    let instance = InstanceRow {
+        pod_id: "5xpma5eg46tqjq".into(),
+        provider: "default".into(),
+        pod_name: Some("ep-r-base-a2".into()),
+        owner_uid: Some("uid-o".into()),
+        run_id: Some("r-base-a2".into()),
+        desired_status: Some("RUNNING".into()),
+        gpu_type_id: None,
+        data_center: Some("EU-RO-1".into()),
+        cost_per_hr: Some(0.72),
+        accrued_usd: Some(2.0),
+        orphan: false,
+        seen_at: t(10),
+        gone_at: None,
+    };
+    reg.upsert_instance(&instance).await.unwrap();
+    // An older observation arriving late never moves last_seen or spend backwards.
+    reg.upsert_instance(&InstanceRow { seen_at: t(5), accrued_usd: Some(1.0), ..instance.clone() }).await.unwrap();
+
+    let change = PhaseChange {
+        kind: "RunPodOrder".into(),
+        namespace: "fraud-detect".into(),
+        name: "gnn-fraud-baseline-a2".into(),
+        uid: "uid-o".into(),
+        from_phase: Some("VERIFIED".into()),
+        to_phase: "RUNNER_ONLINE".into(),
+        reason: Some("HeartbeatReceived".into()),
+        message: None,
+        at: t(30),
+    };
+    reg.record_phase(&change).await.unwrap();
+    reg.record_phase(&change).await.unwrap();
+
+    let progress = ProgressRow {
+        run_id: "r-base-a2".into(),
+        step: 3,
+        total: Some(20),
+        metrics: json!({"loss": 0.4}),
+        reported_at: t(40),
+    };
+    reg.record_progress(&progress).await.unwrap();
+    reg.record_progress(&progress).await.unwrap();
+
+    reg.record_settings("abc", &json!({"pollInterval": "10s"}), t(1)).await.unwrap();
+    reg.record_settings("abc", &json!({"pollInterval": "10s"}), t(2)).await.unwrap();
+
+    let counts: (i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM exp_registry.orders), (SELECT count(*) FROM exp_registry.worker_sessions), \
+                (SELECT count(*) FROM exp_registry.provider_instances), (SELECT count(*) FROM exp_registry.phase_log), \
+                (SELECT count(*) FROM exp_registry.progress), (SELECT count(*) FROM exp_registry.settings), \
+                (SELECT count(*) FROM exp_registry.attempts)",
+    )
+    .fetch_one(reg.pool())
+    .await
+    .unwrap();
+    assert_eq!(counts, (1, 1, 1, 1, 1, 1, 1), "replays added no rows");
+
+    let (ended, reason): (Option<DateTime<Utc>>, Option<String>) =
+        sqlx::query_as("SELECT ended_at, end_reason FROM exp_registry.worker_sessions")
+            .fetch_one(reg.pool())
+            .await
+            .unwrap();
+    assert_eq!((ended, reason.as_deref()), (Some(t(50)), Some("COMPLETED")));
+    let (last_seen, spent): (DateTime<Utc>, f64) =
+        sqlx::query_as("SELECT last_seen, accrued_usd FROM exp_registry.provider_instances")
+            .fetch_one(reg.pool())
+            .await
+            .unwrap();
+    assert_eq!((last_seen, spent), (t(10), 2.0));
+    let (first, last): (DateTime<Utc>, DateTime<Utc>) =
+        sqlx::query_as("SELECT first_applied_at, last_applied_at FROM exp_registry.settings")
+            .fetch_one(reg.pool())
+            .await
+            .unwrap();
+    assert_eq!((first, last), (t(1), t(2)));
+
+    // The phase log is append-only.
+    let err = sqlx::query("UPDATE exp_registry.phase_log SET reason = 'x'").execute(reg.pool()).await.unwrap_err();
+    assert!(err.to_string().contains("append-only"), "{err}");
+    // Statuses outside the pipeline's vocabulary are refused by the database itself.
+    let err = reg.upsert_experiment(&experiment("typo", "COMPLETE")).await.unwrap_err();
+    assert!(err.to_string().contains("experiments_status_check"), "{err}");
+}
+
+#[tokio::test]
+async fn registry_survives_a_database_restart() {
+    let mut pg = TempPostgres::start().unwrap();
+    let url = pg.create_database("restart").await.unwrap();
+    let reg = PgRegistry::connect_lazy(&url).unwrap();
+    reg.migrate().await.unwrap();
+    pg.stop().unwrap();
+    let err = reg.upsert_experiment(&experiment("a", status::READY)).await.unwrap_err();
+    assert_eq!(err.category(), "database");
+    pg.restart().unwrap();
+    reg.upsert_experiment(&experiment("a", status::READY)).await.unwrap();
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM exp_registry.experiments").fetch_one(reg.pool()).await.unwrap();
+    assert_eq!(n, 1);
+}
