@@ -388,4 +388,19 @@ async fn graphql_validation_errors_are_http_400_and_values_travel_as_variables()
     assert_eq!(r.status().as_u16(), 200);
     let r = http.post(&e.sim.endpoints.graphql).json(&json!({"query": "{ myself { id } }"})).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    // Spot: the client has no spot create (the operator refuses interruptible), but RunPod's answer
+    // to one is classified as SpotUnavailable.
+    let r = http
+        .post(&e.sim.endpoints.graphql)
+        .bearer_auth(&e.sim.endpoints.api_key)
+        .json(&json!({"query": "mutation($i: PodRentInterruptableInput!) { podRentInterruptable(input: $i) { id } }",
+                      "variables": {"i": {"gpuTypeId": PRO4500, "bidPerGpu": 0.3, "cloudType": "SECURE"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["data"]["podRentInterruptable"].is_null());
+    let msg = body["errors"][0]["message"].as_str().unwrap();
+    assert_eq!(RunPodError::from_message(msg, None), RunPodError::SpotUnavailable { message: "Spot pods are no longer offered".into() });
 }
