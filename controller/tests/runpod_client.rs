@@ -402,5 +402,8 @@ async fn graphql_validation_errors_are_http_400_and_values_travel_as_variables()
     let body: Value = r.json().await.unwrap();
     assert!(body["data"]["podRentInterruptable"].is_null());
     let msg = body["errors"][0]["message"].as_str().unwrap();
-    assert_eq!(RunPodError::from_message(msg, None), RunPodError::SpotUnavailable { message: "Spot pods are no longer offered".into() });
+    assert_eq!(
+        RunPodError::from_message(msg, None),
+        RunPodError::SpotUnavailable { message: "Spot pods are no longer offered".into() }
+    );
 }

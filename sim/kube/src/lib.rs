@@ -1,0 +1,120 @@
+//! `kube-sim`: an in-memory Kubernetes API server for tests and the local sandbox.
+//!
+//! It serves discovery, OpenAPI v3, CRUD, list and watch with resource versions, the status
+//! subresource, optimistic concurrency, merge / JSON / apply patches, finalizers, owner-reference
+//! garbage collection, CRD registration with structural schema validation, defaults and CEL, and
+//! Table output from printer columns, so that kube-rs and kubectl 1.35 work against it as they
+//! are. Production always runs on a real cluster; see README.md for what this does less of.
+
+pub mod errors;
+pub mod http;
+pub mod registry;
+pub mod selectors;
+pub mod store;
+pub mod table;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use tokio::task::JoinHandle;
+
+/// How to start a kube-sim.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub listen: SocketAddr,
+    /// Where to write a kubeconfig for kubectl and kube-rs.
+    pub kubeconfig_out: Option<PathBuf>,
+    /// CRD manifests (YAML, one or more documents per file) to load at start.
+    pub crds: Option<PathBuf>,
+    /// Watch events kept for resuming watches; older resource versions get 410 Gone.
+    pub history: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            kubeconfig_out: None,
+            crds: None,
+            history: store::HISTORY,
+        }
+    }
+}
+
+/// A running server; stops when dropped.
+pub struct RunningKubeSim {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub state: http::Shared,
+    task: JoinHandle<()>,
+}
+
+impl RunningKubeSim {
+    /// A kube client for this server.
+    pub fn client(&self) -> Result<kube::Client, Box<dyn std::error::Error + Send + Sync>> {
+        let url: axum::http::Uri = self.url.parse()?;
+        Ok(kube::Client::try_from(kube::Config::new(url))?)
+    }
+}
+
+impl Drop for RunningKubeSim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes a kubeconfig pointing at `url` (cluster, user and context named `kube-sim`).
+pub fn write_kubeconfig(path: &Path, url: &str) -> std::io::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\nusers:\n- name: kube-sim\n  user:\n    token: kube-sim\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\n"
+    );
+    std::fs::write(path, text)
+}
+
+/// Loads every CRD document found in `dir`'s `.yaml`/`.yml`/`.json` files.
+fn load_crds(state: &http::Shared, dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for path in entries.into_iter().filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+    {
+        let text = std::fs::read_to_string(&path)?;
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text)
+            .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+        let mut api = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(res) = api.registry.get("apiextensions.k8s.io", "v1", "customresourcedefinitions").cloned() else {
+            continue;
+        };
+        for doc in docs.into_iter().filter(|d| d["kind"] == "CustomResourceDefinition") {
+            api.create(&res, "", doc, &store::WriteOptions::default())
+                .map_err(|e| std::io::Error::other(format!("{}: {}", path.display(), e.message)))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Starts a kube-sim.
+pub async fn start(opts: Options) -> std::io::Result<RunningKubeSim> {
+    let state: http::Shared = Arc::new(Mutex::new(store::State::new(opts.history)));
+    if let Some(dir) = &opts.crds {
+        load_crds(&state, dir)?;
+    }
+    let listener = tokio::net::TcpListener::bind(opts.listen).await?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    if let Some(path) = &opts.kubeconfig_out {
+        write_kubeconfig(path, &url)?;
+    }
+    let app = Router::new().fallback(http::dispatch).with_state(state.clone());
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "kube-sim listener stopped");
+        }
+    });
+    Ok(RunningKubeSim { addr, url, kubeconfig: opts.kubeconfig_out, state, task })
+}

@@ -1,0 +1,685 @@
+//! Objects, resource versions and the event history watches replay from.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use crate::errors::ApiError;
+use crate::registry::{Registry, Resource};
+use crate::validate;
+
+/// Where an object lives.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    pub group: String,
+    pub plural: String,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+}
+
+/// A change, as watches deliver it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub rv: u64,
+    /// ADDED, MODIFIED or DELETED.
+    pub kind: &'static str,
+    pub key: Key,
+    pub object: Value,
+}
+
+/// How many past events a watch can resume from; older resource versions get 410 Gone.
+pub const HISTORY: usize = 10_000;
+
+/// The whole API state.
+pub struct State {
+    pub registry: Registry,
+    pub objects: BTreeMap<Key, Value>,
+    pub rv: u64,
+    pub history: VecDeque<Arc<Event>>,
+    pub tx: broadcast::Sender<Arc<Event>>,
+    history_cap: usize,
+}
+
+/// Request options that shape a write.
+#[derive(Clone, Debug, Default)]
+pub struct WriteOptions {
+    pub field_manager: Option<String>,
+    /// Strict, Warn or Ignore.
+    pub field_validation: Option<String>,
+    pub dry_run: bool,
+}
+
+/// The result of a write: the object and warnings for the client.
+pub struct Written {
+    pub object: Value,
+    pub warnings: Vec<String>,
+    pub created: bool,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn uid() -> String {
+    let h = |n: usize| (0..n).map(|_| char::from(b"0123456789abcdef"[fastrand::usize(..16)])).collect::<String>();
+    format!("{}-{}-4{}-{}-{}", h(8), h(4), h(3), h(4), h(12))
+}
+
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// Everything outside metadata and status: a change there bumps `metadata.generation`.
+fn spec_part(obj: &Value) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+        m.remove("apiVersion");
+        m.remove("kind");
+    }
+    v
+}
+
+fn finalizers(obj: &Value) -> Vec<String> {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// managedFields' `fieldsV1` for the fields of `v` (maps field by field, lists whole).
+fn fields_v1(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "apiVersion" | "kind"))
+                .map(|(k, v)| (format!("f:{k}"), if v.is_object() { fields_v1(v) } else { json!({}) }))
+                .collect(),
+        ),
+        _ => json!({}),
+    }
+}
+
+impl State {
+    pub fn new(history_cap: usize) -> Self {
+        let (tx, _) = broadcast::channel(4096);
+        let mut s = Self {
+            registry: Registry::with_builtins(),
+            objects: BTreeMap::new(),
+            rv: 1,
+            history: VecDeque::new(),
+            tx,
+            history_cap,
+        };
+        for ns in ["default", "kube-system", "kube-public"] {
+            let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            if let Some(res) = s.registry.get("", "v1", "namespaces").cloned() {
+                let _ = s.create(&res, "", body, &WriteOptions::default());
+            }
+        }
+        s
+    }
+
+    /// Oldest resource version a watch can still resume from.
+    pub fn oldest_resumable(&self) -> u64 {
+        self.history.front().map_or(self.rv, |e| e.rv.saturating_sub(1))
+    }
+
+    fn emit(&mut self, kind: &'static str, key: Key, object: Value) {
+        let e = Arc::new(Event { rv: self.rv, kind, key, object });
+        self.history.push_back(e.clone());
+        while self.history.len() > self.history_cap {
+            self.history.pop_front();
+        }
+        let _ = self.tx.send(e);
+    }
+
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    pub fn key(res: &Resource, namespace: &str, name: &str) -> Key {
+        Key {
+            group: res.group.clone(),
+            plural: res.plural.clone(),
+            namespace: if res.namespaced { namespace.to_owned() } else { String::new() },
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn get(&self, res: &Resource, namespace: &str, name: &str) -> Result<Value, ApiError> {
+        self.objects
+            .get(&Self::key(res, namespace, name))
+            .map(|o| with_version(o, res))
+            .ok_or_else(|| ApiError::not_found(res, name))
+    }
+
+    pub fn list(&self, res: &Resource, namespace: Option<&str>) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| {
+                k.group == res.group && k.plural == res.plural && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .map(|(_, o)| with_version(o, res))
+            .collect()
+    }
+
+    /// Schema validation, pruning, defaulting and CEL for custom resources.
+    fn admit(
+        &self,
+        res: &Resource,
+        obj: &mut Value,
+        old: Option<&Value>,
+        opts: &WriteOptions,
+    ) -> Result<Vec<String>, ApiError> {
+        let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
+        let mut warnings = Vec::new();
+        if let Some(schema) = res.schema.as_ref().filter(|_| res.custom) {
+            let outcome = validate::structural(schema, obj);
+            if !outcome.unknown.is_empty() {
+                match opts.field_validation.as_deref() {
+                    Some("Strict") => {
+                        let fields: Vec<String> =
+                            outcome.unknown.iter().map(|f| format!("unknown field \"{f}\"")).collect();
+                        return Err(ApiError::bad_request(format!(
+                            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}",
+                            res.kind,
+                            res.api_version(),
+                            res.kind,
+                            fields.join(", ")
+                        )));
+                    }
+                    Some("Ignore") => {}
+                    _ => warnings.extend(outcome.unknown.iter().map(|f| format!("unknown field \"{f}\""))),
+                }
+            }
+            let mut errors = outcome.errors;
+            if errors.is_empty() {
+                errors.extend(validate::cel(schema, obj, old));
+            }
+            if !errors.is_empty() {
+                return Err(ApiError::invalid(res, &name, errors));
+            }
+        }
+        if res.kind == "CustomResourceDefinition" {
+            Registry::from_crd(obj).map_err(|m| {
+                ApiError::invalid(
+                    res,
+                    &name,
+                    vec![validate::FieldError { field: "spec".into(), reason: "FieldValueInvalid", message: m }],
+                )
+            })?;
+        }
+        Ok(warnings)
+    }
+
+    pub fn create(
+        &mut self,
+        res: &Resource,
+        namespace: &str,
+        mut body: Value,
+        opts: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        if !body.is_object() {
+            return Err(ApiError::bad_request("the body of the request must be an object".into()));
+        }
+        if let Some(av) = body.get("apiVersion").and_then(Value::as_str)
+            && av != res.api_version()
+        {
+            return Err(ApiError::bad_request(format!(
+                "the API version in the data ({av}) does not match the expected API version ({})",
+                res.api_version()
+            )));
+        }
+        if let Some(k) = body.get("kind").and_then(Value::as_str)
+            && k != res.kind
+        {
+            return Err(ApiError::bad_request(format!(
+                "the kind in the data ({k}) does not match the expected kind ({})",
+                res.kind
+            )));
+        }
+        body["apiVersion"] = json!(res.api_version());
+        body["kind"] = json!(res.kind);
+        if !body.get("metadata").is_some_and(Value::is_object) {
+            body["metadata"] = json!({});
+        }
+        if res.namespaced {
+            match body.pointer("/metadata/namespace").and_then(Value::as_str) {
+                Some(ns) if ns != namespace => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request".into(),
+                    ));
+                }
+                _ => body["metadata"]["namespace"] = json!(namespace),
+            }
+            let ns_res = self.registry.get("", "v1", "namespaces").cloned();
+            if let Some(ns_res) = ns_res
+                && !self.objects.contains_key(&Self::key(&ns_res, "", namespace))
+            {
+                return Err(ApiError::not_found(&ns_res, namespace));
+            }
+        } else if let Some(m) = body["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        let name = match body.pointer("/metadata/name").and_then(Value::as_str) {
+            Some(n) => n.to_owned(),
+            None => match body.pointer("/metadata/generateName").and_then(Value::as_str) {
+                Some(prefix) => format!(
+                    "{prefix}{}",
+                    (0..5)
+                        .map(|_| char::from(b"bcdfghjklmnpqrstvwxz2456789"[fastrand::usize(..27)]))
+                        .collect::<String>()
+                ),
+                None => {
+                    return Err(ApiError::invalid(
+                        res,
+                        "",
+                        vec![validate::FieldError {
+                            field: "metadata.name".into(),
+                            reason: "FieldValueRequired",
+                            message: "metadata.name: Required value: name or generateName is required".into(),
+                        }],
+                    ));
+                }
+            },
+        };
+        if !dns_subdomain(&name) {
+            return Err(ApiError::invalid(
+                res,
+                &name,
+                vec![validate::FieldError {
+                    field: "metadata.name".into(),
+                    reason: "FieldValueInvalid",
+                    message: format!(
+                        "metadata.name: Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                    ),
+                }],
+            ));
+        }
+        body["metadata"]["name"] = json!(name);
+        let key = Self::key(res, namespace, &name);
+        if self.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(res, &name));
+        }
+        if res.status_subresource
+            && res.custom
+            && let Some(m) = body.as_object_mut()
+        {
+            // The main endpoint ignores status (it is written through /status).
+            m.remove("status");
+        }
+        let warnings = self.admit(res, &mut body, None, opts)?;
+        if opts.dry_run {
+            return Ok(Written { object: body, warnings, created: true });
+        }
+        let rv = self.next_rv();
+        let meta = &mut body["metadata"];
+        meta["uid"] = json!(uid());
+        meta["creationTimestamp"] = json!(now());
+        meta["resourceVersion"] = json!(rv.to_string());
+        meta["generation"] = json!(1);
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("deletionTimestamp");
+        }
+        self.record_manager(&mut body, opts, "Update", None);
+        match res.kind.as_str() {
+            "Namespace" => body["status"] = json!({"phase": "Active"}),
+            "CustomResourceDefinition" => self.register_crd(&mut body),
+            _ => {}
+        }
+        self.objects.insert(key.clone(), body.clone());
+        self.emit("ADDED", key, body.clone());
+        Ok(Written { object: body, warnings, created: true })
+    }
+
+    fn record_manager(&self, obj: &mut Value, opts: &WriteOptions, operation: &str, applied: Option<&Value>) {
+        let Some(manager) = opts.field_manager.clone() else { return };
+        let fields = fields_v1(applied.unwrap_or(obj));
+        let entry = json!({"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"], "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields});
+        let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+        let mut list: Vec<Value> =
+            list.into_iter().filter(|e| !(e["manager"] == manager && e["operation"] == operation)).collect();
+        list.push(entry);
+        obj["metadata"]["managedFields"] = json!(list);
+    }
+
+    fn register_crd(&mut self, crd: &mut Value) {
+        if let Ok(resources) = Registry::from_crd(crd) {
+            if let Some(first) = resources.first() {
+                self.registry.remove_crd(&first.group, &first.plural);
+            }
+            for r in resources {
+                self.registry.insert(r);
+            }
+            let names = crd["spec"]["names"].clone();
+            let stored: Vec<Value> = crd["spec"]["versions"]
+                .as_array()
+                .map(|vs| vs.iter().filter(|v| v["storage"] == true).map(|v| v["name"].clone()).collect())
+                .unwrap_or_default();
+            let t = now();
+            crd["status"] = json!({
+                "acceptedNames": names,
+                "storedVersions": stored,
+                "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
+                ],
+            });
+        }
+    }
+
+    /// PUT, or the result of a patch. `status_only` is the /status subresource.
+    pub fn update(
+        &mut self,
+        res: &Resource,
+        namespace: &str,
+        name: &str,
+        mut body: Value,
+        status_only: bool,
+        opts: &WriteOptions,
+        require_rv: bool,
+    ) -> Result<Written, ApiError> {
+        let key = Self::key(res, namespace, name);
+        let old = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+        let old_rv = old["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
+        match body.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+            Some(rv) if rv != old_rv => return Err(ApiError::conflict(res, name)),
+            None if require_rv => {
+                return Err(ApiError::invalid(
+                    res,
+                    name,
+                    vec![validate::FieldError {
+                        field: "metadata.resourceVersion".into(),
+                        reason: "FieldValueInvalid",
+                        message: "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update".into(),
+                    }],
+                ));
+            }
+            _ => {}
+        }
+        if body.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n != name) {
+            return Err(ApiError::bad_request("the name of the object does not match the name on the URL".into()));
+        }
+        let mut new = if status_only {
+            let mut n = old.clone();
+            n["status"] = body.get("status").cloned().unwrap_or(Value::Null);
+            if n["status"].is_null()
+                && let Some(m) = n.as_object_mut()
+            {
+                m.remove("status");
+            }
+            n
+        } else {
+            body["apiVersion"] = json!(res.api_version());
+            body["kind"] = json!(res.kind);
+            if res.status_subresource {
+                match old.get("status") {
+                    Some(s) => body["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = body.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+            }
+            // Server-owned metadata survives whatever the client sent.
+            let mut meta = body.get("metadata").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "namespace",
+                "name",
+                "managedFields",
+            ] {
+                match old["metadata"].get(f) {
+                    Some(v) => meta[f] = v.clone(),
+                    None => {
+                        if let Some(m) = meta.as_object_mut() {
+                            m.remove(f);
+                        }
+                    }
+                }
+            }
+            body["metadata"] = meta;
+            body
+        };
+        let deleting = old.pointer("/metadata/deletionTimestamp").is_some();
+        if deleting {
+            let before = finalizers(&old);
+            if finalizers(&new).iter().any(|f| !before.contains(f)) {
+                return Err(ApiError::invalid(res, name, vec![validate::FieldError {
+                    field: "metadata.finalizers".into(),
+                    reason: "FieldValueForbidden",
+                    message: "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted".into(),
+                }]));
+            }
+        }
+        let warnings = self.admit(res, &mut new, Some(&old), opts)?;
+        if opts.dry_run {
+            return Ok(Written { object: new, warnings, created: false });
+        }
+        let mut generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+        if spec_part(&new) != spec_part(&old) {
+            generation += 1;
+        }
+        new["metadata"]["generation"] = json!(generation);
+        new["metadata"]["resourceVersion"] = json!(old_rv);
+        self.record_manager(&mut new, opts, "Update", None);
+        if new == old {
+            // A write that changes nothing keeps its resourceVersion and makes no event.
+            return Ok(Written { object: with_version(&old, res), warnings, created: false });
+        }
+        if deleting && finalizers(&new).is_empty() {
+            self.remove(&key, new.clone());
+            return Ok(Written { object: with_version(&new, res), warnings, created: false });
+        }
+        let rv = self.next_rv();
+        new["metadata"]["resourceVersion"] = json!(rv.to_string());
+        if res.kind == "CustomResourceDefinition" {
+            self.register_crd(&mut new);
+        }
+        self.objects.insert(key.clone(), new.clone());
+        self.emit("MODIFIED", key, new.clone());
+        Ok(Written { object: with_version(&new, res), warnings, created: false })
+    }
+
+    /// Server-side apply: creates the object if missing, otherwise merges the applied fields.
+    pub fn apply(
+        &mut self,
+        res: &Resource,
+        namespace: &str,
+        name: &str,
+        patch: Value,
+        status_only: bool,
+        opts: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        if opts.field_manager.is_none() {
+            return Err(ApiError::bad_request(
+                "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests".into(),
+            ));
+        }
+        let key = Self::key(res, namespace, name);
+        let Some(current) = self.objects.get(&key).cloned() else {
+            if status_only {
+                return Err(ApiError::not_found(res, name));
+            }
+            let mut w = self.create(res, namespace, patch.clone(), opts)?;
+            let mut obj = w.object.clone();
+            self.record_manager(&mut obj, opts, "Apply", Some(&patch));
+            if let Some(stored) = self.objects.get_mut(&key) {
+                stored["metadata"]["managedFields"] = obj["metadata"]["managedFields"].clone();
+            }
+            w.object = obj;
+            return Ok(w);
+        };
+        let mut merged = current.clone();
+        json_patch::merge(&mut merged, &patch);
+        merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+        let mut w = self.update(res, namespace, name, merged, status_only, opts, false)?;
+        if let Some(stored) = self.objects.get_mut(&key) {
+            let mut obj = stored.clone();
+            let manager = opts.field_manager.clone();
+            let entry_opts = WriteOptions { field_manager: manager, ..WriteOptions::default() };
+            // Record (or refresh) the Apply entry without a new resourceVersion.
+            let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+            let mut list: Vec<Value> = list
+                .into_iter()
+                .filter(|e| !(e["manager"] == json!(entry_opts.field_manager) && e["operation"] == "Update"))
+                .collect();
+            list.push(json!({"manager": entry_opts.field_manager, "operation": "Apply", "apiVersion": res.api_version(), "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields_v1(&patch)}));
+            list.dedup_by(|a, b| a["manager"] == b["manager"] && a["operation"] == b["operation"]);
+            obj["metadata"]["managedFields"] = json!(list);
+            *stored = obj.clone();
+            w.object = with_version(&obj, res);
+        }
+        Ok(w)
+    }
+
+    /// DELETE: with finalizers the object only gets a deletionTimestamp.
+    pub fn delete(
+        &mut self,
+        res: &Resource,
+        namespace: &str,
+        name: &str,
+        propagation: Option<&str>,
+        precondition_rv: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let key = Self::key(res, namespace, name);
+        let obj = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
+        if let Some(rv) = precondition_rv
+            && obj["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return Err(ApiError::conflict(res, name));
+        }
+        if propagation == Some("Orphan") {
+            let uid = obj["metadata"]["uid"].as_str().unwrap_or("").to_owned();
+            self.orphan_dependents(&uid);
+        }
+        if !finalizers(&obj).is_empty() {
+            if obj.pointer("/metadata/deletionTimestamp").is_some() {
+                return Ok(with_version(&obj, res));
+            }
+            let mut o = obj;
+            o["metadata"]["deletionTimestamp"] = json!(now());
+            o["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            let rv = self.next_rv();
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            self.objects.insert(key.clone(), o.clone());
+            self.emit("MODIFIED", key, o.clone());
+            return Ok(with_version(&o, res));
+        }
+        self.remove(&key, obj.clone());
+        Ok(with_version(&obj, res))
+    }
+
+    /// Removes an object for good, then what depended on it.
+    fn remove(&mut self, key: &Key, mut last: Value) {
+        if self.objects.remove(key).is_none() {
+            return;
+        }
+        let rv = self.next_rv();
+        last["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let uid = last["metadata"]["uid"].as_str().unwrap_or("").to_owned();
+        let is_crd = last["kind"] == "CustomResourceDefinition";
+        let is_ns = key.group.is_empty() && key.plural == "namespaces";
+        self.emit("DELETED", key.clone(), last.clone());
+        if is_crd {
+            let group = last["spec"]["group"].as_str().unwrap_or("").to_owned();
+            let plural = last["spec"]["names"]["plural"].as_str().unwrap_or("").to_owned();
+            let owned: Vec<Key> =
+                self.objects.keys().filter(|k| k.group == group && k.plural == plural).cloned().collect();
+            for k in owned {
+                if let Some(o) = self.objects.get(&k).cloned() {
+                    self.remove(&k, o);
+                }
+            }
+            self.registry.remove_crd(&group, &plural);
+        }
+        if is_ns {
+            let contained: Vec<Key> = self.objects.keys().filter(|k| k.namespace == key.name).cloned().collect();
+            for k in contained {
+                if let Some(o) = self.objects.get(&k).cloned() {
+                    self.remove(&k, o);
+                }
+            }
+        }
+        self.collect_garbage(&uid);
+    }
+
+    fn resource_of(&self, key: &Key) -> Option<Resource> {
+        self.registry.resources.values().find(|r| r.group == key.group && r.plural == key.plural).cloned()
+    }
+
+    /// Deletes dependents whose every owner is gone (background propagation).
+    fn collect_garbage(&mut self, owner_uid: &str) {
+        if owner_uid.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<String> =
+            self.objects.values().filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_owned)).collect();
+        let dependents: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                let refs = o["metadata"]["ownerReferences"].as_array();
+                refs.is_some_and(|rs| {
+                    rs.iter().any(|r| r["uid"] == owner_uid)
+                        && rs.iter().all(|r| !live.contains(r["uid"].as_str().unwrap_or("")))
+                })
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dependents {
+            if let Some(res) = self.resource_of(&k) {
+                let _ = self.delete(&res, &k.namespace, &k.name, None, None);
+            }
+        }
+    }
+
+    fn orphan_dependents(&mut self, owner_uid: &str) {
+        let keys: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"].as_array().is_some_and(|rs| rs.iter().any(|r| r["uid"] == owner_uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            if let Some(mut o) = self.objects.get(&k).cloned() {
+                let refs: Vec<Value> = o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| r["uid"] != owner_uid)
+                    .collect();
+                o["metadata"]["ownerReferences"] = json!(refs);
+                let rv = self.next_rv();
+                o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                self.objects.insert(k.clone(), o.clone());
+                self.emit("MODIFIED", k, o);
+            }
+        }
+    }
+}
+
+/// The object as served at `res`'s version.
+pub fn with_version(obj: &Value, res: &Resource) -> Value {
+    let mut o = obj.clone();
+    o["apiVersion"] = json!(res.api_version());
+    o
+}
