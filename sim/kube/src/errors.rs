@@ -52,7 +52,7 @@ impl ApiError {
     }
 
     /// 422 with one cause per field error, worded `Kind.group "name" is invalid: field: ...`.
-    pub fn invalid(res: &Resource, name: &str, errors: Vec<FieldError>) -> Self {
+    pub fn invalid(res: &Resource, name: &str, errors: &[FieldError]) -> Self {
         let joined = if errors.len() == 1 {
             errors[0].message.clone()
         } else {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::errors::ApiError;
 use crate::registry::{Registry, Resource};
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{State as Api, WriteOptions};
+use crate::store::{State as Api, Via, WriteOptions};
 use crate::table;
 
 pub type Shared = Arc<Mutex<Api>>;
@@ -118,7 +118,7 @@ pub async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let query: HashMap<String, String> = uri.query().map(|q| url_decode_pairs(q)).unwrap_or_default();
+    let query: HashMap<String, String> = uri.query().map(url_decode_pairs).unwrap_or_default();
     let path = uri.path().trim_matches('/').to_owned();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match handle(&state, &method, &segs, &query, &headers, &body).await {
@@ -268,7 +268,7 @@ async fn handle(
         }
         (&Method::PUT, Some(name)) => {
             let body = parse_body(headers, body)?;
-            let w = lock(state).update(&t.res, &ns, name, body, status_only, &opts, true)?;
+            let w = lock(state).update(&t.res, &ns, name, body, Via { status_only, require_rv: true }, &opts)?;
             Ok(json_response(StatusCode::OK, &w.object, &w.warnings))
         }
         (&Method::PATCH, Some(name)) => {
@@ -276,7 +276,7 @@ async fn handle(
             let patch = parse_body(headers, body)?;
             let mut api = lock(state);
             let w = if ct.starts_with("application/apply-patch") {
-                api.apply(&t.res, &ns, name, patch, status_only, &opts)?
+                api.apply(&t.res, &ns, name, &patch, status_only, &opts)?
             } else {
                 let mut current = api.get(&t.res, &ns, name)?;
                 let stored_rv = current["metadata"]["resourceVersion"].clone();
@@ -303,7 +303,7 @@ async fn handle(
                 {
                     current["metadata"]["resourceVersion"] = stored_rv;
                 }
-                api.update(&t.res, &ns, name, current, status_only, &opts, false)?
+                api.update(&t.res, &ns, name, current, Via { status_only, require_rv: false }, &opts)?
             };
             let code = if w.created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json_response(code, &w.object, &w.warnings))

@@ -52,6 +52,15 @@ pub struct WriteOptions {
     pub dry_run: bool,
 }
 
+/// How an update arrived.
+#[derive(Clone, Copy, Debug)]
+pub struct Via {
+    /// Through the /status subresource: only status changes.
+    pub status_only: bool,
+    /// A PUT must carry the resourceVersion it read; a patch applies to the latest.
+    pub require_rv: bool,
+}
+
 /// The result of a write: the object and warnings for the client.
 pub struct Written {
     pub object: Value,
@@ -207,7 +216,7 @@ impl State {
                 errors.extend(validate::cel(schema, obj, old));
             }
             if !errors.is_empty() {
-                return Err(ApiError::invalid(res, &name, errors));
+                return Err(ApiError::invalid(res, &name, &errors));
             }
         }
         if res.kind == "CustomResourceDefinition" {
@@ -215,7 +224,7 @@ impl State {
                 ApiError::invalid(
                     res,
                     &name,
-                    vec![validate::FieldError { field: "spec".into(), reason: "FieldValueInvalid", message: m }],
+                    &[validate::FieldError { field: "spec".into(), reason: "FieldValueInvalid", message: m }],
                 )
             })?;
         }
@@ -284,7 +293,7 @@ impl State {
                     return Err(ApiError::invalid(
                         res,
                         "",
-                        vec![validate::FieldError {
+                        &[validate::FieldError {
                             field: "metadata.name".into(),
                             reason: "FieldValueRequired",
                             message: "metadata.name: Required value: name or generateName is required".into(),
@@ -297,7 +306,7 @@ impl State {
             return Err(ApiError::invalid(
                 res,
                 &name,
-                vec![validate::FieldError {
+                &[validate::FieldError {
                     field: "metadata.name".into(),
                     reason: "FieldValueInvalid",
                     message: format!(
@@ -378,17 +387,17 @@ impl State {
         }
     }
 
-    /// PUT, or the result of a patch. `status_only` is the /status subresource.
+    /// PUT, or the result of a patch (see [`Via`]).
     pub fn update(
         &mut self,
         res: &Resource,
         namespace: &str,
         name: &str,
         mut body: Value,
-        status_only: bool,
+        via: Via,
         opts: &WriteOptions,
-        require_rv: bool,
     ) -> Result<Written, ApiError> {
+        let Via { status_only, require_rv } = via;
         let key = Self::key(res, namespace, name);
         let old = self.objects.get(&key).cloned().ok_or_else(|| ApiError::not_found(res, name))?;
         let old_rv = old["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
@@ -398,7 +407,7 @@ impl State {
                 return Err(ApiError::invalid(
                     res,
                     name,
-                    vec![validate::FieldError {
+                    &[validate::FieldError {
                         field: "metadata.resourceVersion".into(),
                         reason: "FieldValueInvalid",
                         message: "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update".into(),
@@ -460,7 +469,7 @@ impl State {
         if deleting {
             let before = finalizers(&old);
             if finalizers(&new).iter().any(|f| !before.contains(f)) {
-                return Err(ApiError::invalid(res, name, vec![validate::FieldError {
+                return Err(ApiError::invalid(res, name, &[validate::FieldError {
                     field: "metadata.finalizers".into(),
                     reason: "FieldValueForbidden",
                     message: "metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted".into(),
@@ -502,7 +511,7 @@ impl State {
         res: &Resource,
         namespace: &str,
         name: &str,
-        patch: Value,
+        patch: &Value,
         status_only: bool,
         opts: &WriteOptions,
     ) -> Result<Written, ApiError> {
@@ -516,9 +525,11 @@ impl State {
             if status_only {
                 return Err(ApiError::not_found(res, name));
             }
-            let mut w = self.create(res, namespace, patch.clone(), opts)?;
+            // The applier owns what it applied: record an Apply entry only.
+            let plain = WriteOptions { field_manager: None, ..opts.clone() };
+            let mut w = self.create(res, namespace, patch.clone(), &plain)?;
             let mut obj = w.object.clone();
-            self.record_manager(&mut obj, opts, "Apply", Some(&patch));
+            self.record_manager(&mut obj, opts, "Apply", Some(patch));
             if let Some(stored) = self.objects.get_mut(&key) {
                 stored["metadata"]["managedFields"] = obj["metadata"]["managedFields"].clone();
             }
@@ -526,9 +537,9 @@ impl State {
             return Ok(w);
         };
         let mut merged = current.clone();
-        json_patch::merge(&mut merged, &patch);
+        json_patch::merge(&mut merged, patch);
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-        let mut w = self.update(res, namespace, name, merged, status_only, opts, false)?;
+        let mut w = self.update(res, namespace, name, merged, Via { status_only, require_rv: false }, opts)?;
         if let Some(stored) = self.objects.get_mut(&key) {
             let mut obj = stored.clone();
             let manager = opts.field_manager.clone();
@@ -539,7 +550,7 @@ impl State {
                 .into_iter()
                 .filter(|e| !(e["manager"] == json!(entry_opts.field_manager) && e["operation"] == "Update"))
                 .collect();
-            list.push(json!({"manager": entry_opts.field_manager, "operation": "Apply", "apiVersion": res.api_version(), "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields_v1(&patch)}));
+            list.push(json!({"manager": entry_opts.field_manager, "operation": "Apply", "apiVersion": res.api_version(), "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields_v1(patch)}));
             list.dedup_by(|a, b| a["manager"] == b["manager"] && a["operation"] == b["operation"]);
             obj["metadata"]["managedFields"] = json!(list);
             *stored = obj.clone();

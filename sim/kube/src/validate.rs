@@ -17,7 +17,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn invalid(field: &str, value: &Value, detail: String) -> Self {
+    fn invalid(field: &str, value: &Value, detail: &str) -> Self {
         Self {
             field: field.into(),
             reason: "FieldValueInvalid",
@@ -97,7 +97,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
             out.errors.push(FieldError::invalid(
                 path,
                 value,
-                format!("{path} in body must be of type {ty}: {:?}", type_name(value)),
+                &format!("{path} in body must be of type {ty}: {:?}", type_name(value)),
             ));
             return;
         }
@@ -119,7 +119,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
             out.errors.push(FieldError::invalid(
                 path,
                 value,
-                format!("{path} in body should be greater than or equal to {}", num(min)),
+                &format!("{path} in body should be greater than or equal to {}", num(min)),
             ));
         }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
@@ -128,7 +128,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
             out.errors.push(FieldError::invalid(
                 path,
                 value,
-                format!("{path} in body should be less than or equal to {}", num(max)),
+                &format!("{path} in body should be less than or equal to {}", num(max)),
             ));
         }
     }
@@ -140,7 +140,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
             out.errors.push(FieldError::invalid(
                 path,
                 value,
-                format!("{path} in body should be at least {min} chars long"),
+                &format!("{path} in body should be at least {min} chars long"),
             ));
         }
         if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
@@ -155,7 +155,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
         if let Some(p) = schema.get("pattern").and_then(Value::as_str)
             && regex::Regex::new(p).is_ok_and(|re| !re.is_match(s))
         {
-            out.errors.push(FieldError::invalid(path, value, format!("{path} in body should match '{p}'")));
+            out.errors.push(FieldError::invalid(path, value, &format!("{path} in body should match '{p}'")));
         }
     }
     match value {
@@ -176,7 +176,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
                 out.errors.push(FieldError::invalid(
                     path,
                     &Value::Array(Vec::new()),
-                    format!("{path} in body should have at least {min} items"),
+                    &format!("{path} in body should have at least {min} items"),
                 ));
             }
             if let Some(item) = schema.get("items") {
