@@ -24,15 +24,13 @@ pub mod keys {
     pub fn runner_binary(version: &str) -> String {
         format!("{ROOT}/bin/ep-runner-{version}")
     }
-    /// Prefix of one payload's content (`id` is the manifest's hex sha256).
-    pub fn payload_prefix(id: &str) -> String {
-        format!("{ROOT}/payloads/{id}/")
+    /// Content-addressed store of payload files, shared by every payload: a file changed in a
+    /// new payload is the only object a re-sync writes (besides the new manifest).
+    pub fn payload_blob(sha256: &str) -> String {
+        format!("{ROOT}/payloads/sha256/{sha256}")
     }
-    /// Key of one payload file.
-    pub fn payload_file(id: &str, path: &str) -> String {
-        format!("{ROOT}/payloads/{id}/{path}")
-    }
-    /// The sealed manifest of a payload: written last, its presence makes the payload usable.
+    /// The sealed manifest of a payload (`id` is the manifest's hex sha256): written last, after
+    /// every blob it names was verified; its presence makes the payload usable.
     pub fn payload_manifest(id: &str) -> String {
         format!("{ROOT}/payloads/{id}.manifest.json")
     }
@@ -52,6 +50,8 @@ pub mod keys {
     pub const TERMINAL: &str = "terminal.json";
     pub const LOGS_DIR: &str = "logs";
     pub const ARTIFACTS_DIR: &str = "artifacts";
+    /// Where the runner materializes the payload inside its run.
+    pub const PAYLOAD_DIR: &str = "payload";
 }
 
 /// Refuses a file whose `version` this build does not understand.
@@ -167,6 +167,10 @@ pub struct ManifestEntry {
     pub sha256: String,
     /// Unix permission bits (e.g. 0o644 = 420).
     pub mode: u32,
+    /// Lower-case hex MD5, for artifacts: RunPod's S3 ETag is the MD5 of the file, so head_object
+    /// verifies a file written inside the pod without downloading it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5: Option<String>,
 }
 
 impl PayloadManifest {

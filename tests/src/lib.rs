@@ -6,6 +6,7 @@
 pub mod postgres;
 pub mod sim;
 pub mod tools;
+pub mod volume;
 
 use std::path::PathBuf;
 

@@ -5,7 +5,7 @@ fn at(s: &str) -> DateTime<Utc> {
 }
 
 fn entry(path: &str) -> ManifestEntry {
-    ManifestEntry { path: path.into(), size: 3, sha256: "ab".repeat(32), mode: 0o644 }
+    ManifestEntry { path: path.into(), size: 3, sha256: "ab".repeat(32), mode: 0o644, md5: None }
 }
 
 fn round_trip<T>(name: &str, value: &T)
@@ -172,7 +172,7 @@ fn results_contract_checks_required_metrics() {
 #[test]
 fn key_layout_matches_design() {
     assert_eq!(keys::runner_binary("0.1.0"), "ep/bin/ep-runner-0.1.0");
-    assert_eq!(keys::payload_file("abc", "src/a.py"), "ep/payloads/abc/src/a.py");
+    assert_eq!(keys::payload_blob("abc"), "ep/payloads/sha256/abc");
     assert_eq!(keys::payload_manifest("abc"), "ep/payloads/abc.manifest.json");
     assert_eq!(keys::run_file("r1", keys::TERMINAL), "ep/runs/r1/terminal.json");
     assert!(keys::run_file("r1", keys::HEARTBEAT).starts_with(&keys::run_prefix("r1")));

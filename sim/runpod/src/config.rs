@@ -227,6 +227,9 @@ pub struct Faults {
     /// Next N CompleteMultipartUpload calls finish the upload but answer HTTP 524.
     #[serde(default)]
     pub s3_complete_timeouts: u32,
+    /// Next N PutObject calls answer HTTP 502 without writing.
+    #[serde(default)]
+    pub s3_put_502: u32,
     /// Next N CompleteMultipartUpload calls answer HTTP 502 without completing.
     #[serde(default)]
     pub s3_complete_502: u32,

@@ -471,6 +471,13 @@ impl S3 for Volumes {
     async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         let i = req.input;
         let (root, quota) = self.volume(&i.bucket)?;
+        {
+            let (mut w, _) = self.sim.world();
+            if w.faults.s3_put_502 > 0 {
+                w.faults.s3_put_502 -= 1;
+                return Err(status_err("BadGateway", 502, "Bad Gateway"));
+            }
+        }
         if i.key.ends_with('/') {
             let dir = key_path(&root, &i.key)?;
             tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;

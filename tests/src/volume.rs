@@ -1,0 +1,64 @@
+//! A RunPod network volume for tests: runpod-sim in-process, and an `S3Volume` on its S3 API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use ep_volume::S3Volume;
+use ep_volume::store::S3Settings;
+use runpod_sim::{RunningSim, SimOptions, WorldConfig};
+
+/// The default world's volume.
+pub const VOLUME: &str = "tgb8bx6fwl";
+
+/// A simulator with its volume reachable by S3 and as a directory.
+pub struct SimVolume {
+    pub sim: RunningSim,
+    pub store: S3Volume,
+    /// The volume's directory: what a pod sees at /workspace.
+    pub workspace: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SimVolume {
+    pub async fn start(patch: impl FnOnce(&mut WorldConfig, &mut S3Settings)) -> Result<Self, crate::HarnessError> {
+        let dir = tempfile::tempdir().map_err(crate::HarnessError::io("create temp dir"))?;
+        let mut config = WorldConfig::default();
+        let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut settings = S3Settings::new("http://unset", "eu-ro-1", VOLUME, "", "");
+        patch(&mut config, &mut settings);
+        let sim = runpod_sim::start(SimOptions {
+            api_listen: any,
+            s3_listen: any,
+            state_dir: dir.path().join("state"),
+            config,
+            api_key: None,
+        })
+        .await
+        .map_err(crate::HarnessError::io("start runpod-sim"))?;
+        settings.endpoint.clone_from(&sim.endpoints.s3);
+        settings.access_key.clone_from(&sim.endpoints.s3_access_key);
+        settings.secret_key.clone_from(&sim.endpoints.s3_secret_key);
+        let workspace = dir.path().join("state/volumes").join(&settings.bucket);
+        Ok(Self { store: S3Volume::new(settings), sim, workspace, _dir: dir })
+    }
+
+    /// The simulator's whole world state (`/_sim/world`).
+    pub async fn world(&self) -> serde_json::Value {
+        let url = format!("{}/world", self.sim.endpoints.admin);
+        // curl on a blocking thread: the simulator is served by this same runtime.
+        let out =
+            tokio::task::spawn_blocking(move || std::process::Command::new("curl").args(["-s", &url]).output()).await;
+        out.ok().and_then(Result::ok).and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default()
+    }
+
+    /// Posts a fault set to the simulator's admin endpoint.
+    pub async fn faults(&self, body: serde_json::Value) {
+        let url = format!("{}/faults", self.sim.endpoints.admin);
+        let _ = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("curl")
+                .args(["-s", "-X", "POST", "-H", "content-type: application/json", "-d", &body.to_string(), &url])
+                .output()
+        })
+        .await;
+    }
+}

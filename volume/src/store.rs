@@ -1,0 +1,272 @@
+//! The object store the data plane needs (head, get, put; never list), and its S3 implementation.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+
+/// Metadata key holding the hex sha256 of an object's content.
+pub const SHA256_META: &str = "sha256";
+
+/// What head_object tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// ETag without quotes (on RunPod: the MD5 of the content).
+    pub etag: Option<String>,
+    /// The sha256 recorded in metadata at upload, if any.
+    pub sha256: Option<String>,
+}
+
+/// A store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {key}: {message}")]
+    Request { op: &'static str, key: String, status: Option<u16>, message: String },
+    #[error("{path}: {source}")]
+    Local { path: String, source: std::io::Error },
+}
+
+impl StoreError {
+    /// HTTP status, when the store answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Request { status, .. } => *status,
+            Self::Local { .. } => None,
+        }
+    }
+}
+
+/// A network volume seen as an object store. Known keys only: no listing.
+pub trait VolumeStore: Send + Sync {
+    fn head(&self, key: &str) -> impl Future<Output = Result<Option<ObjectInfo>, StoreError>> + Send;
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send;
+    fn put_bytes(&self, key: &str, body: Bytes, sha256: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Uploads a file: one PUT below `multipart_threshold`, multipart above.
+    fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        sha256: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Requests sent so far (for reports and benchmarks).
+    fn requests(&self) -> u64;
+}
+
+/// Settings of the S3 client for a RunPod volume.
+#[derive(Clone, Debug)]
+pub struct S3Settings {
+    pub endpoint: String,
+    /// The data center id, as RunPod documents the region.
+    pub region: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Below this a file goes in one PUT (RunPod refuses single PUTs of 500 MB and more).
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+}
+
+impl S3Settings {
+    pub fn new(endpoint: &str, region: &str, bucket: &str, access_key: &str, secret_key: &str) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            region: region.into(),
+            bucket: bucket.into(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            multipart_threshold: 256 << 20,
+            part_size: 64 << 20,
+        }
+    }
+}
+
+/// A RunPod network volume through its S3 API (aws-sdk-s3: path style, checksums only when
+/// required, the SDK's standard retries for 5xx and throttling).
+#[derive(Clone, Debug)]
+pub struct S3Volume {
+    client: Client,
+    settings: Arc<S3Settings>,
+    requests: Arc<AtomicU64>,
+}
+
+fn req_err<E>(op: &'static str, key: &str, e: &aws_sdk_s3::error::SdkError<E>) -> StoreError
+where
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let message = match e.as_service_error() {
+        Some(s) => {
+            format!("{}: {} (HTTP {})", s.code().unwrap_or("error"), s.message().unwrap_or(""), status.unwrap_or(0))
+        }
+        None => format!("{e}"),
+    };
+    StoreError::Request { op, key: key.into(), status, message }
+}
+
+impl S3Volume {
+    pub fn new(settings: S3Settings) -> Self {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .endpoint_url(&settings.endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new(&settings.access_key, &settings.secret_key, None, None, "ep-volume"))
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build();
+        Self { client: Client::from_conf(conf), settings: Arc::new(settings), requests: Arc::new(AtomicU64::new(0)) }
+    }
+
+    fn count(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    async fn multipart(&self, key: &str, path: &Path, size: u64, sha256: &str) -> Result<(), StoreError> {
+        let b = &self.settings.bucket;
+        self.count();
+        let up = self
+            .client
+            .create_multipart_upload()
+            .bucket(b)
+            .key(key)
+            .metadata(SHA256_META, sha256)
+            .send()
+            .await
+            .map_err(|e| req_err("CreateMultipartUpload", key, &e))?;
+        let id = up.upload_id().unwrap_or_default().to_owned();
+        let part = self.settings.part_size.max(1 << 20);
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        let mut n = 1;
+        while offset < size {
+            let len = part.min(size - offset);
+            let body = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(aws_sdk_s3::primitives::Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| StoreError::Local {
+                    path: path.display().to_string(),
+                    source: std::io::Error::other(e),
+                })?;
+            self.count();
+            let p = self
+                .client
+                .upload_part()
+                .bucket(b)
+                .key(key)
+                .upload_id(&id)
+                .part_number(n)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| req_err("UploadPart", key, &e))?;
+            parts.push(CompletedPart::builder().part_number(n).set_e_tag(p.e_tag().map(str::to_owned)).build());
+            offset += len;
+            n += 1;
+        }
+        let done = CompletedMultipartUpload::builder().set_parts(Some(parts)).build();
+        self.count();
+        match self
+            .client
+            .complete_multipart_upload()
+            .bucket(b)
+            .key(key)
+            .upload_id(&id)
+            .multipart_upload(done)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // RunPod's complete can outlast the proxy (524) while the merge finishes: check by
+                // head_object before calling it a failure.
+                let err = req_err("CompleteMultipartUpload", key, &e);
+                match self.head(key).await? {
+                    Some(info) if info.size == size && info.sha256.as_deref() == Some(sha256) => Ok(()),
+                    _ => Err(err),
+                }
+            }
+        }
+    }
+}
+
+impl VolumeStore for S3Volume {
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        self.count();
+        match self.client.head_object().bucket(&self.settings.bucket).key(key).send().await {
+            Ok(h) => Ok(Some(ObjectInfo {
+                size: u64::try_from(h.content_length().unwrap_or(0)).unwrap_or(0),
+                etag: h.e_tag().map(|e| e.trim_matches('"').to_owned()),
+                sha256: h.metadata().and_then(|m| m.get(SHA256_META)).cloned(),
+            })),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(req_err("HeadObject", key, &e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        self.count();
+        match self.client.get_object().bucket(&self.settings.bucket).key(key).send().await {
+            Ok(o) => {
+                let data = o.body.collect().await.map_err(|e| StoreError::Request {
+                    op: "GetObject",
+                    key: key.into(),
+                    status: None,
+                    message: e.to_string(),
+                })?;
+                Ok(Some(data.into_bytes()))
+            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(req_err("GetObject", key, &e)),
+        }
+    }
+
+    async fn put_bytes(&self, key: &str, body: Bytes, sha256: &str) -> Result<(), StoreError> {
+        self.count();
+        self.client
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .metadata(SHA256_META, sha256)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| req_err("PutObject", key, &e))?;
+        Ok(())
+    }
+
+    async fn put_file(&self, key: &str, path: &Path, size: u64, sha256: &str) -> Result<(), StoreError> {
+        if size >= self.settings.multipart_threshold {
+            return self.multipart(key, path, size, sha256).await;
+        }
+        let body = ByteStream::from_path(path)
+            .await
+            .map_err(|e| StoreError::Local { path: path.display().to_string(), source: std::io::Error::other(e) })?;
+        self.count();
+        self.client
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .metadata(SHA256_META, sha256)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| req_err("PutObject", key, &e))?;
+        Ok(())
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
