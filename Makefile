@@ -5,7 +5,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build test sandbox crds deps fmt lint unit clean
+.PHONY: all build test sandbox crds examples deps fmt lint unit clean bench-sync
 
 all: build
 
@@ -26,8 +26,19 @@ unit: ## fast: unit tests only, no servers
 sandbox: deps ## the main job on an embedded default; KEEP=1 keeps it running
 	$(CARGO) run --locked -q -p ep-testkit --bin ep-sandbox
 
+bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256sum (release build)
+	command -v rclone >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq rclone >/dev/null || sudo apt-get install -y -qq rclone >/dev/null; }
+	[ -x .tools/awscli/bin/aws ] || { python3 -m venv .tools/awscli && .tools/awscli/bin/pip install -q awscli; }
+	$(CARGO) build --locked --release -p ep-testkit --bin bench-sync -p runpod-sim --bin runpod-sim
+	./target/release/bench-sync
+
 crds: ## regenerate crds/ from the types in api/
 	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir crds
+
+examples: deps ## regenerate the quickstart's code ConfigMap from train.py
+	{ echo '# Generated from train.py by `make examples`; a test fails when it is stale.'; \
+	  KUBECONFIG=/dev/null .tools/bin/kubectl create configmap quickstart-code -n ep-quickstart \
+	    --from-file=examples/quickstart/train.py --dry-run=client -o yaml; } > examples/quickstart/40-code.configmap.yaml
 
 fmt:
 	$(CARGO) fmt --all

@@ -186,5 +186,12 @@ async fn kubectl_applies_gets_patches_and_deletes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = k.run(&["get", "exp", "gnn-fraud-baseline", "-n", "fraud-detect"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains(r#"experiments.ep.dev "gnn-fraud-baseline" not found"#));
+    // The quickstart applies as it is: namespaces, Secrets, the provider, the Experiment, its code.
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
+    let out = k.ok(&["apply", "-f", quickstart.to_str().unwrap()]);
+    for created in ["namespace/ep-quickstart created", "secret/runpod created", "runpodprovider.ep.dev/default created", "experiment.ep.dev/quickstart created", "configmap/quickstart-code created"] {
+        assert!(out.contains(created), "{created} in {out}");
+    }
+    assert!(k.ok(&["get", "rpp"]).contains("EU-RO-1"));
     drop(sim);
 }

@@ -41,6 +41,9 @@ struct Sidecar {
 #[derive(Clone, Debug)]
 pub struct Volumes {
     sim: Arc<Sim>,
+    /// Bytes used per volume, walked at most once a second and kept current by our own writes
+    /// (pods also write, so the walk is refreshed).
+    used: Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, (std::time::Instant, u64)>>>,
 }
 
 fn err(code: S3ErrorCode, msg: impl Into<String>) -> S3Error {
@@ -130,7 +133,33 @@ struct Written {
 
 impl Volumes {
     pub fn new(sim: Arc<Sim>) -> Self {
-        Self { sim }
+        Self { sim, used: Arc::default() }
+    }
+
+    async fn used(&self, root: &Path) -> u64 {
+        let cached = self
+            .used
+            .lock()
+            .ok()
+            .and_then(|m| m.get(root).copied())
+            .filter(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1));
+        if let Some((_, bytes)) = cached {
+            return bytes;
+        }
+        let r = root.to_path_buf();
+        let bytes = tokio::task::spawn_blocking(move || Self::used_bytes(&r)).await.unwrap_or(0);
+        if let Ok(mut m) = self.used.lock() {
+            m.insert(root.to_path_buf(), (std::time::Instant::now(), bytes));
+        }
+        bytes
+    }
+
+    fn add_used(&self, root: &Path, bytes: u64) {
+        if let Ok(mut m) = self.used.lock()
+            && let Some(e) = m.get_mut(root)
+        {
+            e.1 += bytes;
+        }
     }
 
     fn volume(&self, bucket: &str) -> S3Result<(PathBuf, u64)> {
@@ -295,15 +324,11 @@ impl Volumes {
         sidecar: Sidecar,
     ) -> S3Result<()> {
         let path = key_path(root, key)?;
-        let root_owned = root.to_path_buf();
-        let used = tokio::task::spawn_blocking(move || Self::used_bytes(&root_owned)).await.unwrap_or(0);
+        // What the volume holds plus the object being landed.
+        let used = self.used(root).await + written.size;
         if used > quota {
             let _ = tokio::fs::remove_file(tmp).await;
-            return Err(status_err(
-                "InsufficientStorage",
-                507,
-                format!("network volume is full ({used} of {quota} bytes)"),
-            ));
+            return Err(status_err("InsufficientStorage", 507, format!("network volume is full ({used} of {quota} bytes)")));
         }
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io_err)?;
@@ -313,6 +338,7 @@ impl Volumes {
             return Err(err(S3ErrorCode::InvalidArgument, format!("{key} is a directory on the volume")));
         }
         tokio::fs::rename(tmp, &path).await.map_err(io_err)?;
+        self.add_used(root, written.size);
         let md = tokio::fs::metadata(&path).await.map_err(io_err)?;
         let s = Sidecar {
             size: written.size,
