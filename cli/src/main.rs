@@ -90,12 +90,27 @@ async fn run_push(args: PushArgs) -> Result<(), String> {
     };
     let payload = Payload::build(&src).map_err(|e| e.to_string())?;
     eprintln!("payload: {} files, {}", payload.manifest.files.len(), human(payload.manifest.total_bytes()));
-    let previous = cache.as_ref().and_then(|c| std::fs::read_to_string(last_push_file(c, &args, &root)).ok()).map(|s| s.trim().to_owned());
-    let store = S3Volume::new(S3Settings::new(&args.s3_endpoint, &args.region, &args.volume, &args.access_key_id, &args.secret_access_key));
+    let previous = cache
+        .as_ref()
+        .and_then(|c| std::fs::read_to_string(last_push_file(c, &args, &root)).ok())
+        .map(|s| s.trim().to_owned());
+    let store = S3Volume::new(S3Settings::new(
+        &args.s3_endpoint,
+        &args.region,
+        &args.volume,
+        &args.access_key_id,
+        &args.secret_access_key,
+    ));
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let show = |p: Progress| {
         if tty {
-            eprint!("\r  {}/{} files, {} / {}   ", p.files_done, p.files_total, human(p.bytes_done), human(p.bytes_total));
+            eprint!(
+                "\r  {}/{} files, {} / {}   ",
+                p.files_done,
+                p.files_total,
+                human(p.bytes_done),
+                human(p.bytes_total)
+            );
             let _ = std::io::stderr().flush();
         }
     };

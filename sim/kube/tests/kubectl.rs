@@ -189,7 +189,13 @@ async fn kubectl_applies_gets_patches_and_deletes() {
     // The quickstart applies as it is: namespaces, Secrets, the provider, the Experiment, its code.
     let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart");
     let out = k.ok(&["apply", "-f", quickstart.to_str().unwrap()]);
-    for created in ["namespace/ep-quickstart created", "secret/runpod created", "runpodprovider.ep.dev/default created", "experiment.ep.dev/quickstart created", "configmap/quickstart-code created"] {
+    for created in [
+        "namespace/ep-quickstart created",
+        "secret/runpod created",
+        "runpodprovider.ep.dev/default created",
+        "experiment.ep.dev/quickstart created",
+        "configmap/quickstart-code created",
+    ] {
         assert!(out.contains(created), "{created} in {out}");
     }
     assert!(k.ok(&["get", "rpp"]).contains("EU-RO-1"));

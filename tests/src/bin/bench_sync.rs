@@ -69,11 +69,20 @@ fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|c| c.exists()))
 }
 
-async fn ours(store: &S3Volume, root: &Path, cache: &Path, previous: Option<String>) -> Result<(f64, Payload, u64, u64), String> {
+async fn ours(
+    store: &S3Volume,
+    root: &Path,
+    cache: &Path,
+    previous: Option<String>,
+) -> Result<(f64, Payload, u64, u64), String> {
     let t = Instant::now();
-    let payload = Payload::build(&PayloadSource { root: root.into(), cache_dir: Some(cache.into()), ..PayloadSource::default() }).map_err(|e| e.to_string())?;
+    let payload =
+        Payload::build(&PayloadSource { root: root.into(), cache_dir: Some(cache.into()), ..PayloadSource::default() })
+            .map_err(|e| e.to_string())?;
     let built = t.elapsed().as_secs_f64();
-    let report = push(store, &payload, &SyncOptions { parallelism: 16, previous, verify_all: false }, &|_| {}).await.map_err(|e| e.to_string())?;
+    let report = push(store, &payload, &SyncOptions { parallelism: 16, previous, verify_all: false }, &|_| {})
+        .await
+        .map_err(|e| e.to_string())?;
     let total = t.elapsed().as_secs_f64();
     println!("  ours: manifest {built:.3}s + push {:.3}s", total - built);
     Ok((total, payload, report.requests, report.uploaded_files))
@@ -109,7 +118,8 @@ async fn run() -> Result<(), String> {
     let aws = if venv_aws.exists() { Some(venv_aws) } else { which("aws") };
     let rclone = which("rclone");
     let aws_config = tmp.path().join("aws-config");
-    std::fs::write(&aws_config, "[default]\ns3 =\n    addressing_style = path\n    max_concurrent_requests = 16\n").map_err(|e| e.to_string())?;
+    std::fs::write(&aws_config, "[default]\ns3 =\n    addressing_style = path\n    max_concurrent_requests = 16\n")
+        .map_err(|e| e.to_string())?;
     let aws_cmd = |dest: &str| {
         let mut c = Command::new(aws.clone().unwrap_or_default());
         c.args(["s3", "sync", "--only-show-errors", root.to_str().unwrap_or(""), dest, "--endpoint-url", &s3])
@@ -120,17 +130,21 @@ async fn run() -> Result<(), String> {
             .env_remove("AWS_CA_BUNDLE");
         c
     };
-    let rclone_remote = format!(":s3,provider=Other,endpoint='{s3}',access_key_id={key},secret_access_key={secret},region=eu-ro-1,force_path_style=true:{VOLUME}/rclone");
+    let rclone_remote = format!(
+        ":s3,provider=Other,endpoint='{s3}',access_key_id={key},secret_access_key={secret},region=eu-ro-1,force_path_style=true:{VOLUME}/rclone"
+    );
     let rclone_cmd = || {
         let mut c = Command::new(rclone.clone().unwrap_or_default());
-        c.args(["sync", root.to_str().unwrap_or(""), &rclone_remote, "--transfers", "8", "--checkers", "16"]).env_remove("AWS_CA_BUNDLE");
+        c.args(["sync", root.to_str().unwrap_or(""), &rclone_remote, "--transfers", "8", "--checkers", "16"])
+            .env_remove("AWS_CA_BUNDLE");
         c
     };
 
     // First upload.
     let (ours_first, first, ours_first_req, ours_first_up) = ours(&store, &root, &cache, None).await?;
     let rclone_first = if rclone.is_some() { Some(timed("rclone sync", rclone_cmd())?) } else { None };
-    let aws_first = if aws.is_some() { Some(timed("aws s3 sync", aws_cmd(&format!("s3://{VOLUME}/awscli")))?) } else { None };
+    let aws_first =
+        if aws.is_some() { Some(timed("aws s3 sync", aws_cmd(&format!("s3://{VOLUME}/awscli")))?) } else { None };
 
     // One file changes.
     std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -140,7 +154,11 @@ async fn run() -> Result<(), String> {
     drop(f);
     let (ours_re, _second, ours_re_req, ours_re_up) = ours(&store, &root, &cache, Some(first.id.clone())).await?;
     let rclone_re = if rclone.is_some() { Some(timed("rclone sync (re-sync)", rclone_cmd())?) } else { None };
-    let aws_re = if aws.is_some() { Some(timed("aws s3 sync (re-sync)", aws_cmd(&format!("s3://{VOLUME}/awscli")))?) } else { None };
+    let aws_re = if aws.is_some() {
+        Some(timed("aws s3 sync (re-sync)", aws_cmd(&format!("s3://{VOLUME}/awscli")))?)
+    } else {
+        None
+    };
 
     // Hashing on one core.
     let mut paths: Vec<PathBuf> = first.files.values().cloned().collect();
@@ -151,7 +169,8 @@ async fn run() -> Result<(), String> {
     }
     let ours_hash = t.elapsed().as_secs_f64();
     let list = tmp.path().join("files.txt");
-    std::fs::write(&list, paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n")).map_err(|e| e.to_string())?;
+    std::fs::write(&list, paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
+        .map_err(|e| e.to_string())?;
     let mut sum = Command::new("sh");
     sum.arg("-c").arg(format!("xargs -a {} sha256sum > /dev/null", list.display()));
     let sha256sum = timed("sha256sum", sum)?;

@@ -328,7 +328,11 @@ impl Volumes {
         let used = self.used(root).await + written.size;
         if used > quota {
             let _ = tokio::fs::remove_file(tmp).await;
-            return Err(status_err("InsufficientStorage", 507, format!("network volume is full ({used} of {quota} bytes)")));
+            return Err(status_err(
+                "InsufficientStorage",
+                507,
+                format!("network volume is full ({used} of {quota} bytes)"),
+            ));
         }
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent).await.map_err(io_err)?;
