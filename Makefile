@@ -5,7 +5,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build test sandbox crds examples deps fmt lint unit clean bench-sync
+.PHONY: all build test sandbox crds examples deps fmt lint unit clean bench-sync runner-static
 
 all: build
 
@@ -24,13 +24,18 @@ unit: ## fast: unit tests only, no servers
 	$(CARGO) test --workspace --locked --lib
 
 sandbox: deps ## the main job on an embedded default; KEEP=1 keeps it running
-	$(CARGO) run --locked -q -p ep-testkit --bin ep-sandbox
+	$(CARGO) build --locked -q -p runpod-sim -p kube-sim -p kubectl-ep -p ep-testkit --bins
+	./target/debug/ep-sandbox
 
 bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256sum (release build)
 	command -v rclone >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq rclone >/dev/null || sudo apt-get install -y -qq rclone >/dev/null; }
 	[ -x .tools/awscli/bin/aws ] || { python3 -m venv .tools/awscli && .tools/awscli/bin/pip install -q awscli; }
 	$(CARGO) build --locked --release -p ep-testkit --bin bench-sync -p runpod-sim --bin runpod-sim
 	./target/release/bench-sync
+
+runner-static: ## ep-runner as one static binary (glibc, static-pie) for any pod image
+	$(CARGO) rustc --locked --release -p ep-runner --bin ep-runner -- -C target-feature=+crt-static
+	@file target/release/ep-runner
 
 crds: ## regenerate crds/ from the types in api/
 	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir crds

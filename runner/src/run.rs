@@ -71,6 +71,25 @@ impl Run {
         }
     }
 
+    /// Ends a run whose command never started: no usage, the terminal state, a last heartbeat.
+    fn end_unstarted(&mut self, state: TerminalState, reason: String) -> Result<Outcome, RunError> {
+        let usage = ResourceUsage {
+            version: FORMAT_VERSION,
+            run_id: self.spec.run_id.clone(),
+            wall_seconds: 0.0,
+            cpu_user_seconds: 0.0,
+            cpu_system_seconds: 0.0,
+            peak_rss_bytes: 0,
+            samples: 0,
+            gpus: Vec::new(),
+        };
+        write_json(&self.path(keys::RESOURCE_USAGE), &usage)
+            .map_err(|e| err(format!("writing resource_usage.json: {e}")))?;
+        self.terminal(state, None, None, reason, Default::default())?;
+        self.heartbeat(None, RunnerState::Finished, Vec::new());
+        Ok(Outcome::Ended(state))
+    }
+
     fn terminal(
         &self,
         state: TerminalState,
@@ -168,24 +187,11 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
     };
     write_json(&run.path(keys::VERIFIED), &verified).map_err(|e| err(format!("writing verified.json: {e}")))?;
     if let Err(m) = verdict {
-        let usage = ResourceUsage {
-            version: FORMAT_VERSION,
-            run_id: run_id.into(),
-            wall_seconds: 0.0,
-            cpu_user_seconds: 0.0,
-            cpu_system_seconds: 0.0,
-            peak_rss_bytes: 0,
-            samples: 0,
-            gpus: Vec::new(),
-        };
-        write_json(&run.path(keys::RESOURCE_USAGE), &usage).map_err(err)?;
         let reason = format!(
             "payload verification failed: {} {:?}: expected {}, found {}",
             m.path, m.kind, m.expected, m.actual
         );
-        run.terminal(TerminalState::VerificationFailed, None, None, reason, Default::default())?;
-        run.heartbeat(None, RunnerState::Finished, Vec::new());
-        return Ok(Outcome::Ended(TerminalState::VerificationFailed));
+        return run.end_unstarted(TerminalState::VerificationFailed, reason);
     }
 
     let artifacts = run.path(keys::ARTIFACTS_DIR);
@@ -219,22 +225,7 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
     let started = Instant::now();
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            let reason = format!("could not start {program}: {e}");
-            let usage = ResourceUsage {
-                version: FORMAT_VERSION,
-                run_id: run_id.into(),
-                wall_seconds: 0.0,
-                cpu_user_seconds: 0.0,
-                cpu_system_seconds: 0.0,
-                peak_rss_bytes: 0,
-                samples: 0,
-                gpus: Vec::new(),
-            };
-            write_json(&run.path(keys::RESOURCE_USAGE), &usage).map_err(err)?;
-            run.terminal(TerminalState::Failed, None, None, reason, Default::default())?;
-            return Ok(Outcome::Ended(TerminalState::Failed));
-        }
+        Err(e) => return run.end_unstarted(TerminalState::Failed, format!("could not start {program}: {e}")),
     };
     let pid = child.id();
     let group = Pid::from_raw(i32::try_from(pid).map_err(err)?);

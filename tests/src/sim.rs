@@ -77,3 +77,44 @@ impl Drop for RunPodSimProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A running kube-sim process with a kubeconfig for kubectl and kube-rs; stopped on drop.
+pub struct KubeSimProcess {
+    child: Child,
+    dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl KubeSimProcess {
+    /// Starts kube-sim with the CRDs of `crds` loaded.
+    pub fn start(crds: Option<&std::path::Path>) -> Result<Self, HarnessError> {
+        let dir =
+            tempfile::Builder::new().prefix("kube-sim-").tempdir().map_err(HarnessError::io("create temp dir"))?;
+        let mut cmd = Command::new(workspace_bin("kube-sim")?);
+        cmd.arg("--kubeconfig-out").arg(dir.path().join("kubeconfig"));
+        if let Some(c) = crds {
+            cmd.arg("--crds").arg(c);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().map_err(HarnessError::io("start kube-sim"))?;
+        let stdout = child.stdout.take().ok_or_else(|| HarnessError::Setup("no stdout".into()))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map_err(HarnessError::io("read kube-sim address"))?;
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| HarnessError::Setup(format!("kube-sim printed {line:?} ({e})")))?;
+        let url = v["url"].as_str().unwrap_or_default().to_owned();
+        Ok(Self { child, dir, url })
+    }
+
+    /// The kubeconfig kube-sim wrote.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+}
+
+impl Drop for KubeSimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
