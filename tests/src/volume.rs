@@ -24,7 +24,7 @@ impl SimVolume {
         let dir = tempfile::tempdir().map_err(crate::HarnessError::io("create temp dir"))?;
         let mut config = WorldConfig::default();
         let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut settings = S3Settings::new("http://unset", "eu-ro-1", VOLUME, "", "");
+        let mut settings = S3Settings::new("http://unset", "EU-RO-1", VOLUME, "", "");
         patch(&mut config, &mut settings);
         let sim = runpod_sim::start(SimOptions {
             api_listen: any,

@@ -10,8 +10,7 @@ s3 = boto3.client(
     endpoint_url=os.environ["SIM_S3"],
     aws_access_key_id=os.environ["SIM_S3_KEY"],
     aws_secret_access_key=os.environ["SIM_S3_SECRET"],
-    # s3s (the S3 protocol layer) accepts only lower-case regions; RunPod documents the DC id.
-    region_name="eu-ro-1",
+    region_name="EU-RO-1",  # the data center id, as RunPod's documentation configures it
     config=Config(s3={"addressing_style": "path"}),
 )
 bucket = os.environ["SIM_VOLUME_ID"]

@@ -18,6 +18,10 @@ use runpod_sim::{RunningSim, SimOptions, WorldConfig};
 const VOL: &str = "tgb8bx6fwl";
 
 async fn sim(patch: impl FnOnce(&mut WorldConfig)) -> (RunningSim, Client, tempfile::TempDir) {
+    sim_in("eu-ro-1", patch).await
+}
+
+async fn sim_in(region: &str, patch: impl FnOnce(&mut WorldConfig)) -> (RunningSim, Client, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = WorldConfig { s3_max_put_bytes: 1 << 20, ..WorldConfig::default() };
     patch(&mut config);
@@ -34,7 +38,7 @@ async fn sim(patch: impl FnOnce(&mut WorldConfig)) -> (RunningSim, Client, tempf
     let e = &running.endpoints;
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
-        .region(Region::new("eu-ro-1"))
+        .region(Region::new(region.to_owned()))
         .endpoint_url(&e.s3)
         .force_path_style(true)
         .credentials_provider(Credentials::new(&e.s3_access_key, &e.s3_secret_key, None, None, "test"))
@@ -304,4 +308,47 @@ async fn keys_cannot_escape_the_volume() {
         let r = s3.put_object().bucket(VOL).key(key).body(ByteStream::from_static(b"x")).send().await;
         assert!(r.is_err(), "{key} must be refused");
     }
+}
+
+#[tokio::test]
+async fn the_data_center_id_works_as_the_region_as_runpod_documents() {
+    let (_sim, s3, _dir) = sim_in("EU-RO-1", |_| {}).await;
+    s3.put_object()
+        .bucket(VOL)
+        .key("dir/a b+c.txt")
+        .metadata("sha256", "x")
+        .body(ByteStream::from_static(b"hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(s3.head_object().bucket(VOL).key("dir/a b+c.txt").send().await.unwrap().content_length(), Some(5));
+    let got = s3.get_object().bucket(VOL).key("dir/a b+c.txt").send().await.unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"hello");
+    let listed = s3.list_objects_v2().bucket(VOL).prefix("dir/").max_keys(10).send().await.unwrap();
+    assert_eq!(listed.contents()[0].key(), Some("dir/a b+c.txt"));
+    let up = s3.create_multipart_upload().bucket(VOL).key("m").send().await.unwrap();
+    let id = up.upload_id().unwrap();
+    let p = s3
+        .upload_part()
+        .bucket(VOL)
+        .key("m")
+        .upload_id(id)
+        .part_number(1)
+        .body(ByteStream::from_static(b"abc"))
+        .send()
+        .await
+        .unwrap();
+    let parts = CompletedMultipartUpload::builder()
+        .parts(CompletedPart::builder().part_number(1).e_tag(p.e_tag().unwrap()).build())
+        .build();
+    s3.complete_multipart_upload().bucket(VOL).key("m").upload_id(id).multipart_upload(parts).send().await.unwrap();
+    // The signature is still checked: a wrong secret is refused.
+    let wrong = Client::from_conf(
+        s3.config()
+            .to_builder()
+            .credentials_provider(Credentials::new("user_2simulator000000000000", "rps_WRONG", None, None, "t"))
+            .build(),
+    );
+    let err = wrong.head_object().bucket(VOL).key("m").send().await.unwrap_err();
+    assert_eq!(err.raw_response().unwrap().status().as_u16(), 403);
 }

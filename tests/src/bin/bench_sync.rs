@@ -111,7 +111,7 @@ async fn run() -> Result<(), String> {
     let sim = RunPodSimProcess::start(Some(&world), &[]).map_err(|e| e.to_string())?;
     let s3 = sim.get("s3");
     let (key, secret) = (sim.get("s3_access_key"), sim.get("s3_secret_key"));
-    let store = S3Volume::new(S3Settings::new(&s3, "eu-ro-1", VOLUME, &key, &secret));
+    let store = S3Volume::new(S3Settings::new(&s3, "EU-RO-1", VOLUME, &key, &secret));
     let cache = tmp.path().join("cache");
 
     let venv_aws = ep_testkit::workspace_root().join(".tools/awscli/bin/aws");

@@ -106,7 +106,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let push = Command::new(workspace_bin("kubectl-ep")?)
         .args(["push", &quick.display().to_string(), "--exclude", "*.yaml"])
         .env("EP_S3_ENDPOINT", rp.get("s3"))
-        .env("EP_S3_REGION", "eu-ro-1")
+        .env("EP_S3_REGION", "EU-RO-1")
         .env("EP_VOLUME_ID", "tgb8bx6fwl")
         .env("EP_S3_ACCESS_KEY_ID", rp.get("s3_access_key"))
         .env("EP_S3_SECRET_ACCESS_KEY", rp.get("s3_secret_key"))
