@@ -45,20 +45,15 @@ impl SimVolume {
     /// The simulator's whole world state (`/_sim/world`).
     pub async fn world(&self) -> serde_json::Value {
         let url = format!("{}/world", self.sim.endpoints.admin);
-        // curl on a blocking thread: the simulator is served by this same runtime.
-        let out =
-            tokio::task::spawn_blocking(move || std::process::Command::new("curl").args(["-s", &url]).output()).await;
-        out.ok().and_then(Result::ok).and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default()
+        match reqwest::get(url).await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
     }
 
     /// Posts a fault set to the simulator's admin endpoint.
     pub async fn faults(&self, body: serde_json::Value) {
         let url = format!("{}/faults", self.sim.endpoints.admin);
-        let _ = tokio::task::spawn_blocking(move || {
-            std::process::Command::new("curl")
-                .args(["-s", "-X", "POST", "-H", "content-type: application/json", "-d", &body.to_string(), &url])
-                .output()
-        })
-        .await;
+        let _ = reqwest::Client::new().post(url).json(&body).send().await;
     }
 }
