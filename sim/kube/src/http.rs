@@ -232,13 +232,14 @@ async fn handle(
     let status_only = t.sub.is_some();
     match (method, &t.name) {
         (&Method::GET, None) if t.watch || q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(state, &t, q)
+            watch(state, &t, q, wants_table(headers))
         }
         (&Method::GET, None) => {
             let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
                 .map_err(ApiError::bad_request)?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
-                .map_err(ApiError::bad_request)?;
+            let fields =
+                FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str), &|f| t.res.selectable(f))
+                    .map_err(ApiError::bad_request)?;
             let api = lock(state);
             let items: Vec<Value> = api
                 .list(&t.res, t.namespace.as_deref())
@@ -339,11 +340,11 @@ async fn handle(
 
 /// A watch: replays history after `resourceVersion` (or the current state when none is given),
 /// then streams live events as newline-delimited JSON until `timeoutSeconds`.
-fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>) -> Result<Response, ApiError> {
+fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>, as_table: bool) -> Result<Response, ApiError> {
     let labels =
         LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
-    let fields =
-        FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str), &|f| t.res.selectable(f))
+        .map_err(ApiError::bad_request)?;
     let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
     let timeout = q
         .get("timeoutSeconds")
@@ -363,7 +364,17 @@ fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>) -> Result<Resp
             && fields.matches(obj)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-    let line = |kind: &str, obj: &Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": obj})));
+    // A watch that asks for Tables (kubectl get -w) gets each object as a one-row Table.
+    let table_res = t.res.clone();
+    let line = move |kind: &str, obj: &Value| {
+        let obj = if as_table && kind != "ERROR" && kind != "BOOKMARK" {
+            let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
+            table::table(&table_res, std::slice::from_ref(obj), &rv)
+        } else {
+            obj.clone()
+        };
+        Bytes::from(format!("{}\n", json!({"type": kind, "object": obj})))
+    };
     let (mut initial, mut live, mut last_rv) = {
         let api = lock(state);
         let live = api.tx.subscribe();

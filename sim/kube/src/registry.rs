@@ -20,6 +20,8 @@ pub struct Resource {
     /// openAPIV3Schema of the version, for custom resources.
     pub schema: Option<Value>,
     pub printer_columns: Vec<Value>,
+    /// Fields a fieldSelector may use besides metadata.name and metadata.namespace.
+    pub selectable_fields: Vec<String>,
     /// Whether this kind came from a CRD (validated against its schema).
     pub custom: bool,
 }
@@ -58,8 +60,37 @@ impl Resource {
             status_subresource: status,
             schema: None,
             printer_columns: Vec::new(),
+            // Events are found by what they are about (kubectl describe does this).
+            selectable_fields: if kind == "Event" {
+                [
+                    "involvedObject.kind",
+                    "involvedObject.namespace",
+                    "involvedObject.name",
+                    "involvedObject.uid",
+                    "involvedObject.apiVersion",
+                    "involvedObject.resourceVersion",
+                    "involvedObject.fieldPath",
+                    "regarding.kind",
+                    "regarding.namespace",
+                    "regarding.name",
+                    "regarding.uid",
+                    "reason",
+                    "reportingController",
+                    "type",
+                    "source",
+                ]
+                .map(String::from)
+                .to_vec()
+            } else {
+                Vec::new()
+            },
             custom: false,
         }
+    }
+
+    /// Whether a fieldSelector may use `field` on this kind.
+    pub fn selectable(&self, field: &str) -> bool {
+        matches!(field, "metadata.name" | "metadata.namespace") || self.selectable_fields.iter().any(|f| f == field)
     }
 }
 
@@ -138,6 +169,14 @@ impl Registry {
                     status_subresource: v.pointer("/subresources/status").is_some(),
                     schema: v.pointer("/schema/openAPIV3Schema").cloned(),
                     printer_columns: v["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
+                    selectable_fields: v["selectableFields"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|f| f["jsonPath"].as_str().map(|p| p.trim_start_matches('.').to_owned()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     custom: true,
                 })
             })

@@ -86,12 +86,13 @@ impl LabelSelector {
     }
 }
 
-/// A parsed field selector: `metadata.name` and `metadata.namespace`, `=`, `==` and `!=`.
+/// A parsed field selector (`=`, `==`, `!=`) over the fields the kind allows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
 impl FieldSelector {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    /// Parses `s`, refusing fields `allowed` does not accept, as the API server does.
+    pub fn parse(s: &str, allowed: &dyn Fn(&str) -> bool) -> Result<Self, String> {
         let mut out = Vec::new();
         for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, eq, v) = if let Some((k, v)) = p.split_once("!=") {
@@ -101,7 +102,7 @@ impl FieldSelector {
             } else {
                 return Err(format!("invalid field selector {p:?}"));
             };
-            if !matches!(k.trim(), "metadata.name" | "metadata.namespace") {
+            if !allowed(k.trim()) {
                 return Err(format!("field label not supported: {}", k.trim()));
             }
             out.push((k.trim().to_owned(), eq, v.trim().to_owned()));
@@ -111,9 +112,13 @@ impl FieldSelector {
 
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(k, eq, v)| {
-            let field = if k == "metadata.name" { "/metadata/name" } else { "/metadata/namespace" };
-            let actual = obj.pointer(field).and_then(Value::as_str).unwrap_or("");
-            (actual == v) == *eq
+            let found = k.split('.').try_fold(obj, |o, part| o.get(part));
+            let actual = match found {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) | None => String::new(),
+                Some(other) => other.to_string(),
+            };
+            (actual == *v) == *eq
         })
     }
 }
@@ -139,8 +144,16 @@ mod tests {
         ] {
             assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
         }
-        assert!(FieldSelector::parse("metadata.name=a").unwrap().matches(&o));
-        assert!(!FieldSelector::parse("metadata.namespace!=ns").unwrap().matches(&o));
-        assert!(FieldSelector::parse("spec.x=1").is_err());
+        let meta = |f: &str| f.starts_with("metadata.");
+        assert!(FieldSelector::parse("metadata.name=a", &meta).unwrap().matches(&o));
+        assert!(!FieldSelector::parse("metadata.namespace!=ns", &meta).unwrap().matches(&o));
+        assert!(FieldSelector::parse("spec.x=1", &meta).is_err());
+        let ev = json!({"involvedObject": {"name": "exp-1", "kind": "Experiment"}});
+        let any = |_: &str| true;
+        assert!(
+            FieldSelector::parse("involvedObject.name=exp-1,involvedObject.kind=Experiment", &any)
+                .unwrap()
+                .matches(&ev)
+        );
     }
 }

@@ -496,3 +496,52 @@ async fn deleting_a_crd_or_namespace_removes_what_it_holds() {
     h.delete("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/widgets.example.dev").await;
     assert_eq!(h.get(W).await.0, 404, "the resource is no longer served");
 }
+
+/// Docs: API Concepts › "Receiving resources as Tables" applies to watches too (kubectl get -w):
+/// each event carries a one-row Table.
+#[tokio::test]
+async fn watch_as_table() {
+    let h = Http::start(100).await;
+    h.post(W, widget("a", 3)).await;
+    let resp =
+        h.c.get(format!("{}{W}?watch=true", h.base))
+            .header("accept", "application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
+            .send()
+            .await
+            .unwrap();
+    let mut stream = resp.bytes_stream();
+    let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    let ev: Value = serde_json::from_slice(chunk.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!((ev["type"].as_str(), ev["object"]["kind"].as_str()), (Some("ADDED"), Some("Table")));
+    assert_eq!(ev["object"]["rows"][0]["cells"][0], "a");
+    assert_eq!(ev["object"]["rows"][0]["cells"][1], 3);
+}
+
+/// Docs: Field Selectors › "Supported fields" (Events by involvedObject; kubectl describe uses it)
+/// and CRD › "Field selectors for custom resources" (selectableFields).
+#[tokio::test]
+async fn field_selectors_per_kind() {
+    let h = Http::start(100).await;
+    for (n, about) in [("e1", "widget-a"), ("e2", "widget-b")] {
+        let ev = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": n}, "involvedObject": {"kind": "Widget", "name": about}, "reason": "Created", "type": "Normal"});
+        assert_eq!(h.post("/api/v1/namespaces/default/events", ev).await.0, 201);
+    }
+    let (code, l) = h.get("/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dwidget-b,involvedObject.kind%3DWidget").await;
+    assert_eq!(code, 200);
+    let names: Vec<&str> =
+        l["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["e2"]);
+    // A CRD opts fields in with selectableFields.
+    let mut crd = widget_crd();
+    crd["metadata"]["name"] = json!("gadgets.example.dev");
+    crd["spec"]["names"] = json!({"plural": "gadgets", "singular": "gadget", "kind": "Gadget"});
+    crd["spec"]["versions"][0]["selectableFields"] = json!([{"jsonPath": ".spec.color"}]);
+    assert_eq!(h.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd).await.0, 201);
+    let g = "/apis/example.dev/v1/namespaces/default/gadgets";
+    for (n, c) in [("g1", "red"), ("g2", "blue")] {
+        h.post(g, json!({"apiVersion": "example.dev/v1", "kind": "Gadget", "metadata": {"name": n}, "spec": {"size": 1, "color": c}})).await;
+    }
+    let (_, l) = h.get(&format!("{g}?fieldSelector=spec.color%3Dblue")).await;
+    assert_eq!(l["items"].as_array().unwrap().len(), 1);
+    assert_eq!(h.get(&format!("{g}?fieldSelector=spec.size%3D1")).await.0, 400, "not declared selectable");
+}
