@@ -53,25 +53,22 @@ fn parse_target(api: &Api, segs: &[&str]) -> Result<Option<Target>, ApiError> {
     };
     let find = |plural: &str| api.registry.get(group, version, plural).cloned();
     let not_found = || ApiError::not_found_path(&segs.join("/"));
+    // `{plural}[/{name}[/{subresource}]]`, namespaced or not.
+    let name_sub = |more: &[&str]| match more {
+        [] => Ok((None, None)),
+        [n] => Ok((Some((*n).to_owned()), None)),
+        [n, s] => Ok((Some((*n).to_owned()), Some((*s).to_owned()))),
+        _ => Err(not_found()),
+    };
     let t = match rest {
         ["namespaces", ns, plural, more @ ..] if find(plural).is_some_and(|r| r.namespaced) => {
             let res = find(plural).ok_or_else(not_found)?;
-            let (name, sub) = match more {
-                [] => (None, None),
-                [n] => (Some((*n).to_owned()), None),
-                [n, s] => (Some((*n).to_owned()), Some((*s).to_owned())),
-                _ => return Err(not_found()),
-            };
+            let (name, sub) = name_sub(more)?;
             Target { res, namespace: Some((*ns).to_owned()), name, sub, watch }
         }
         [plural, more @ ..] => {
             let res = find(plural).ok_or_else(not_found)?;
-            let (name, sub) = match more {
-                [] => (None, None),
-                [n] => (Some((*n).to_owned()), None),
-                [n, s] => (Some((*n).to_owned()), Some((*s).to_owned())),
-                _ => return Err(not_found()),
-            };
+            let (name, sub) = name_sub(more)?;
             if res.namespaced && name.is_some() {
                 return Err(not_found());
             }

@@ -48,6 +48,26 @@ async fn sim_in(region: &str, patch: impl FnOnce(&mut WorldConfig)) -> (RunningS
     (running, Client::from_conf(conf), dir)
 }
 
+/// Starts a multipart upload of one part; returns the upload id and the parts to complete with.
+async fn one_part_upload(s3: &Client, key: &str, body: &'static [u8]) -> (String, CompletedMultipartUpload) {
+    let up = s3.create_multipart_upload().bucket(VOL).key(key).send().await.unwrap();
+    let id = up.upload_id().unwrap().to_owned();
+    let p = s3
+        .upload_part()
+        .bucket(VOL)
+        .key(key)
+        .upload_id(&id)
+        .part_number(1)
+        .body(ByteStream::from_static(body))
+        .send()
+        .await
+        .unwrap();
+    let parts = CompletedMultipartUpload::builder()
+        .parts(CompletedPart::builder().part_number(1).e_tag(p.e_tag().unwrap()).build())
+        .build();
+    (id, parts)
+}
+
 fn md5_hex(data: &[u8]) -> String {
     use md5::Digest;
     hex::encode(md5::Md5::digest(data))
@@ -200,21 +220,8 @@ async fn runpod_limits_single_put_size_batch_delete_and_full_volume() {
 #[tokio::test]
 async fn complete_that_times_out_has_still_completed() {
     let (_sim, s3, _dir) = sim(|c| c.faults.s3_complete_timeouts = 1).await;
-    let up = s3.create_multipart_upload().bucket(VOL).key("slow.bin").send().await.unwrap();
-    let id = up.upload_id().unwrap();
-    let p = s3
-        .upload_part()
-        .bucket(VOL)
-        .key("slow.bin")
-        .upload_id(id)
-        .part_number(1)
-        .body(ByteStream::from_static(b"abc"))
-        .send()
-        .await
-        .unwrap();
-    let parts = CompletedMultipartUpload::builder()
-        .parts(CompletedPart::builder().part_number(1).e_tag(p.e_tag().unwrap()).build())
-        .build();
+    let (id, parts) = one_part_upload(&s3, "slow.bin", b"abc").await;
+    let id = id.as_str();
     let err = s3
         .complete_multipart_upload()
         .bucket(VOL)
@@ -237,21 +244,8 @@ async fn complete_502_does_not_complete() {
     let s3 = Client::from_conf(
         s3.config().to_builder().retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled()).build(),
     );
-    let up = s3.create_multipart_upload().bucket(VOL).key("k").send().await.unwrap();
-    let id = up.upload_id().unwrap();
-    let p = s3
-        .upload_part()
-        .bucket(VOL)
-        .key("k")
-        .upload_id(id)
-        .part_number(1)
-        .body(ByteStream::from_static(b"abc"))
-        .send()
-        .await
-        .unwrap();
-    let parts = CompletedMultipartUpload::builder()
-        .parts(CompletedPart::builder().part_number(1).e_tag(p.e_tag().unwrap()).build())
-        .build();
+    let (id, parts) = one_part_upload(&s3, "k", b"abc").await;
+    let id = id.as_str();
     let err = s3
         .complete_multipart_upload()
         .bucket(VOL)
@@ -326,21 +320,8 @@ async fn the_data_center_id_works_as_the_region_as_runpod_documents() {
     assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"hello");
     let listed = s3.list_objects_v2().bucket(VOL).prefix("dir/").max_keys(10).send().await.unwrap();
     assert_eq!(listed.contents()[0].key(), Some("dir/a b+c.txt"));
-    let up = s3.create_multipart_upload().bucket(VOL).key("m").send().await.unwrap();
-    let id = up.upload_id().unwrap();
-    let p = s3
-        .upload_part()
-        .bucket(VOL)
-        .key("m")
-        .upload_id(id)
-        .part_number(1)
-        .body(ByteStream::from_static(b"abc"))
-        .send()
-        .await
-        .unwrap();
-    let parts = CompletedMultipartUpload::builder()
-        .parts(CompletedPart::builder().part_number(1).e_tag(p.e_tag().unwrap()).build())
-        .build();
+    let (id, parts) = one_part_upload(&s3, "m", b"abc").await;
+    let id = id.as_str();
     s3.complete_multipart_upload().bucket(VOL).key("m").upload_id(id).multipart_upload(parts).send().await.unwrap();
     // The signature is still checked: a wrong secret is refused.
     let wrong = Client::from_conf(
