@@ -225,6 +225,7 @@ async fn handle(
         field_manager: q.get("fieldManager").cloned(),
         field_validation: q.get("fieldValidation").cloned(),
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
+        applied: None,
     };
     let status_only = t.sub.is_some();
     match (method, &t.name) {

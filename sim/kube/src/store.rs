@@ -50,6 +50,8 @@ pub struct WriteOptions {
     /// Strict, Warn or Ignore.
     pub field_validation: Option<String>,
     pub dry_run: bool,
+    /// The configuration a server-side apply sent: recorded as an `Apply` entry owning its fields.
+    pub applied: Option<Value>,
 }
 
 /// How an update arrived.
@@ -340,7 +342,7 @@ impl State {
         if let Some(m) = meta.as_object_mut() {
             m.remove("deletionTimestamp");
         }
-        self.record_manager(&mut body, opts, "Update", None);
+        record_manager(&mut body, opts);
         match res.kind.as_str() {
             "Namespace" => body["status"] = json!({"phase": "Active"}),
             "CustomResourceDefinition" => self.register_crd(&mut body),
@@ -349,17 +351,6 @@ impl State {
         self.objects.insert(key.clone(), body.clone());
         self.emit("ADDED", key, body.clone());
         Ok(Written { object: body, warnings, created: true })
-    }
-
-    fn record_manager(&self, obj: &mut Value, opts: &WriteOptions, operation: &str, applied: Option<&Value>) {
-        let Some(manager) = opts.field_manager.clone() else { return };
-        let fields = fields_v1(applied.unwrap_or(obj));
-        let entry = json!({"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"], "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields});
-        let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
-        let mut list: Vec<Value> =
-            list.into_iter().filter(|e| !(e["manager"] == manager && e["operation"] == operation)).collect();
-        list.push(entry);
-        obj["metadata"]["managedFields"] = json!(list);
     }
 
     fn register_crd(&mut self, crd: &mut Value) {
@@ -486,11 +477,12 @@ impl State {
         }
         new["metadata"]["generation"] = json!(generation);
         new["metadata"]["resourceVersion"] = json!(old_rv);
-        self.record_manager(&mut new, opts, "Update", None);
         if new == old {
-            // A write that changes nothing keeps its resourceVersion and makes no event.
+            // A write that changes nothing keeps its resourceVersion, its managedFields and makes no
+            // event (controllers that patch the same status every pass must not wake themselves).
             return Ok(Written { object: with_version(&old, res), warnings, created: false });
         }
+        record_manager(&mut new, opts);
         if deleting && finalizers(&new).is_empty() {
             self.remove(&key, new.clone());
             return Ok(Written { object: with_version(&new, res), warnings, created: false });
@@ -520,43 +512,17 @@ impl State {
                 "PATCH, application/apply-patch+yaml: fieldManager is required for apply requests".into(),
             ));
         }
-        let key = Self::key(res, namespace, name);
-        let Some(current) = self.objects.get(&key).cloned() else {
+        let opts = WriteOptions { applied: Some(patch.clone()), ..opts.clone() };
+        let Some(current) = self.objects.get(&Self::key(res, namespace, name)).cloned() else {
             if status_only {
                 return Err(ApiError::not_found(res, name));
             }
-            // The applier owns what it applied: record an Apply entry only.
-            let plain = WriteOptions { field_manager: None, ..opts.clone() };
-            let mut w = self.create(res, namespace, patch.clone(), &plain)?;
-            let mut obj = w.object.clone();
-            self.record_manager(&mut obj, opts, "Apply", Some(patch));
-            if let Some(stored) = self.objects.get_mut(&key) {
-                stored["metadata"]["managedFields"] = obj["metadata"]["managedFields"].clone();
-            }
-            w.object = obj;
-            return Ok(w);
+            return self.create(res, namespace, patch.clone(), &opts);
         };
         let mut merged = current.clone();
         json_patch::merge(&mut merged, patch);
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
-        let mut w = self.update(res, namespace, name, merged, Via { status_only, require_rv: false }, opts)?;
-        if let Some(stored) = self.objects.get_mut(&key) {
-            let mut obj = stored.clone();
-            let manager = opts.field_manager.clone();
-            let entry_opts = WriteOptions { field_manager: manager, ..WriteOptions::default() };
-            // Record (or refresh) the Apply entry without a new resourceVersion.
-            let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
-            let mut list: Vec<Value> = list
-                .into_iter()
-                .filter(|e| !(e["manager"] == json!(entry_opts.field_manager) && e["operation"] == "Update"))
-                .collect();
-            list.push(json!({"manager": entry_opts.field_manager, "operation": "Apply", "apiVersion": res.api_version(), "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields_v1(patch)}));
-            list.dedup_by(|a, b| a["manager"] == b["manager"] && a["operation"] == b["operation"]);
-            obj["metadata"]["managedFields"] = json!(list);
-            *stored = obj.clone();
-            w.object = with_version(&obj, res);
-        }
-        Ok(w)
+        self.update(res, namespace, name, merged, Via { status_only, require_rv: false }, &opts)
     }
 
     /// DELETE: with finalizers the object only gets a deletionTimestamp.
@@ -686,6 +652,22 @@ impl State {
             }
         }
     }
+}
+
+/// Records the writer in managedFields: `Apply` with the applied fields for server-side apply,
+/// `Update` with the object's fields otherwise; one entry per manager and operation.
+fn record_manager(obj: &mut Value, opts: &WriteOptions) {
+    let Some(manager) = opts.field_manager.clone() else { return };
+    let (operation, fields) = match &opts.applied {
+        Some(applied) => ("Apply", fields_v1(applied)),
+        None => ("Update", fields_v1(obj)),
+    };
+    let entry = json!({"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"], "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields});
+    let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let mut list: Vec<Value> =
+        list.into_iter().filter(|e| !(e["manager"] == manager && e["operation"] == operation)).collect();
+    list.push(entry);
+    obj["metadata"]["managedFields"] = json!(list);
 }
 
 /// The object as served at `res`'s version.

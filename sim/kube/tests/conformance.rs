@@ -321,6 +321,25 @@ async fn patches_and_server_side_apply() {
         )
         .await;
     assert_eq!((code, b["spec"]["size"].as_i64()), (200, Some(3)));
+    // Applying the same configuration again (what a controller does every pass) changes nothing:
+    // same resourceVersion, one Apply entry for the manager, no watch event.
+    let rv = b["metadata"]["resourceVersion"].as_str().unwrap().to_owned();
+    let config =
+        json!({"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "b"}, "spec": {"size": 3}});
+    let (_, again) = h.patch(&format!("{W}/b?fieldManager=me"), "application/apply-patch+yaml", config).await;
+    assert_eq!(again["metadata"]["resourceVersion"], rv.as_str());
+    let mine: Vec<&Value> =
+        again["metadata"]["managedFields"].as_array().unwrap().iter().filter(|e| e["manager"] == "me").collect();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0]["operation"], "Apply");
+    let (_, same) = h
+        .patch(&format!("{W}/b?fieldManager=kubectl"), "application/merge-patch+json", json!({"spec": {"size": 3}}))
+        .await;
+    assert_eq!(same["metadata"]["resourceVersion"], rv.as_str(), "a no-op patch with a fieldManager is still a no-op");
+    assert!(
+        h.watch(&format!("{W}?watch=true&resourceVersion={rv}&timeoutSeconds=1"), 1).await.is_empty(),
+        "no event for no-op writes"
+    );
     let (code, _) = h.patch(&format!("{W}/a"), "application/xml", json!({})).await;
     assert_eq!(code, 415);
 }
