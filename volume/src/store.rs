@@ -130,6 +130,21 @@ impl S3Volume {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// One PutObject with the sha256 in metadata.
+    async fn put(&self, key: &str, body: ByteStream, sha256: &str) -> Result<(), StoreError> {
+        self.count();
+        self.client
+            .put_object()
+            .bucket(&self.settings.bucket)
+            .key(key)
+            .metadata(SHA256_META, sha256)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| req_err("PutObject", key, &e))?;
+        Ok(())
+    }
+
     async fn multipart(&self, key: &str, path: &Path, size: u64, sha256: &str) -> Result<(), StoreError> {
         let b = &self.settings.bucket;
         self.count();
@@ -233,17 +248,7 @@ impl VolumeStore for S3Volume {
     }
 
     async fn put_bytes(&self, key: &str, body: Bytes, sha256: &str) -> Result<(), StoreError> {
-        self.count();
-        self.client
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
-            .metadata(SHA256_META, sha256)
-            .body(ByteStream::from(body))
-            .send()
-            .await
-            .map_err(|e| req_err("PutObject", key, &e))?;
-        Ok(())
+        self.put(key, ByteStream::from(body), sha256).await
     }
 
     async fn put_file(&self, key: &str, path: &Path, size: u64, sha256: &str) -> Result<(), StoreError> {
@@ -253,17 +258,7 @@ impl VolumeStore for S3Volume {
         let body = ByteStream::from_path(path)
             .await
             .map_err(|e| StoreError::Local { path: path.display().to_string(), source: std::io::Error::other(e) })?;
-        self.count();
-        self.client
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
-            .metadata(SHA256_META, sha256)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| req_err("PutObject", key, &e))?;
-        Ok(())
+        self.put(key, body, sha256).await
     }
 
     fn requests(&self) -> u64 {

@@ -91,10 +91,12 @@ async fn large_files_go_multipart_and_a_524_on_complete_is_checked_not_repeated(
 #[tokio::test]
 async fn transient_502s_on_put_are_survived() {
     let v = SimVolume::start(|_, _| {}).await.unwrap();
+    // Three 502s in a row on one upload: more than the SDK's own three attempts, so the sync's
+    // head-then-retry has to carry it.
     v.faults(serde_json::json!({"s3Put502": 3})).await;
     let d = payload_dir(5);
     let p = build(d.path());
-    let r = push(&v.store, &p, &SyncOptions { parallelism: 2, ..SyncOptions::default() }, &|_| {}).await.unwrap();
+    let r = push(&v.store, &p, &SyncOptions { parallelism: 1, ..SyncOptions::default() }, &|_| {}).await.unwrap();
     assert_eq!(r.uploaded_files, 6);
     assert!(v.store.head(&keys::payload_manifest(&p.id)).await.unwrap().is_some());
     assert_eq!(v.world().await["faults"]["s3Put502"], 0, "the injected 502s were met and retried");
