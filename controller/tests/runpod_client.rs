@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure by design
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use ep_api::CloudType;
@@ -12,7 +11,7 @@ use ep_api::provider::Transport;
 use ep_operator::runpod::{
     ClientOptions, GpuQuery, PodSpec, PodStatus, RetryPolicy, RunPodApi, RunPodClient, RunPodError, Stock,
 };
-use runpod_sim::{RunningSim, SimOptions, WorldConfig};
+use runpod_sim::{RunningSim, WorldConfig};
 use serde_json::{Value, json};
 
 const CAPACITY: &str =
@@ -40,22 +39,12 @@ fn fast_retries() -> ClientOptions {
 }
 
 async fn env(transport: Transport, patch: impl FnOnce(&mut WorldConfig)) -> Env {
-    let dir = tempfile::tempdir().unwrap();
     let mut config = WorldConfig::default();
     config.pods.start_delay_seconds = 0.3;
     config.pods.ports_delay_seconds = 0.2;
     config.pods.stop_grace_seconds = 1.0;
     patch(&mut config);
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let sim = runpod_sim::start(SimOptions {
-        api_listen: any,
-        s3_listen: any,
-        state_dir: dir.path().join("s"),
-        config,
-        api_key: None,
-    })
-    .await
-    .unwrap();
+    let (sim, dir) = ep_testkit::volume::start_runpod_sim(config).await.unwrap();
     let client = RunPodClient::new(transport, &sim.endpoints.api, &sim.endpoints.api_key, fast_retries()).unwrap();
     Env { sim, client, transport, _dir: dir }
 }

@@ -7,6 +7,17 @@ use ep_volume::S3Volume;
 use ep_volume::store::S3Settings;
 use runpod_sim::{RunningSim, SimOptions, WorldConfig};
 
+/// runpod-sim in this process on free loopback ports, its state in a temp dir that lives as long
+/// as the returned handle.
+pub async fn start_runpod_sim(config: WorldConfig) -> Result<(RunningSim, tempfile::TempDir), crate::HarnessError> {
+    let dir = tempfile::tempdir().map_err(crate::HarnessError::io("create temp dir"))?;
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let opts =
+        SimOptions { api_listen: any, s3_listen: any, state_dir: dir.path().join("state"), config, api_key: None };
+    let sim = runpod_sim::start(opts).await.map_err(crate::HarnessError::io("start runpod-sim"))?;
+    Ok((sim, dir))
+}
+
 /// The default world's volume.
 pub const VOLUME: &str = "tgb8bx6fwl";
 
@@ -21,20 +32,10 @@ pub struct SimVolume {
 
 impl SimVolume {
     pub async fn start(patch: impl FnOnce(&mut WorldConfig, &mut S3Settings)) -> Result<Self, crate::HarnessError> {
-        let dir = tempfile::tempdir().map_err(crate::HarnessError::io("create temp dir"))?;
         let mut config = WorldConfig::default();
-        let any: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut settings = S3Settings::new("http://unset", "EU-RO-1", VOLUME, "", "");
         patch(&mut config, &mut settings);
-        let sim = runpod_sim::start(SimOptions {
-            api_listen: any,
-            s3_listen: any,
-            state_dir: dir.path().join("state"),
-            config,
-            api_key: None,
-        })
-        .await
-        .map_err(crate::HarnessError::io("start runpod-sim"))?;
+        let (sim, dir) = start_runpod_sim(config).await?;
         settings.endpoint.clone_from(&sim.endpoints.s3);
         settings.access_key.clone_from(&sim.endpoints.s3_access_key);
         settings.secret_key.clone_from(&sim.endpoints.s3_secret_key);

@@ -3,8 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure by design
 
-use std::net::SocketAddr;
-
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
@@ -13,7 +11,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
 };
-use runpod_sim::{RunningSim, SimOptions, WorldConfig};
+use runpod_sim::{RunningSim, WorldConfig};
 
 const VOL: &str = "tgb8bx6fwl";
 
@@ -22,19 +20,9 @@ async fn sim(patch: impl FnOnce(&mut WorldConfig)) -> (RunningSim, Client, tempf
 }
 
 async fn sim_in(region: &str, patch: impl FnOnce(&mut WorldConfig)) -> (RunningSim, Client, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
     let mut config = WorldConfig { s3_max_put_bytes: 1 << 20, ..WorldConfig::default() };
     patch(&mut config);
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let running = runpod_sim::start(SimOptions {
-        api_listen: any,
-        s3_listen: any,
-        state_dir: dir.path().join("state"),
-        config,
-        api_key: None,
-    })
-    .await
-    .unwrap();
+    let (running, dir) = ep_testkit::volume::start_runpod_sim(config).await.unwrap();
     let e = &running.endpoints;
     let conf = aws_sdk_s3::Config::builder()
         .behavior_version(BehaviorVersion::latest())
