@@ -24,7 +24,7 @@ unit: ## fast: unit tests only, no servers
 	$(CARGO) test --workspace --locked --lib
 
 sandbox: deps ## the main job on an embedded default; KEEP=1 keeps it running
-	$(CARGO) build --locked -q -p runpod-sim -p kube-sim -p kubectl-ep -p ep-testkit --bins
+	$(CARGO) build --locked -q -p runpod-sim -p kube-sim -p kubectl-ep -p ep-operator -p ep-runner -p ep-testkit --bins
 	./target/debug/ep-sandbox
 
 bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256sum (release build)

@@ -292,6 +292,9 @@ pub struct ExperimentStatus {
     /// Resource usage of the successful attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSummary>,
+    /// The next attempt does not start before this time (retry backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<Time>,
     /// Spend across all attempts, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,

@@ -1,5 +1,7 @@
 //! `RunPodOrder`: one paid pod (a worker) and its lifecycle.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -7,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::GpuRequest;
 use crate::duration::GoDuration;
-use crate::experiment::default_provider;
+use crate::experiment::{UsageSummary, VerifiedArtifacts, default_provider};
 
 /// Desired state of an order: which GPU pod to rent for whom, and under which limits.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,6 +177,32 @@ pub struct RunPodOrderStatus {
     /// Human-readable detail for `reason`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// GPU type ids to try, in the author's order, resolved and checked against RunPod's live catalog.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_candidates: Vec<String>,
+    /// Index into `gpuCandidates` of the choice being tried (a capacity error moves to the next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_choice: Option<i32>,
+    /// Set just before the create call: a restart that finds it set adopts the pod by name instead
+    /// of creating another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_requested_at: Option<Time>,
+    /// When the runner's first heartbeat arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_at: Option<Time>,
+    /// The newest heartbeat seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<HeartbeatStatus>,
+    /// Why the order drains (RunFinished, StopRequested, HeartbeatLost, PodGone, LifetimeReached,
+    /// CostLimitReached, OrderDeleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_reason: Option<String>,
+    /// When draining started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_started_at: Option<Time>,
+    /// The run's outcome, verified on the volume before the pod was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<RunOutcome>,
     /// Every phase change, oldest first (bounded).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
@@ -204,4 +232,50 @@ pub struct PhaseTransition {
     /// Why (PascalCase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// The newest heartbeat of the runner.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatStatus {
+    /// When the runner wrote it.
+    pub time: Time,
+    /// Sequence number (grows by one per heartbeat).
+    pub seq: i64,
+    /// Process id of the training command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i64>,
+    /// GPU ids the runner sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_ids: Option<String>,
+}
+
+/// How a run ended, as verified at DRAINING.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunOutcome {
+    /// Succeeded, Failed, Stopped or FailedStatusDivergence.
+    pub state: String,
+    /// Why (PascalCase), e.g. `RunFinished`, `HeartbeatLost`, `NonZeroExit`.
+    pub reason: String,
+    /// Detail for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Exit code of the training command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Metrics read from the verified results file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// Artifacts verified on the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<VerifiedArtifacts>,
+    /// Resource usage of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSummary>,
+    /// Checkpoint retention applied at drain, e.g. `KeepLast: kept 1, deleted 4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// When the run ended.
+    pub finished_at: Time,
 }

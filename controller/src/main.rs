@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: reconcile Experiments, RunPodOrders and RunPodProviders.
+    Run(RunArgs),
     /// Print every CRD as YAML (or write one file per CRD into a directory).
     Crd {
         /// Write `<name>.yaml` files into this directory instead of printing.
@@ -38,6 +40,37 @@ enum Command {
         #[command(subcommand)]
         command: SettingsCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubeconfig file [default: KUBECONFIG, ~/.kube/config, or the in-cluster service account].
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Settings file, hot reloaded (mount it from a ConfigMap) [default: the embedded settings].
+    #[arg(long, env = "EP_SETTINGS")]
+    settings: Option<PathBuf>,
+    /// PostgreSQL URL of the exp_registry mirror; without it the mirror is off.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Address of /metrics, /livez and /readyz.
+    #[arg(long, env = "EP_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+    /// Elect a leader through a Lease so that only one replica acts.
+    #[arg(long, env = "EP_LEADER_ELECTION", default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "ep-system")]
+    lease_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, env = "EP_LEASE_NAME", default_value = "ep-operator")]
+    lease_name: String,
+    /// Identity in the Lease [default: POD_NAME, else the host name and process id].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// The ep-runner binary to upload to volumes [default: ep-runner beside this binary].
+    #[arg(long, env = "EP_RUNNER_BINARY")]
+    runner_binary: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +103,29 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
+        Command::Run(a) => {
+            let runner_binary = match a.runner_binary {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("ep-runner"),
+            };
+            let identity = a.identity.unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            let opts = ep_operator::run::RunOptions {
+                kubeconfig: a.kubeconfig,
+                settings: a.settings,
+                database_url: a.database_url,
+                listen: a.listen,
+                leader_election: a.leader_election,
+                lease_namespace: a.lease_namespace,
+                lease_name: a.lease_name,
+                identity,
+                runner_binary,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(ep_operator::run::run(opts))?;
+        }
         Command::Crd { out_dir: None } => print!("{}", crdgen::crd_stream()?),
         Command::Crd { out_dir: Some(dir) } => {
             std::fs::create_dir_all(&dir)?;

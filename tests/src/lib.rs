@@ -5,6 +5,7 @@
 
 pub mod postgres;
 pub mod sim;
+pub mod stack;
 pub mod tools;
 pub mod volume;
 

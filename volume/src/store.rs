@@ -57,6 +57,8 @@ pub trait VolumeStore: Send + Sync {
         size: u64,
         sha256: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes one object; an object that is already gone counts as success (RunPod has no batch delete).
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Requests sent so far (for reports and benchmarks).
     fn requests(&self) -> u64;
 }
@@ -124,6 +126,14 @@ impl S3Volume {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .build();
         Self { client: Client::from_conf(conf), settings: Arc::new(settings), requests: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// HeadBucket: whether the volume's S3 API answers and accepts the credentials.
+    pub async fn check_bucket(&self) -> Result<(), StoreError> {
+        self.count();
+        let b = &self.settings.bucket;
+        self.client.head_bucket().bucket(b).send().await.map_err(|e| req_err("HeadBucket", b, &e))?;
+        Ok(())
     }
 
     fn count(&self) {
@@ -259,6 +269,15 @@ impl VolumeStore for S3Volume {
             .await
             .map_err(|e| StoreError::Local { path: path.display().to_string(), source: std::io::Error::other(e) })?;
         self.put(key, body, sha256).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.count();
+        match self.client.delete_object().bucket(&self.settings.bucket).key(key).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(()),
+            Err(e) => Err(req_err("DeleteObject", key, &e)),
+        }
     }
 
     fn requests(&self) -> u64 {

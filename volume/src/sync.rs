@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use ep_api::volume::{PayloadManifest, keys};
+use ep_api::volume::{ManifestEntry, PayloadManifest, keys};
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
@@ -123,52 +123,19 @@ pub async fn push<S: VolumeStore>(
         let b = bytes_done.fetch_add(size, Ordering::Relaxed) + size;
         progress(Progress { files_done: f, files_total: todo.len() as u64, bytes_done: b, bytes_total: unique_bytes });
     };
-    futures::stream::iter(todo.iter().map(|entry| {
-        let vouched = &vouched;
-        let uploaded = &uploaded;
-        let uploaded_bytes = &uploaded_bytes;
-        let tick = &tick;
-        async move {
-            if vouched.contains(&entry.sha256) {
-                tick(entry.size);
-                return Ok::<(), SyncError>(());
+    // Futures collected first: a closure held across the await would make the future non-Send.
+    let blobs: Vec<_> = todo.iter().map(|entry| sync_blob(store, payload, entry, &vouched)).collect();
+    futures::stream::iter(blobs)
+        .buffer_unordered(opts.parallelism.max(1))
+        .map_ok(|(was_uploaded, size)| {
+            if was_uploaded {
+                uploaded.fetch_add(1, Ordering::Relaxed);
+                uploaded_bytes.fetch_add(size, Ordering::Relaxed);
             }
-            let key = keys::payload_blob(&entry.sha256);
-            let present = |i: &crate::store::ObjectInfo| {
-                i.size == entry.size && i.sha256.as_deref() == Some(entry.sha256.as_str())
-            };
-            if store.head(&key).await?.is_some_and(|i| present(&i)) {
-                tick(entry.size);
-                return Ok(());
-            }
-            let path =
-                payload.files.get(&entry.path).ok_or_else(|| SyncError::MissingSource { path: entry.path.clone() })?;
-            if let Err(e) = store.put_file(&key, path, entry.size, &entry.sha256).await {
-                // A 5xx that outlived the SDK's retries may still have landed: check, then try once more.
-                if !store.head(&key).await?.is_some_and(|i| present(&i)) {
-                    tracing::debug!(key, error = %e, "retrying upload");
-                    store.put_file(&key, path, entry.size, &entry.sha256).await?;
-                }
-            }
-            match store.head(&key).await? {
-                Some(i) if present(&i) => {}
-                found => {
-                    return Err(SyncError::Verify {
-                        path: entry.path.clone(),
-                        expected: describe(entry.size, Some(&entry.sha256)),
-                        found: found.map_or_else(|| "nothing".into(), |i| describe(i.size, i.sha256.as_deref())),
-                    });
-                }
-            }
-            uploaded.fetch_add(1, Ordering::Relaxed);
-            uploaded_bytes.fetch_add(entry.size, Ordering::Relaxed);
-            tick(entry.size);
-            Ok(())
-        }
-    }))
-    .buffer_unordered(opts.parallelism.max(1))
-    .try_collect::<Vec<()>>()
-    .await?;
+            tick(size);
+        })
+        .try_collect::<Vec<()>>()
+        .await?;
     // Sealed last: a payload is usable only once every blob it names is verified.
     store.put_bytes(&manifest_key, Bytes::from(payload.manifest_bytes.clone()), &payload.id).await?;
     match store.head(&manifest_key).await? {
@@ -187,4 +154,43 @@ pub async fn push<S: VolumeStore>(
     report.present_files = report.files_total - report.uploaded_files;
     report.requests = store.requests() - start_requests;
     Ok(report)
+}
+
+fn holds(i: &crate::store::ObjectInfo, entry: &ManifestEntry) -> bool {
+    i.size == entry.size && i.sha256.as_deref() == Some(entry.sha256.as_str())
+}
+
+/// Makes one blob present and verified. Returns whether it was uploaded, and its size.
+///
+/// A named function rather than a closure: its future must be `Send` for every borrow lifetime,
+/// which the compiler cannot prove for a closure returning an async block.
+async fn sync_blob<S: VolumeStore>(
+    store: &S,
+    payload: &Payload,
+    entry: &ManifestEntry,
+    vouched: &BTreeSet<String>,
+) -> Result<(bool, u64), SyncError> {
+    if vouched.contains(&entry.sha256) {
+        return Ok((false, entry.size));
+    }
+    let key = keys::payload_blob(&entry.sha256);
+    if store.head(&key).await?.is_some_and(|i| holds(&i, entry)) {
+        return Ok((false, entry.size));
+    }
+    let path = payload.files.get(&entry.path).ok_or_else(|| SyncError::MissingSource { path: entry.path.clone() })?;
+    if let Err(e) = store.put_file(&key, path, entry.size, &entry.sha256).await {
+        // A 5xx that outlived the SDK's retries may still have landed: check, then try once more.
+        if !store.head(&key).await?.is_some_and(|i| holds(&i, entry)) {
+            tracing::debug!(key, error = %e, "retrying upload");
+            store.put_file(&key, path, entry.size, &entry.sha256).await?;
+        }
+    }
+    match store.head(&key).await? {
+        Some(i) if holds(&i, entry) => Ok((true, entry.size)),
+        found => Err(SyncError::Verify {
+            path: entry.path.clone(),
+            expected: describe(entry.size, Some(&entry.sha256)),
+            found: found.map_or_else(|| "nothing".into(), |i| describe(i.size, i.sha256.as_deref())),
+        }),
+    }
 }

@@ -119,6 +119,27 @@ fn fields_v1(v: &Value) -> Value {
     }
 }
 
+/// Removes from `obj` every field owned in `before` (a fieldsV1 set) that `now` no longer owns.
+fn prune_unapplied(obj: &mut Value, before: &Value, now: &Value) {
+    let (Some(before), Some(target)) = (before.as_object(), obj.as_object_mut()) else { return };
+    for (k, sub) in before {
+        let Some(field) = k.strip_prefix("f:") else { continue };
+        if field == "metadata" {
+            continue;
+        }
+        match now.get(k) {
+            None => {
+                target.remove(field);
+            }
+            Some(now_sub) => {
+                if let Some(child) = target.get_mut(field) {
+                    prune_unapplied(child, sub, now_sub);
+                }
+            }
+        }
+    }
+}
+
 impl State {
     pub fn new(history_cap: usize) -> Self {
         let (tx, _) = broadcast::channel(4096);
@@ -521,6 +542,12 @@ impl State {
         };
         let mut merged = current.clone();
         json_patch::merge(&mut merged, patch);
+        // Fields this manager applied before and leaves out now are removed, as the API server does.
+        if let Some(before) = current["metadata"]["managedFields"].as_array().and_then(|l| {
+            l.iter().find(|e| e["manager"].as_str() == opts.field_manager.as_deref() && e["operation"] == "Apply")
+        }) {
+            prune_unapplied(&mut merged, &before["fieldsV1"], &fields_v1(patch));
+        }
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         self.update(res, namespace, name, merged, Via { status_only, require_rv: false }, &opts)
     }

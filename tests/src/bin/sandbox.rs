@@ -1,19 +1,16 @@
-//! `make sandbox`: the main job on an embedded default, start to finish, with what exists today.
+//! `make sandbox`: the main job on an embedded default, start to finish.
 //!
-//! Starts a throwaway PostgreSQL with the registry and the operator's settings, runpod-sim and
-//! kube-sim as processes, applies the CRDs and the quickstart with kubectl, pushes the quickstart
-//! payload to the simulated volume with `kubectl ep push`, and prints what kubectl and the registry
-//! show. The controllers that turn the Experiment into a paid pod are not built yet, so the
-//! Experiment is accepted and stays without status; the sandbox says so rather than pretending.
+//! Starts a throwaway PostgreSQL, runpod-sim (fast clock), kube-sim and the ep-operator binary;
+//! applies `examples/quickstart/` with kubectl (the provider and its Secrets pointed at
+//! runpod-sim); waits until the experiment is COMPLETED; prints `kubectl get exp,rpo`, the f1 and
+//! auc, and the four registry queries of DESIGN section 7; then stops everything, or keeps it
+//! running with `KEEP=1`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use ep_operator::registry::{PgRegistry, Registry};
-use ep_operator::settings::{EMBEDDED_DEFAULT, Settings, SettingsWatcher, content_hash};
-use ep_testkit::postgres::TempPostgres;
-use ep_testkit::sim::{KubeSimProcess, RunPodSimProcess, workspace_bin};
-use ep_testkit::{tools, workspace_root};
+use ep_testkit::stack::{Stack, StackOptions};
+use ep_testkit::workspace_root;
 use sqlx::Row;
 
 const QUERIES: [&str; 4] = [
@@ -37,115 +34,117 @@ async fn main() -> ExitCode {
     }
 }
 
-fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, String> {
-    let bin = tools::kubectl().map_err(|e| e.to_string())?;
-    let out = Command::new(bin).env("KUBECONFIG", kubeconfig).args(args).output().map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(format!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    println!("==> starting a throwaway PostgreSQL");
-    let pg = TempPostgres::start()?;
-    let url = pg.create_database("ep").await?;
-    println!("    {url}");
-    println!("==> applying exp_registry migrations (twice: the second is a no-op)");
-    let registry = PgRegistry::connect(&url).await?;
-    registry.migrate().await?;
-    registry.migrate().await?;
-    let (source, text) = match std::env::var_os("EP_SETTINGS") {
-        Some(p) => {
-            let path = PathBuf::from(p);
-            SettingsWatcher::load(&path)?;
-            (path.display().to_string(), std::fs::read_to_string(&path)?)
-        }
-        None => ("<embedded default>".to_owned(), EMBEDDED_DEFAULT.to_owned()),
-    };
-    let settings = Settings::from_yaml(&source, &text)?;
-    let sha = content_hash(text.as_bytes());
-    println!(
-        "==> operator settings {source} (sha256 {}): policies {}",
-        &sha[..12],
-        settings.policies.keys().cloned().collect::<Vec<_>>().join(", ")
-    );
-    registry.record_settings(&sha, &serde_json::to_value(&settings)?, chrono::Utc::now()).await?;
-
-    println!("==> starting runpod-sim (clock x60) and kube-sim");
-    let rp = RunPodSimProcess::start(None, &["--clock-speed", "60"])?;
-    let root = workspace_root();
-    let ks = KubeSimProcess::start(Some(&root.join("crds")))?;
-    let kc = ks.kubeconfig();
-    println!("    RunPod API {}  volume S3 {}", rp.get("api"), rp.get("s3"));
-    println!("    Kubernetes API {}  (KUBECONFIG={})", ks.url, kc.display());
-
-    println!("==> kubectl apply -f examples/quickstart/ (the provider pointed at runpod-sim)");
-    let quick = root.join("examples/quickstart");
-    let staged = tempfile::tempdir()?;
-    for entry in std::fs::read_dir(&quick)? {
-        let p = entry?.path();
-        if p.extension().is_some_and(|e| e == "yaml") {
-            let mut text = std::fs::read_to_string(&p)?;
-            text = text
-                .replace("https://api.runpod.io", &rp.get("api"))
-                .replace("https://s3api-eu-ro-1.runpod.io", &rp.get("s3"))
-                .replace("rpa_REPLACE_ME", &rp.get("api_key"))
-                .replace("user_REPLACE_ME", &rp.get("s3_access_key"))
-                .replace("rps_REPLACE_ME", &rp.get("s3_secret_key"));
-            std::fs::write(staged.path().join(p.file_name().unwrap_or_default()), text)?;
-        }
+fn cell(r: &sqlx::postgres::PgRow, i: usize) -> String {
+    use chrono::{DateTime, Utc};
+    if let Ok(v) = r.try_get::<Option<String>, _>(i) {
+        return v.unwrap_or_default();
     }
-    print!("{}", indent(&kubectl(&kc, &["apply", "-f", &staged.path().display().to_string()])?));
+    if let Ok(v) = r.try_get::<Option<f64>, _>(i) {
+        return v.map(|x| format!("{x:.4}")).unwrap_or_default();
+    }
+    if let Ok(v) = r.try_get::<Option<i32>, _>(i) {
+        return v.map(|x| x.to_string()).unwrap_or_default();
+    }
+    if let Ok(v) = r.try_get::<Option<DateTime<Utc>>, _>(i) {
+        return v.map(|x| x.to_rfc3339()).unwrap_or_default();
+    }
+    "?".into()
+}
 
-    println!("==> kubectl ep push examples/quickstart (to the simulated network volume)");
-    let push = Command::new(workspace_bin("kubectl-ep")?)
-        .args(["push", &quick.display().to_string(), "--exclude", "*.yaml"])
-        .env("EP_S3_ENDPOINT", rp.get("s3"))
-        .env("EP_S3_REGION", "EU-RO-1")
-        .env("EP_VOLUME_ID", "tgb8bx6fwl")
-        .env("EP_S3_ACCESS_KEY_ID", rp.get("s3_access_key"))
-        .env("EP_S3_SECRET_ACCESS_KEY", rp.get("s3_secret_key"))
-        .env("EP_CACHE_DIR", staged.path().join("cache"))
-        .output()?;
-    print!("{}", indent(&String::from_utf8_lossy(&push.stderr)));
-    print!("{}", indent(&String::from_utf8_lossy(&push.stdout)));
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    println!("==> starting a throwaway PostgreSQL, runpod-sim (clock x60), kube-sim and ep-operator");
+    let mut opts = StackOptions::default();
+    if let Some(p) = std::env::var_os("EP_SETTINGS") {
+        opts.settings = std::fs::read_to_string(p)?;
+    }
+    let stack = Stack::start(&opts).await?;
+    let op = stack.operator.as_ref().ok_or("operator not started")?;
+    println!("    PostgreSQL      {}", stack.database_url);
+    println!("    RunPod API      {}   volume S3 {}", stack.runpod.get("api"), stack.runpod.get("s3"));
+    println!("    Kubernetes API  {}   (KUBECONFIG={})", stack.kube.url, stack.kubeconfig().display());
+    println!("    ep-operator     {}/metrics   log {}", op.metrics_url, op.log.display());
 
-    println!("==> kubectl get rpp,exp -A");
-    print!("{}", indent(&kubectl(&kc, &["get", "rpp,exp", "-A"])?));
+    println!("==> kubectl apply -f examples/quickstart/   (provider and Secrets pointed at runpod-sim)");
+    let staged = stack.stage(&workspace_root().join("examples/quickstart"))?;
+    print!("{}", indent(&stack.kubectl(&["apply", "-f", &staged.display().to_string()])?));
 
-    println!("==> registry queries");
+    println!("==> waiting for the experiment (kubectl get exp quickstart -n ep-quickstart -w)");
+    let last = std::cell::RefCell::new(String::new());
+    let exp = stack.wait_for(
+        "exp",
+        Some("ep-quickstart"),
+        "quickstart",
+        Duration::from_secs(300),
+        "Succeeded or Failed",
+        |o| {
+            let phase = o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or("").to_owned();
+            let order = o.and_then(|o| o["status"]["currentAttempt"]["order"].as_str()).unwrap_or("").to_owned();
+            let line = format!("{phase} {order}");
+            if *last.borrow() != line && !phase.is_empty() {
+                last.replace(line.clone());
+                println!(
+                    "    {:>5.1}s  experiment {phase}{}",
+                    started.elapsed().as_secs_f64(),
+                    if order.is_empty() { String::new() } else { format!(" (order {order})") }
+                );
+            }
+            matches!(phase.as_str(), "Succeeded" | "Failed")
+        },
+    );
+    let exp = exp?.ok_or("the experiment disappeared")?;
+
+    println!("==> kubectl get exp,rpo -n ep-quickstart");
+    print!("{}", indent(&stack.kubectl(&["get", "exp,rpo", "-n", "ep-quickstart"])?));
+    let st = &exp["status"];
+    println!(
+        "==> results: f1 {}  auc {}  (receipt {})",
+        st["results"]["f1"],
+        st["results"]["auc"],
+        st["artifacts"]["receipt"].as_str().unwrap_or("none")
+    );
+
+    // The mirror writes asynchronously: give it a moment to reach the final state.
+    let pool = sqlx::PgPool::connect(&stack.database_url).await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let s: Option<String> =
+            sqlx::query_scalar("SELECT status FROM exp_registry.experiments WHERE name = 'quickstart'")
+                .fetch_optional(&pool)
+                .await?;
+        if matches!(s.as_deref(), Some("COMPLETED" | "FAILED" | "FAILED_STATUS_DIVERGENCE")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("==> registry queries (DESIGN section 7)");
     for q in QUERIES {
         println!("$ psql -c \"{q}\"");
-        let rows = sqlx::query(q).fetch_all(registry.pool()).await?;
-        println!("    ({} rows)", rows.len());
-        for r in rows {
-            let cols: Vec<String> =
-                (0..r.len()).map(|i| r.try_get::<String, _>(i).unwrap_or_else(|_| "?".into())).collect();
+        let rows = sqlx::query(q).fetch_all(&pool).await?;
+        for r in &rows {
+            let cols: Vec<String> = (0..r.len()).map(|i| cell(r, i)).collect();
             println!("    {}", cols.join(" | "));
         }
+        println!("    ({} rows)", rows.len());
     }
-    println!(
-        "==> not built yet: the operator's controllers (RunPodProvider, Experiment, RunPodOrder reconcilers and the registry\n    \
-         mirror). Until they land the Experiment is accepted and validated but nothing orders a pod, so it stays\n    \
-         without status and the registry has no experiment rows."
-    );
+    let world = stack.world().await?;
+    let live = world["pods"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| p["desiredStatus"].as_str() != Some("TERMINATED")).count());
+    println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
+    let ok = st["phase"] == "Succeeded";
     if std::env::var_os("KEEP").is_some() {
-        println!(
-            "==> KEEP set: everything stays up. KUBECONFIG={}  DATABASE_URL={url}  RUNPOD_API_BASE_URL={}",
-            kc.display(),
-            rp.get("api")
-        );
-        println!("    press Ctrl-C to stop");
+        println!("==> KEEP set: everything stays up until Ctrl-C");
+        println!("    export KUBECONFIG={}", stack.kubeconfig().display());
+        println!("    psql '{}'", stack.database_url);
+        println!("    curl {}/metrics", op.metrics_url);
         tokio::signal::ctrl_c().await?;
     }
     println!("==> stopping");
-    drop(ks);
-    drop(rp);
-    drop(pg);
-    Ok(())
+    drop(stack);
+    if ok { Ok(()) } else { Err("the quickstart experiment did not succeed".into()) }
 }

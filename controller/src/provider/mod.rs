@@ -1,0 +1,217 @@
+//! Reconciles `RunPodProvider`: resolves its Secrets, checks the account with one cheap call and
+//! the volume with HeadBucket, reports `Ready` with a reason, and accounts for every pod the
+//! account holds (owned pods are left to their orders; the rest are reported as orphans and
+//! terminated only when the settings say so).
+
+mod conn;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use ep_api::{CONDITION_READY, RunPodOrder, RunPodProvider, RunPodProviderStatus, set_condition};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+pub use conn::{Conn, Instrumented, PodList, ProviderError, ProviderPool};
+
+use crate::context::{Context, Error};
+use crate::mirror::Write;
+use crate::names::{ENV_OWNER_UID, ENV_RUN_ID, MANAGER};
+use crate::registry::InstanceRow;
+use crate::runpod::{PodStatus, RunPodApi, RunPodError};
+use crate::settings::OrphanAction;
+use crate::time;
+
+pub const KIND_NAME: &str = "RunPodProvider";
+const KIND: &str = KIND_NAME;
+
+/// The verdict of one check.
+struct Verdict {
+    ready: bool,
+    reason: &'static str,
+    message: String,
+    size_gb: Option<i64>,
+}
+
+fn not_ready(reason: &'static str, message: String) -> Verdict {
+    Verdict { ready: false, reason, message, size_gb: None }
+}
+
+async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Conn>>) {
+    let conn = match ctx.providers.connect(&ctx.client, p, &ctx.metrics).await {
+        Ok(c) => c,
+        Err(e) => return (not_ready(e.reason(), e.to_string()), None),
+    };
+    let vol = &p.spec.network_volume;
+    let volumes = match conn.api.network_volumes().await {
+        Ok(v) => v,
+        Err(e @ RunPodError::Unauthorized { .. }) => {
+            let k = &p.spec.api.api_key_secret_ref;
+            let msg = format!(
+                "RunPod refused the API key from Secret {}/{} key {:?}: {}",
+                k.namespace,
+                k.name,
+                k.key,
+                e.message()
+            );
+            return (not_ready("BadApiKey", msg), None);
+        }
+        Err(e) => return (not_ready("RunPodUnavailable", format!("RunPod API did not answer: {e}")), None),
+    };
+    let Some(found) = volumes.iter().find(|v| v.id == vol.id) else {
+        let have: Vec<String> = volumes.iter().map(|v| format!("{} ({})", v.id, v.data_center_id)).collect();
+        let msg = format!(
+            "spec.networkVolume.id {:?} is not a network volume of this account; it has: {}",
+            vol.id,
+            if have.is_empty() { "none".to_owned() } else { have.join(", ") }
+        );
+        return (not_ready("VolumeMissing", msg), None);
+    };
+    if !found.data_center_id.eq_ignore_ascii_case(&vol.data_center) {
+        let msg = format!(
+            "spec.networkVolume.dataCenter is {:?} but volume {} lives in {:?}; pods must be placed with their volume",
+            vol.data_center, vol.id, found.data_center_id
+        );
+        return (not_ready("DataCenterMismatch", msg), None);
+    }
+    if let Err(e) = conn.store.check_bucket().await {
+        let c = &p.spec.s3.credentials_secret_ref;
+        return match e.status() {
+            Some(401 | 403) => (
+                not_ready(
+                    "S3Unauthorized",
+                    format!("the volume's S3 API refused the credentials from Secret {}/{}: {e}", c.namespace, c.name),
+                ),
+                None,
+            ),
+            _ => {
+                (not_ready("S3Unreachable", format!("the volume's S3 API at {} failed: {e}", p.spec.s3.endpoint)), None)
+            }
+        };
+    }
+    let message = format!(
+        "account answers; volume {} ({} GB) in {}; S3 answers at {}",
+        vol.id, found.size_gb, found.data_center_id, p.spec.s3.endpoint
+    );
+    (Verdict { ready: true, reason: "Ready", message, size_gb: Some(found.size_gb) }, Some(conn))
+}
+
+/// Pods seen at the previous pass, per provider (to record the ones that went away).
+#[derive(Default)]
+pub struct Seen(Mutex<HashMap<String, HashMap<String, InstanceRow>>>);
+
+/// One pass of the provider reconciler.
+pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(KIND);
+    let name = p.name_any();
+    let now = time::now();
+    let settings = ctx.settings.current();
+    let (verdict, conn) = check(&p, &ctx).await;
+    let mut st = p.status.clone().unwrap_or_default();
+    let before = st.clone();
+    let generation = p.meta().generation;
+    let was_ready = ep_api::find_condition(&st.conditions, CONDITION_READY).map(|c| c.status == "True");
+    set_condition(
+        &mut st.conditions,
+        CONDITION_READY,
+        verdict.ready,
+        verdict.reason,
+        &verdict.message,
+        generation,
+        time::to_k8s(now),
+    );
+    st.observed_generation = generation;
+    if verdict.size_gb.is_some() {
+        st.volume_size_gb = verdict.size_gb;
+    }
+    if let Some(conn) = conn {
+        let orphans = account_for_pods(&ctx, &conn, settings.orphans.action, now).await?;
+        st.orphan_pods = orphans;
+    }
+    if st != before {
+        save(&ctx, &name, &st).await?;
+    }
+    if was_ready != Some(verdict.ready) {
+        let r = p.object_ref(&());
+        ctx.event(&r, !verdict.ready, verdict.reason, "Check", verdict.message.clone()).await;
+    }
+    Ok(Action::requeue(ctx.poll()))
+}
+
+async fn save(ctx: &Context, name: &str, st: &RunPodProviderStatus) -> Result<(), Error> {
+    let body = json!({"apiVersion": "ep.dev/v1alpha1", "kind": KIND, "status": st});
+    Api::<RunPodProvider>::all(ctx.client.clone())
+        .patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+        .await?;
+    Ok(())
+}
+
+/// Records every pod of the account in the registry, reports the ones no order owns, and
+/// terminates those when the settings say so. Returns the orphans' ids.
+async fn account_for_pods(
+    ctx: &Context,
+    conn: &Conn,
+    action: OrphanAction,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<String>, Error> {
+    let list = conn.pods(ctx.poll()).await?;
+    let orders = Api::<RunPodOrder>::all(ctx.client.clone()).list(&Default::default()).await?;
+    let owned: BTreeSet<String> = orders.items.iter().filter_map(|o| o.metadata.uid.clone()).collect();
+    let mut orphans = Vec::new();
+    let mut rows = HashMap::new();
+    let mut spend = 0.0;
+    for pod in list.pods.iter() {
+        if pod.status == PodStatus::Terminated {
+            continue;
+        }
+        let owner = pod.env.get(ENV_OWNER_UID).cloned();
+        let orphan = owner.as_ref().is_none_or(|u| !owned.contains(u));
+        if orphan {
+            orphans.push(pod.id.clone());
+        } else if pod.status == PodStatus::Running {
+            spend += pod.cost_per_hr;
+        }
+        let row = InstanceRow {
+            pod_id: pod.id.clone(),
+            provider: conn.name.clone(),
+            pod_name: Some(pod.name.clone()),
+            owner_uid: owner,
+            run_id: pod.env.get(ENV_RUN_ID).cloned(),
+            desired_status: Some(format!("{:?}", pod.status).to_uppercase()),
+            gpu_type_id: pod.gpu_type_id.clone(),
+            data_center: pod.data_center_id.clone(),
+            cost_per_hr: Some(pod.cost_per_hr),
+            accrued_usd: None,
+            orphan,
+            seen_at: now,
+            gone_at: None,
+        };
+        ctx.mirror.send(Write::Instance(row.clone()));
+        rows.insert(pod.id.clone(), row);
+    }
+    ctx.metrics.spend_usd_per_hour.set(spend);
+    ctx.metrics.orphan_pods.set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
+    let gone: Vec<InstanceRow> = {
+        let mut seen = ctx.seen_pods.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let prev = seen.insert(conn.name.clone(), rows.clone()).unwrap_or_default();
+        prev.into_iter().filter(|(id, _)| !rows.contains_key(id)).map(|(_, r)| r).collect()
+    };
+    for mut row in gone {
+        row.gone_at = Some(now);
+        row.desired_status = Some("TERMINATED".into());
+        ctx.mirror.send(Write::Instance(row));
+    }
+    if action == OrphanAction::Terminate {
+        for id in &orphans {
+            tracing::warn!(provider = %conn.name, pod = %id, "terminating a pod no order owns (orphans.action: Terminate)");
+            conn.api.terminate_pod(id).await?;
+        }
+        if !orphans.is_empty() {
+            conn.invalidate().await;
+        }
+    }
+    orphans.sort();
+    Ok(orphans)
+}

@@ -1,0 +1,300 @@
+//! The whole system as a user meets it: a throwaway PostgreSQL, runpod-sim, kube-sim and the
+//! `ep-operator` binary, driven with kubectl. Used by `make sandbox` and the end-to-end tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::postgres::TempPostgres;
+use crate::sim::{KubeSimProcess, RunPodSimProcess, workspace_bin};
+use crate::{HarnessError, free_port, tools, workspace_root};
+
+/// Operator settings for tests and the sandbox: fast polls so a run takes seconds.
+pub const FAST_SETTINGS: &str = "\
+pollInterval: 1s
+heartbeatInterval: 1s
+heartbeatTimeout: 6s
+runtimeStartDeadline: 2m
+concurrency: {reconciles: 4, syncs: 2}
+gpuAliases:
+  rtx-pro-4500: NVIDIA RTX PRO 4500 Blackwell
+  l4: NVIDIA L4
+  a100-80g: NVIDIA A100 80GB PCIe
+policies:
+  smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: false, maxLifetime: 1h, maxCostPerHour: 1.0}
+  paper-train: {aliases: [paper_train], cloudType: SECURE, containerDiskGb: 50, requiresApproval: true, maxLifetime: 12h}
+budgets:
+  default: {maxUsdPerDay: 50, maxConcurrentGpus: 4}
+orphans: {action: Report}
+";
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    /// runpod-sim clock speed (billing and pod timings).
+    pub clock_speed: f64,
+    /// Operator settings YAML.
+    pub settings: String,
+    /// runpod-sim world YAML (None: the default world).
+    pub world: Option<String>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self { clock_speed: 60.0, settings: FAST_SETTINGS.to_owned(), world: None }
+    }
+}
+
+/// The running operator process.
+pub struct OperatorProcess {
+    child: Child,
+    pub metrics_url: String,
+    pub log: PathBuf,
+}
+
+impl OperatorProcess {
+    /// SIGKILL: no shutdown path runs (a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a graceful exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Everything, running.
+pub struct Stack {
+    pub pg: TempPostgres,
+    pub database_url: String,
+    pub runpod: RunPodSimProcess,
+    pub kube: KubeSimProcess,
+    pub operator: Option<OperatorProcess>,
+    pub dir: tempfile::TempDir,
+    operator_starts: u32,
+}
+
+impl Stack {
+    /// Starts PostgreSQL, both simulators and the operator.
+    pub async fn start(opts: &StackOptions) -> Result<Self, HarnessError> {
+        let pg = TempPostgres::start()?;
+        let database_url = pg.create_database("ep").await?;
+        let speed = opts.clock_speed.to_string();
+        let runpod = RunPodSimProcess::start(opts.world.as_deref(), &["--clock-speed", &speed])?;
+        let kube = KubeSimProcess::start(Some(&workspace_root().join("crds")))?;
+        let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
+        std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
+        let mut stack = Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0 };
+        stack.start_operator()?;
+        Ok(stack)
+    }
+
+    pub fn settings_path(&self) -> PathBuf {
+        self.dir.path().join("settings.yaml")
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.kube.kubeconfig()
+    }
+
+    /// Starts (or restarts) the operator binary and waits until /readyz answers.
+    pub fn start_operator(&mut self) -> Result<&OperatorProcess, HarnessError> {
+        self.operator_starts += 1;
+        let port = free_port().map_err(HarnessError::io("free port"))?;
+        let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
+        let out = std::fs::File::create(&log).map_err(HarnessError::io("operator log"))?;
+        let err = out.try_clone().map_err(HarnessError::io("operator log"))?;
+        let child = Command::new(workspace_bin("ep-operator")?)
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--settings")
+            .arg(self.settings_path())
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--runner-binary")
+            .arg(workspace_bin("ep-runner")?)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(HarnessError::io("start ep-operator"))?;
+        let metrics_url = format!("http://127.0.0.1:{port}");
+        let mut op = OperatorProcess { child, metrics_url, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = op.child.try_wait() {
+                return Err(HarnessError::Setup(format!("ep-operator exited with {status}:\n{}", tail(&op.log, 40))));
+            }
+            if http_ok(port, "/readyz") {
+                break;
+            }
+            if Instant::now() > deadline {
+                op.kill();
+                return Err(HarnessError::Setup(format!("ep-operator never became ready:\n{}", tail(&op.log, 40))));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.operator = Some(op);
+        self.operator.as_ref().ok_or_else(|| HarnessError::Setup("no operator".into()))
+    }
+
+    /// The operator's log so far (every start), for failure messages.
+    pub fn operator_log(&self, lines: usize) -> String {
+        (1..=self.operator_starts)
+            .map(|n| tail(&self.dir.path().join(format!("operator-{n}.log")), lines))
+            .collect::<Vec<_>>()
+            .join("\n---- restart ----\n")
+    }
+
+    /// Runs kubectl against kube-sim.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String, HarnessError> {
+        kubectl(&self.kubeconfig(), args)
+    }
+
+    /// Copies `dir`'s YAML files with the provider and its Secrets pointed at runpod-sim (the only
+    /// edit a user makes: their endpoints and keys) and returns the staged directory.
+    pub fn stage(&self, dir: &Path) -> Result<PathBuf, HarnessError> {
+        let staged =
+            self.dir.path().join(format!("staged-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
+        std::fs::create_dir_all(&staged).map_err(HarnessError::io("stage"))?;
+        for entry in std::fs::read_dir(dir).map_err(HarnessError::io("read examples"))? {
+            let p = entry.map_err(HarnessError::io("read examples"))?.path();
+            if p.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&p).map_err(HarnessError::io("read yaml"))?;
+                let text = self.point_at_sim(&text);
+                std::fs::write(staged.join(p.file_name().unwrap_or_default()), text)
+                    .map_err(HarnessError::io("stage"))?;
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Replaces RunPod's endpoints and placeholder keys with runpod-sim's.
+    pub fn point_at_sim(&self, text: &str) -> String {
+        text.replace("https://api.runpod.io", &self.runpod.get("api"))
+            .replace("https://s3api-eu-ro-1.runpod.io", &self.runpod.get("s3"))
+            .replace("rpa_REPLACE_ME", &self.runpod.get("api_key"))
+            .replace("user_REPLACE_ME", &self.runpod.get("s3_access_key"))
+            .replace("rps_REPLACE_ME", &self.runpod.get("s3_secret_key"))
+    }
+
+    /// `kubectl apply -f` of a YAML document.
+    pub fn apply(&self, yaml: &str) -> Result<String, HarnessError> {
+        let path = self.dir.path().join(format!("apply-{}.yaml", fastrand_name()));
+        std::fs::write(&path, yaml).map_err(HarnessError::io("write yaml"))?;
+        self.kubectl(&["apply", "-f", &path.display().to_string()])
+    }
+
+    /// An object as JSON (`kubectl get -o json`), or None when it does not exist.
+    pub fn get(&self, kind: &str, ns: Option<&str>, name: &str) -> Result<Option<Value>, HarnessError> {
+        let mut args = vec!["get", kind, name, "-o", "json", "--ignore-not-found"];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        let out = self.kubectl(&args)?;
+        if out.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&out).map(Some).map_err(|e| HarnessError::Setup(format!("kubectl get {kind} {name}: {e}")))
+    }
+
+    /// Waits until `pred` holds for the object (or it is gone, when `pred` accepts None).
+    pub fn wait_for(
+        &self,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Result<Option<Value>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let obj = self.get(kind, ns, name)?;
+            if pred(obj.as_ref()) {
+                return Ok(obj);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "{kind} {name}: {what} not reached in {timeout:?}; last seen:\n{}\n\noperator log:\n{}",
+                    obj.map(|o| serde_json::to_string_pretty(&o["status"]).unwrap_or_default())
+                        .unwrap_or_else(|| "gone".into()),
+                    self.operator_log(60)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// runpod-sim's world state (`/_sim/world`).
+    pub async fn world(&self) -> Result<Value, HarnessError> {
+        let url = format!("{}/world", self.runpod.get("admin"));
+        let r = reqwest::get(&url).await.map_err(|e| HarnessError::Setup(format!("GET {url}: {e}")))?;
+        r.json().await.map_err(|e| HarnessError::Setup(format!("GET {url}: {e}")))
+    }
+
+    /// The simulated volume's directory (what `/workspace` holds inside pods).
+    pub fn volume_dir(&self, volume: &str) -> PathBuf {
+        PathBuf::from(self.runpod.get("state_dir")).join("volumes").join(volume)
+    }
+}
+
+/// Runs kubectl with a kubeconfig.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, HarnessError> {
+    let bin = tools::kubectl()?;
+    let out =
+        Command::new(bin).env("KUBECONFIG", kubeconfig).args(args).output().map_err(HarnessError::io("run kubectl"))?;
+    if !out.status.success() {
+        return Err(HarnessError::Setup(format!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn fastrand_name() -> String {
+    format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))
+}
+
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+}
+
+/// The last `n` lines of a file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let Ok(f) = std::fs::File::open(path) else { return String::new() };
+    let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
