@@ -191,6 +191,16 @@ impl Stack {
         Ok(staged)
     }
 
+    /// Applies `examples/quickstart/` pointed at runpod-sim; without its Experiment when
+    /// `with_experiment` is false (provider, Secrets, namespaces and the code ConfigMap only).
+    pub fn apply_quickstart(&self, with_experiment: bool) -> Result<String, HarnessError> {
+        let staged = self.stage(&workspace_root().join("examples/quickstart"))?;
+        if !with_experiment {
+            std::fs::remove_file(staged.join("30-experiment.yaml")).map_err(HarnessError::io("unstage experiment"))?;
+        }
+        self.kubectl(&["apply", "-f", &staged.display().to_string()])
+    }
+
     /// Replaces RunPod's endpoints and placeholder keys with runpod-sim's.
     pub fn point_at_sim(&self, text: &str) -> String {
         text.replace("https://api.runpod.io", &self.runpod.get("api"))
@@ -253,6 +263,22 @@ impl Stack {
         let url = format!("{}/world", self.runpod.get("admin"));
         let r = reqwest::get(&url).await.map_err(|e| HarnessError::Setup(format!("GET {url}: {e}")))?;
         r.json().await.map_err(|e| HarnessError::Setup(format!("GET {url}: {e}")))
+    }
+
+    /// Posts a fault set to runpod-sim (`/_sim/faults`), e.g. `{"capacityFailures": 1}`.
+    pub async fn faults(&self, body: Value) -> Result<(), HarnessError> {
+        self.admin_post("faults", body).await
+    }
+
+    /// Posts to a runpod-sim admin path, e.g. `pods/<id>/vanish`.
+    pub async fn admin_post(&self, path: &str, body: Value) -> Result<(), HarnessError> {
+        let url = format!("{}/{path}", self.runpod.get("admin"));
+        let r = reqwest::Client::new().post(&url).json(&body).send().await;
+        match r {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(HarnessError::Setup(format!("POST {url}: {}", r.status()))),
+            Err(e) => Err(HarnessError::Setup(format!("POST {url}: {e}"))),
+        }
     }
 
     /// The simulated volume's directory (what `/workspace` holds inside pods).

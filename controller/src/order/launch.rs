@@ -102,9 +102,11 @@ async fn pod_env(pass: &Pass<'_>) -> Result<Result<BTreeMap<String, String>, Blo
 }
 
 /// The pod's start command: copy the runner off the volume (S3 objects carry no exec bit) and run it.
+/// The copy is named by the run id: `$$` is 1 in every container, and pods sharing a host's /tmp
+/// must not overwrite each other's running binary.
 fn start_command(mount: &str, runner_key: &str, run_id: &str) -> Vec<String> {
     let script = format!(
-        "set -e; b=/tmp/ep-runner-$$; cp '{mount}/{runner_key}' \"$b\"; chmod 0755 \"$b\"; exec \"$b\" run --run-id '{run_id}' --workspace '{mount}'"
+        "set -e; b=/tmp/ep-runner-{run_id}; cp '{mount}/{runner_key}' \"$b\"; chmod 0755 \"$b\"; exec \"$b\" run --run-id '{run_id}' --workspace '{mount}'"
     );
     vec!["/bin/sh".into(), "-c".into(), script]
 }
@@ -390,6 +392,14 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
                 }
                 conn.invalidate().await;
             }
+            if pass.st.online_at.is_none()
+                && let Some(h) = hb.as_ref().filter(|h| h.fencing_token == view.fencing_token)
+            {
+                // A short run can finish between two polls: its heartbeats prove it came online.
+                pass.st.online_at = Some(time::to_k8s(h.time.min(pass.now)));
+                let msg = format!("runner heartbeated in pod {}", pass.st.pod_id.clone().unwrap_or_default());
+                pass.enter(OrderPhase::RunnerOnline, "RunnerOnline", &msg);
+            }
             let warn = !matches!(reason, "RunFinished" | "StopRequested");
             let msg = format!("draining run {run_id}: {reason}");
             pass.enter(OrderPhase::Draining, reason, &msg);
@@ -442,7 +452,9 @@ pub(super) async fn drain(pass: &mut Pass<'_>) -> Result<Option<Duration>, Error
     if pass.st.outcome.is_none() {
         let spec: Option<RunSpec> = read(&conn.store, &run_id, keys::SPEC).await?;
         let terminal_present = conn.store.head(&keys::run_file(&run_id, keys::TERMINAL)).await?.is_some();
-        let alive = pod.as_ref().is_some_and(|p| p.status == PodStatus::Running);
+        // A stopped pod reads EXITED at once while its runner still has its grace period to write
+        // terminal.json: wait for it as long as RunPod still lists the pod.
+        let alive = pod.is_some();
         let grace = Duration::from_secs(u64::from(spec.as_ref().map_or(20, |s| s.stop_grace_seconds))) + DRAIN_MARGIN;
         if !terminal_present && alive && (pass.now - started).to_std().unwrap_or_default() < grace {
             pass.ready(false, "Draining", "waiting for the runner's terminal.json");

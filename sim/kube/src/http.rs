@@ -262,7 +262,11 @@ async fn handle(
         }
         (&Method::POST, None) => {
             let body = parse_body(headers, body)?;
-            let w = lock(state).create(&t.res, &ns, body, &opts)?;
+            let mut api = lock(state);
+            let w = api.create(&t.res, &ns, body, &opts)?;
+            if !opts.dry_run {
+                api.mirror_event(&t.res, &w.object);
+            }
             Ok(json_response(StatusCode::CREATED, &w.object, &w.warnings))
         }
         (&Method::PUT, Some(name)) => {
@@ -304,6 +308,9 @@ async fn handle(
                 }
                 api.update(&t.res, &ns, name, current, Via { status_only, require_rv: false }, &opts)?
             };
+            if !opts.dry_run {
+                api.mirror_event(&t.res, &w.object);
+            }
             let code = if w.created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json_response(code, &w.object, &w.warnings))
         }

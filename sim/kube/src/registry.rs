@@ -39,6 +39,14 @@ impl Resource {
         if self.group.is_empty() { self.kind.clone() } else { format!("{}.{}", self.kind, self.group) }
     }
 
+    /// Printer columns (name, type, jsonPath) for `kubectl get`.
+    #[must_use]
+    fn with_columns(mut self, columns: &[(&str, &str, &str)]) -> Self {
+        self.printer_columns =
+            columns.iter().map(|(n, t, p)| serde_json::json!({"name": n, "type": t, "jsonPath": p})).collect();
+        self
+    }
+
     fn builtin(
         group: &str,
         version: &str,
@@ -108,7 +116,14 @@ impl Registry {
             Resource::builtin("", "v1", "Namespace", "namespaces", false, &["ns"], true),
             Resource::builtin("", "v1", "Secret", "secrets", true, &[], false),
             Resource::builtin("", "v1", "ConfigMap", "configmaps", true, &["cm"], false),
-            Resource::builtin("", "v1", "Event", "events", true, &["ev"], false),
+            Resource::builtin("", "v1", "Event", "events", true, &["ev"], false).with_columns(&[
+                // The columns the API server prints for `kubectl get events`.
+                ("Last Seen", "date", ".lastTimestamp"),
+                ("Type", "string", ".type"),
+                ("Reason", "string", ".reason"),
+                ("Object", "string", ".involvedObject.name"),
+                ("Message", "string", ".message"),
+            ]),
             Resource::builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false),
             Resource::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
             Resource::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),

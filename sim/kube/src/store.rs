@@ -119,6 +119,35 @@ fn fields_v1(v: &Value) -> Value {
     }
 }
 
+/// The core/v1 view of an events.k8s.io/v1 Event (the API server stores both as one resource).
+fn core_event(ev: &Value) -> Value {
+    let time = ev["eventTime"].as_str().map(|t| {
+        // core/v1 timestamps have whole seconds.
+        let secs = t.split('.').next().unwrap_or(t).trim_end_matches('Z');
+        json!(format!("{secs}Z"))
+    });
+    let last = ev.pointer("/series/lastObservedTime").cloned().or_else(|| time.clone()).unwrap_or(Value::Null);
+    let count = ev.pointer("/series/count").and_then(Value::as_i64).unwrap_or(1);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": ev["metadata"]["name"], "namespace": ev["metadata"]["namespace"]},
+        "involvedObject": ev["regarding"],
+        "related": ev["related"],
+        "reason": ev["reason"],
+        "message": ev["note"],
+        "type": ev["type"],
+        "action": ev["action"],
+        "eventTime": ev["eventTime"],
+        "firstTimestamp": time.unwrap_or(Value::Null),
+        "lastTimestamp": last,
+        "count": count,
+        "source": {"component": ev["reportingController"]},
+        "reportingComponent": ev["reportingController"],
+        "reportingInstance": ev["reportingInstance"],
+    })
+}
+
 /// Removes from `obj` every field owned in `before` (a fieldsV1 set) that `now` no longer owns.
 fn prune_unapplied(obj: &mut Value, before: &Value, now: &Value) {
     let (Some(before), Some(target)) = (before.as_object(), obj.as_object_mut()) else { return };
@@ -550,6 +579,27 @@ impl State {
         }
         merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
         self.update(res, namespace, name, merged, Via { status_only, require_rv: false }, &opts)
+    }
+
+    /// events.k8s.io/v1 and core/v1 Events are one resource in the API server: an Event written
+    /// through the new API shows through the old one (`kubectl get events`, `kubectl describe`).
+    pub fn mirror_event(&mut self, res: &Resource, written: &Value) {
+        if res.group != "events.k8s.io" || res.plural != "events" {
+            return;
+        }
+        let Some(core) = self.registry.get("", "v1", "events").cloned() else { return };
+        let ns = written["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+        let name = written["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let body = core_event(written);
+        let opts = WriteOptions::default();
+        let result = if self.objects.contains_key(&Self::key(&core, &ns, &name)) {
+            self.update(&core, &ns, &name, body, Via { status_only: false, require_rv: false }, &opts).map(|_| ())
+        } else {
+            self.create(&core, &ns, body, &opts).map(|_| ())
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = ?e, "core/v1 view of an event not stored");
+        }
     }
 
     /// DELETE: with finalizers the object only gets a deletionTimestamp.

@@ -21,9 +21,10 @@ use crate::world::{Pod, PortMapping, StartCommand};
 /// How pod processes see the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isolation {
-    /// `unshare --mount` as root: the volume is bind-mounted at the mount path.
+    /// `unshare --mount --pid` as root: the volume is bind-mounted at the mount path, and the pod
+    /// is a PID namespace whose processes all die with it.
     MountNamespace,
-    /// `unshare --user --map-root-user --mount`: the same, without root.
+    /// `unshare --user --map-root-user --mount --pid`: the same, without root.
     UserNamespace,
     /// No namespaces: `EP_WORKSPACE` points at the volume directory.
     EnvOnly,
@@ -39,9 +40,9 @@ pub fn isolation() -> Isolation {
         let works = |args: &[&str]| {
             Command::new("unshare").args(args).arg("true").stderr(Stdio::null()).status().is_ok_and(|s| s.success())
         };
-        if works(&["--mount", "--propagation", "private", "--"]) {
+        if works(&["--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--"]) {
             Isolation::MountNamespace
-        } else if works(&["--user", "--map-root-user", "--mount", "--"]) {
+        } else if works(&["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc", "--"]) {
             Isolation::UserNamespace
         } else {
             Isolation::EnvOnly
@@ -126,8 +127,21 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
     let mount = &pod.volume_mount_path;
     let mode = isolation();
     let mut cmd = match mode {
-        Isolation::MountNamespace => unshare(&["--mount", "--propagation", "private"]),
-        Isolation::UserNamespace => unshare(&["--user", "--map-root-user", "--mount", "--propagation", "private"]),
+        // A PID namespace makes the pod a container: when its first process dies, the kernel
+        // kills every process left in it, as terminating a RunPod pod does.
+        Isolation::MountNamespace => {
+            unshare(&["--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"])
+        }
+        Isolation::UserNamespace => unshare(&[
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+        ]),
         Isolation::EnvOnly => Command::new("/bin/sh"),
     };
     let (inner, argv): (&str, Vec<String>) = match pod.start.as_ref() {

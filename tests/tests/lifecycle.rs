@@ -1,0 +1,443 @@
+//! The whole lifecycle across real processes: PostgreSQL, runpod-sim, kube-sim, the ep-operator
+//! binary and kubectl. Each test starts its own stack on free ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ep_testkit::stack::{Stack, StackOptions};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+const NS: &str = "ep-quickstart";
+const VOLUME: &str = "tgb8bx6fwl";
+const LONG: Duration = Duration::from_secs(180);
+
+fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// An experiment like the quickstart, with its own name and training length.
+fn experiment(name: &str, epochs: u32, sleep: f64, extra: &str) -> String {
+    format!(
+        r#"apiVersion: ep.dev/v1alpha1
+kind: Experiment
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
+  payload: {{configMap: {{name: quickstart-code}}}}
+  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
+  gpu: {{types: [rtx-pro-4500, l4], count: 1, cloudType: SECURE}}
+  order: {{policy: smoke, workerId: runpod-1, providerRef: default, maxCostPerHour: 1.0}}
+  limits: {{maxRuntime: 30m, maxCostUsd: 2}}
+  retry: {{maxAttempts: 2, backoff: 2s}}
+  checkpoints: {{retention: KeepLast, path: checkpoints/}}
+  results: {{file: results.json, metrics: [f1, auc]}}
+{extra}"#
+    )
+}
+
+fn phase(o: Option<&Value>) -> String {
+    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
+}
+
+fn wait_phase(stack: &Stack, kind: &str, name: &str, want: &[&str]) -> Value {
+    stack
+        .wait_for(kind, Some(NS), name, LONG, &want.join(" or "), |o| want.contains(&phase(o).as_str()))
+        .unwrap()
+        .unwrap()
+}
+
+/// Pods runpod-sim's account holds (any state but terminated).
+async fn live_pods(stack: &Stack) -> Vec<Value> {
+    let world = stack.world().await.unwrap();
+    world["pods"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+        .into_values()
+        .filter(|p| p["desiredStatus"] != "TERMINATED")
+        .collect()
+}
+
+/// sha256 of every file under a run's prefix on the volume.
+fn snapshot(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.to_string_lossy().contains(".ep-") {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, ep_volume::manifest::sha256_file(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+async fn query(url: &str, sql: &str) -> Vec<Vec<String>> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| {
+                    r.try_get::<Option<String>, _>(i)
+                        .map(Option::unwrap_or_default)
+                        .or_else(|_| {
+                            r.try_get::<Option<f64>, _>(i).map(|v| v.map(|x| x.to_string()).unwrap_or_default())
+                        })
+                        .or_else(|_| {
+                            r.try_get::<Option<i32>, _>(i).map(|v| v.map(|x| x.to_string()).unwrap_or_default())
+                        })
+                        .or_else(|_| {
+                            r.try_get::<Option<i64>, _>(i).map(|v| v.map(|x| x.to_string()).unwrap_or_default())
+                        })
+                        .or_else(|_| {
+                            r.try_get::<Option<chrono::DateTime<chrono::Utc>>, _>(i)
+                                .map(|v| v.map(|x| x.to_rfc3339()).unwrap_or_default())
+                        })
+                        .unwrap_or_else(|_| "?".into())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits until the registry shows `status` for the experiment.
+async fn wait_registry(url: &str, name: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows =
+            query(url, &format!("SELECT name, status FROM exp_registry.experiments WHERE name = '{name}'")).await;
+        if rows.first().is_some_and(|r| r[1] == status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "registry never showed {name} {status}: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_completes_and_leaves_nothing_billing() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    let out = stack.apply_quickstart(true).unwrap();
+    assert!(out.contains("experiment.ep.dev/quickstart created"), "{out}");
+    let exp = wait_phase(&stack, "exp", "quickstart", &["Succeeded", "Failed"]);
+    let st = &exp["status"];
+    assert_eq!(st["phase"], "Succeeded", "{}", serde_json::to_string_pretty(st).unwrap());
+    assert_eq!(st["registryStatus"], "COMPLETED");
+
+    // f1 and auc in status are the ones the training script wrote.
+    let run_id = st["history"][0]["runId"].as_str().unwrap();
+    let results_path = stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}/artifacts/results.json"));
+    let results: Value = serde_json::from_slice(&std::fs::read(&results_path).unwrap()).unwrap();
+    assert_eq!(st["results"]["f1"], results["f1"]);
+    assert_eq!(st["results"]["auc"], results["auc"]);
+    assert!(st["artifacts"]["receipt"].as_str().unwrap().len() == 64);
+    let ready = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!(ready["status"], "True");
+
+    // The order went through every phase, in order, and ended DELETED.
+    let order = stack.get("rpo", Some(NS), "quickstart-a1").unwrap().unwrap();
+    let phases: Vec<&str> =
+        order["status"]["transitions"].as_array().unwrap().iter().map(|t| t["phase"].as_str().unwrap()).collect();
+    assert_eq!(phases, ["REQUESTED", "PROVISIONED", "SYNCED", "VERIFIED", "RUNNER_ONLINE", "DRAINING", "DELETED"]);
+    assert_eq!(order["metadata"]["ownerReferences"][0]["name"], "quickstart");
+    let pod_id = order["status"]["podId"].as_str().unwrap();
+
+    // kubectl shows the printer columns filled.
+    let table = stack.kubectl(&["get", "exp,rpo", "-n", NS]).unwrap();
+    assert!(table.contains("Succeeded") && table.contains("RTX PRO 4500") && table.contains("DELETED"), "{table}");
+
+    // The four registry queries of DESIGN section 7, verbatim.
+    wait_registry(&stack.database_url, "quickstart", "COMPLETED").await;
+    let url = &stack.database_url;
+    let q1 = query(url, "SELECT name, status FROM exp_registry.experiments WHERE name = 'quickstart';").await;
+    assert_eq!(q1, [["quickstart", "COMPLETED"]]);
+    let q2 =
+        query(url, "SELECT name, status, result_f1, result_auc FROM exp_registry.experiments ORDER BY name;").await;
+    assert_eq!(q2[0][2], results["f1"].as_f64().unwrap().to_string());
+    assert_eq!(q2[0][3], results["auc"].as_f64().unwrap().to_string());
+    let q3 =
+        query(url, "SELECT name, worker_id, started_at FROM exp_registry.experiments WHERE status = 'RUNNING';").await;
+    assert!(q3.is_empty(), "{q3:?}");
+    let q4 = query(url, "SELECT worker_id, last_seen, running_jobs FROM exp_registry.worker_heartbeats;").await;
+    assert_eq!(q4.len(), 1);
+    assert_eq!((q4[0][0].as_str(), q4[0][2].as_str()), ("runpod-1", "0"));
+    let log =
+        query(url, "SELECT to_phase FROM exp_registry.phase_log WHERE kind = 'RunPodOrder' ORDER BY at, id").await;
+    assert_eq!(log.len(), 7, "{log:?}");
+
+    // The pod is gone on RunPod's side, and no pod without an owner remains.
+    assert!(live_pods(&stack).await.is_empty(), "{:?}", live_pods(&stack).await);
+    assert!(live_pods(&stack).await.iter().all(|p| p["id"] != pod_id));
+    let provider = stack.get("rpp", None, "default").unwrap().unwrap();
+    assert!(provider["status"]["orphanPods"].as_array().is_none_or(Vec::is_empty), "{provider}");
+
+    // Metrics carry the story.
+    let metrics = reqwest::get(format!("{}/metrics", stack.operator.as_ref().unwrap().metrics_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "ep_phase_transitions_total{kind=\"RunPodOrder\",phase=\"DELETED\"} 1",
+        "ep_runpod_calls_total{operation=\"create_pod\",outcome=\"ok\"} 1",
+        "ep_registry_lag_seconds 0",
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.apply(&experiment("hb", 12, 0.5, "")).unwrap();
+    let order = wait_phase(&stack, "rpo", "hb-a1", &["RUNNER_ONLINE"]);
+    let pod_id = order["status"]["podId"].as_str().unwrap().to_owned();
+    let run1 = order["status"]["runId"].as_str().unwrap().to_owned();
+    // Let a checkpoint or two land, then the pod vanishes on RunPod's side.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let vanished = chrono::Utc::now();
+    stack.admin_post(&format!("pods/{pod_id}/vanish"), json!({})).await.unwrap();
+    let order = wait_phase(&stack, "rpo", "hb-a1", &["DRAINING", "DELETED"]);
+    let drain = order["status"]["transitions"].as_array().unwrap().iter().find(|t| t["phase"] == "DRAINING").unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(drain["at"].as_str().unwrap()).unwrap();
+    // Poll interval 1s; status times have whole seconds.
+    let detected = (at.with_timezone(&chrono::Utc) - vanished).num_milliseconds();
+    assert!(
+        detected <= 2000,
+        "detected after {detected} ms: {}",
+        serde_json::to_string_pretty(&order["status"]).unwrap()
+    );
+    let order = wait_phase(&stack, "rpo", "hb-a1", &["DELETED"]);
+    assert_eq!(order["status"]["outcome"]["state"], "Failed");
+    assert!(
+        matches!(order["status"]["outcome"]["reason"].as_str(), Some("HeartbeatLost" | "PodGone")),
+        "{}",
+        order["status"]
+    );
+
+    let exp = wait_phase(&stack, "exp", "hb", &["NeedsRerun", "Running", "Succeeded"]);
+    let first_files = snapshot(&stack.volume_dir(VOLUME).join(format!("ep/runs/{run1}")));
+    assert!(first_files.contains_key("spec.json") && first_files.contains_key("heartbeat.json"), "{first_files:?}");
+    assert!(exp["status"]["history"][0]["outcome"] == "Failed", "{}", exp["status"]);
+
+    let exp = wait_phase(&stack, "exp", "hb", &["Succeeded", "Failed"]);
+    let st = &exp["status"];
+    assert_eq!(st["phase"], "Succeeded", "{}", serde_json::to_string_pretty(st).unwrap());
+    assert_eq!(st["attempts"], 2);
+    let run2 = st["history"][1]["runId"].as_str().unwrap();
+    assert_ne!(run1, run2, "every attempt gets its own run id");
+    assert!(st["history"][1]["fencingToken"].as_i64() > st["history"][0]["fencingToken"].as_i64());
+    // The first attempt's files are exactly as they were.
+    assert_eq!(snapshot(&stack.volume_dir(VOLUME).join(format!("ep/runs/{run1}"))), first_files);
+    let events = stack.kubectl(&["get", "events", "-n", NS]).unwrap();
+    assert!(events.contains("NeedsRerun") || events.contains("AttemptFailed"), "{events}");
+    wait_registry(&stack.database_url, "hb", "COMPLETED").await;
+    let attempts =
+        query(&stack.database_url, "SELECT attempt, status FROM exp_registry.attempts ORDER BY attempt").await;
+    assert_eq!(attempts, [["1", "FAILED"], ["2", "SUCCEEDED"]]);
+    assert!(live_pods(&stack).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_error_on_the_first_choice_uses_the_second() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.faults(json!({"capacityFailures": 1})).await.unwrap();
+    stack.apply(&experiment("cap", 3, 0.0, "")).unwrap();
+    let exp = wait_phase(&stack, "exp", "cap", &["Succeeded", "Failed"]);
+    assert_eq!(exp["status"]["phase"], "Succeeded", "{}", exp["status"]);
+    let order = stack.get("rpo", Some(NS), "cap-a1").unwrap().unwrap();
+    assert_eq!(order["status"]["gpu"]["typeId"], "NVIDIA L4", "{}", order["status"]);
+    assert_eq!(order["status"]["gpuChoice"], 1);
+    let events = stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=cap-a1"]).unwrap();
+    assert!(events.contains("TryingNextGpu"), "{events}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another() {
+    init();
+    let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    // Every pod id runpod-sim shows during the test, sampled every 50 ms: a duplicate would live
+    // at least until the operator's next pass, far longer than one sample.
+    let admin = stack.runpod.get("admin");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::<(String, String)>::new()));
+    let sampler = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(r) = reqwest::get(format!("{admin}/world")).await
+                    && let Ok(w) = r.json::<Value>().await
+                {
+                    let mut pods: Vec<Value> =
+                        w["pods"].as_object().cloned().unwrap_or_default().into_values().collect();
+                    pods.extend(
+                        w["gone"].as_array().cloned().unwrap_or_default().into_iter().map(|g| g["pod"].clone()),
+                    );
+                    let mut s = seen.lock().unwrap();
+                    for p in pods {
+                        s.insert((
+                            p["name"].as_str().unwrap_or_default().to_owned(),
+                            p["id"].as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    stack.apply(&experiment("crash", 8, 0.5, "")).unwrap();
+    // SIGKILL the moment RunPod holds the pod: before the operator can record the create.
+    let deadline = Instant::now() + LONG;
+    loop {
+        if !live_pods(&stack).await.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pod was ever created:\n{}", stack.operator_log(50));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stack.operator.as_mut().unwrap().kill();
+    let before = stack.get("rpo", Some(NS), "crash-a1").unwrap().unwrap();
+    assert!(before["status"]["podRequestedAt"].is_string(), "the create was recorded as asked for first");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.start_operator().unwrap();
+    let exp = wait_phase(&stack, "exp", "crash", &["Succeeded", "Failed"]);
+    assert_eq!(exp["status"]["phase"], "Succeeded", "{}", exp["status"]);
+    assert_eq!(exp["status"]["attempts"], 1);
+    sampler.abort();
+    let order = stack.get("rpo", Some(NS), "crash-a1").unwrap().unwrap();
+    let pod_name = order["status"]["podName"].as_str().unwrap().to_owned();
+    let ids: Vec<String> =
+        seen.lock().unwrap().iter().filter(|(n, _)| *n == pod_name).map(|(_, id)| id.clone()).collect();
+    assert_eq!(ids, [order["status"]["podId"].as_str().unwrap().to_owned()], "exactly one pod for the run");
+    assert!(live_pods(&stack).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_ends_the_pod() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.apply(&experiment("del", 60, 0.5, "")).unwrap();
+    let order = wait_phase(&stack, "rpo", "del-a1", &["RUNNER_ONLINE"]);
+    let run_id = order["status"]["runId"].as_str().unwrap().to_owned();
+    let ckpts = stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}/artifacts/checkpoints"));
+    let deadline = Instant::now() + LONG;
+    while std::fs::read_dir(&ckpts).map_or(0, Iterator::count) < 3 {
+        assert!(Instant::now() < deadline, "no checkpoints appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stack.kubectl(&["delete", "exp", "del", "-n", NS, "--wait=false"]).unwrap();
+    // Garbage collection deletes the order; its finalizer drains first.
+    stack.wait_for("rpo", Some(NS), "del-a1", LONG, "gone", |o| o.is_none()).unwrap();
+    assert!(live_pods(&stack).await.is_empty(), "nothing left billing: {:?}", live_pods(&stack).await);
+    let run_dir = stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}"));
+    let terminal: Value = serde_json::from_slice(&std::fs::read(run_dir.join("terminal.json")).unwrap()).unwrap();
+    assert_eq!(terminal["state"], "STOPPED", "{terminal}");
+    let left: Vec<_> = std::fs::read_dir(&ckpts).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 1, "KeepLast keeps one checkpoint: {left:?}\n{}", stack.operator_log(30));
+    let newest = terminal["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["path"].as_str())
+        .filter(|p| p.starts_with("checkpoints/"))
+        .max()
+        .unwrap()
+        .to_owned();
+    assert_eq!(format!("checkpoints/{}", left[0].to_string_lossy()), newest);
+    assert!(run_dir.join("logs").is_dir(), "logs so far are kept");
+    let rows = query(&stack.database_url, "SELECT status, reason FROM exp_registry.attempts").await;
+    assert_eq!(rows[0][0], "STOPPED", "{rows:?}");
+}
+
+/// The registry rows of one experiment, with names, ids and times taken out.
+async fn registry_shape(url: &str, name: &str) -> Vec<Vec<String>> {
+    let mut out = query(
+        url,
+        &format!("SELECT status, phase, worker_id, attempts::text, gpu, result_f1, result_auc FROM exp_registry.experiments WHERE name = '{name}'"),
+    )
+    .await;
+    out.extend(
+        query(url, &format!("SELECT a.attempt::text, a.status, a.worker_id, a.result_f1, a.result_auc, a.reason FROM exp_registry.attempts a JOIN exp_registry.experiments e ON e.id = a.experiment_id WHERE e.name = '{name}'"))
+            .await,
+    );
+    out.extend(query(url, &format!("SELECT phase, policy, worker_id, gpu_type_id, (deleted_at IS NOT NULL)::text FROM exp_registry.orders WHERE name = '{name}-a1'")).await);
+    out.extend(
+        query(url, &format!("SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log WHERE name IN ('{name}', '{name}-a1') ORDER BY at, id")).await,
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
+    init();
+    let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    // Without an outage first.
+    stack.apply(&experiment("steady", 8, 0.3, "")).unwrap();
+    wait_phase(&stack, "exp", "steady", &["Succeeded"]);
+    wait_registry(&stack.database_url, "steady", "COMPLETED").await;
+    let expected = registry_shape(&stack.database_url, "steady").await;
+
+    stack.apply(&experiment("outage", 8, 0.3, "")).unwrap();
+    wait_phase(&stack, "rpo", "outage-a1", &["VERIFIED", "RUNNER_ONLINE"]);
+    stack.pg.stop().unwrap();
+    // The operator keeps reconciling and says the registry is behind.
+    let lagging = stack
+        .wait_for("exp", Some(NS), "outage", LONG, "RegistrySynced False", |o| {
+            o.and_then(|o| o["status"]["conditions"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c["type"] == "RegistrySynced" && c["status"] == "False")
+        })
+        .unwrap()
+        .unwrap();
+    let cond = lagging["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "RegistrySynced")
+        .unwrap()
+        .clone();
+    assert_eq!(cond["reason"], "RegistryUnavailable", "{cond}");
+    let exp = wait_phase(&stack, "exp", "outage", &["Succeeded"]);
+    assert_eq!(exp["status"]["registryStatus"], "COMPLETED");
+    let metrics = reqwest::get(format!("{}/metrics", stack.operator.as_ref().unwrap().metrics_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lag_line = metrics.lines().find(|l| l.starts_with("ep_registry_lag_seconds ")).unwrap().to_owned();
+    assert_ne!(lag_line, "ep_registry_lag_seconds 0", "the lag is exported while Postgres is down");
+    stack.pg.restart().unwrap();
+    wait_registry(&stack.database_url, "outage", "COMPLETED").await;
+    stack
+        .wait_for("exp", Some(NS), "outage", LONG, "RegistrySynced True", |o| {
+            o.and_then(|o| o["status"]["conditions"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c["type"] == "RegistrySynced" && c["status"] == "True")
+        })
+        .unwrap();
+    let got = registry_shape(&stack.database_url, "outage").await;
+    assert_eq!(got, expected);
+    let progress = query(&stack.database_url, "SELECT count(*)::text FROM exp_registry.progress").await;
+    assert_ne!(progress[0][0], "0", "progress rows were mirrored");
+}
