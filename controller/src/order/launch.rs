@@ -136,7 +136,7 @@ async fn create(pass: &mut Pass<'_>, conn: &Conn) -> Result<Option<Duration>, Er
     env.insert(ENV_OWNER_UID.into(), pass.order.uid().unwrap_or_default());
     env.insert(ENV_RUN_ID.into(), run_id.clone());
     env.insert(ENV_ORDER.into(), format!("{}/{}", pass.ns, pass.name));
-    let lifetime = pass.order.spec.max_lifetime.as_ref().map_or(policy.max_lifetime.get(), |d| d.get());
+    let lifetime = pass.order.spec.max_lifetime.as_ref().map_or(policy.max_lifetime.get(), ep_api::GoDuration::get);
     let terminate_after = conn
         .api
         .supports_terminate_after()
@@ -330,7 +330,7 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
     }
     let exp = pass.experiment().await?;
     let max_runtime =
-        exp.as_ref().and_then(|e| e.spec.limits.as_ref()).and_then(|l| l.max_runtime.as_ref()).map(|d| d.get());
+        exp.as_ref().and_then(|e| e.spec.limits.as_ref()).and_then(|l| l.max_runtime.as_ref()).map(ep_api::GoDuration::get);
     let max_cost = exp.as_ref().and_then(|e| e.spec.limits.as_ref()).and_then(|l| l.max_cost_usd);
     let policy_lifetime = settings
         .policy(&pass.order.spec.policy)
@@ -348,7 +348,7 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
         heartbeat_timeout: settings.heartbeat_timeout.get(),
         start_deadline: settings.runtime_start_deadline.get(),
         max_runtime,
-        max_lifetime: pass.order.spec.max_lifetime.as_ref().map_or(policy_lifetime, |d| d.get()),
+        max_lifetime: pass.order.spec.max_lifetime.as_ref().map_or(policy_lifetime, ep_api::GoDuration::get),
         accrued_usd: pass.st.accrued_cost_usd.unwrap_or(0.0),
         max_cost_usd: max_cost,
     };
@@ -453,8 +453,8 @@ pub(super) async fn drain(pass: &mut Pass<'_>) -> Result<Option<Duration>, Error
         let spec: Option<RunSpec> = read(&conn.store, &run_id, keys::SPEC).await?;
         let terminal_present = conn.store.head(&keys::run_file(&run_id, keys::TERMINAL)).await?.is_some();
         // A stopped pod reads EXITED at once while its runner still has its grace period to write
-        // terminal.json: wait for it as long as RunPod still lists the pod.
-        let alive = pod.is_some();
+        // terminal.json: wait for it as long as RunPod still lists the pod and a runner was heard from.
+        let alive = pod.is_some() && pass.st.heartbeat.is_some();
         let grace = Duration::from_secs(u64::from(spec.as_ref().map_or(20, |s| s.stop_grace_seconds))) + DRAIN_MARGIN;
         if !terminal_present && alive && (pass.now - started).to_std().unwrap_or_default() < grace {
             pass.ready(false, "Draining", "waiting for the runner's terminal.json");

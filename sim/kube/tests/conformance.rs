@@ -564,3 +564,51 @@ async fn field_selectors_per_kind() {
     assert_eq!(l["items"].as_array().unwrap().len(), 1);
     assert_eq!(h.get(&format!("{g}?fieldSelector=spec.size%3D1")).await.0, 400, "not declared selectable");
 }
+
+/// Docs: Server-Side Apply › "Merge strategy": a field the manager applied before and leaves out
+/// of its next apply is removed (a controller that stops setting a status field clears it).
+#[tokio::test]
+async fn apply_removes_fields_the_manager_no_longer_sets() {
+    let h = Http::start(100).await;
+    h.post(W, widget("s", 1)).await;
+    let status = |phase: Option<&str>| {
+        let mut st = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+        if let Some(p) = phase {
+            st["phase"] = json!(p);
+        }
+        json!({"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "s"}, "status": st})
+    };
+    let url = format!("{W}/s/status?fieldManager=op&force=true");
+    let (code, o) = h.patch(&url, "application/apply-patch+yaml", status(Some("Running"))).await;
+    assert_eq!((code, o["status"]["phase"].as_str()), (200, Some("Running")));
+    let (_, o) = h.patch(&url, "application/apply-patch+yaml", status(None)).await;
+    assert_eq!(o["status"].get("phase"), None, "dropped from the applied configuration, so removed");
+    assert_eq!(o["status"]["conditions"][0]["type"], "Ready");
+    assert_eq!(o["spec"]["size"], 1, "fields the manager never applied stay");
+}
+
+/// Docs: Event v1 (events.k8s.io) › the API server stores one Event resource served in both
+/// groups: an event written through events.k8s.io/v1 is listed by `kubectl get events` (core/v1)
+/// with involvedObject, reason, message and type.
+#[tokio::test]
+async fn events_written_through_events_k8s_io_show_in_core_v1() {
+    let h = Http::start(100).await;
+    let ev = json!({
+        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+        "metadata": {"name": "w.1", "namespace": "default"},
+        "eventTime": "2026-11-30T07:00:00.123456Z",
+        "reportingController": "ep-operator", "reportingInstance": "ep-operator-0",
+        "action": "Reconcile", "reason": "PodBound", "note": "pod 1 serves run r", "type": "Normal",
+        "regarding": {"kind": "Widget", "name": "w", "namespace": "default", "apiVersion": "example.dev/v1"}
+    });
+    let (code, _) = h.post("/apis/events.k8s.io/v1/namespaces/default/events", ev).await;
+    assert_eq!(code, 201);
+    let (_, list) = h.get("/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Dw").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    let e = &items[0];
+    assert_eq!((e["reason"].as_str(), e["message"].as_str(), e["type"].as_str()), (Some("PodBound"), Some("pod 1 serves run r"), Some("Normal")));
+    assert_eq!(e["involvedObject"]["kind"], "Widget");
+    assert_eq!(e["firstTimestamp"], "2026-11-30T07:00:00Z");
+    assert_eq!(e["source"]["component"], "ep-operator");
+}

@@ -1,1 +1,212 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use chrono::TimeZone;
+use ep_api::experiment::ExperimentPhase as P;
+use ep_api::order::{OrderPhase, RunOutcome};
+use ep_api::{RunPodOrderSpec, RunPodOrderStatus};
+use kube::api::ObjectMeta;
+
+use super::*;
+
+const QUICKSTART: &str = include_str!("../../../../examples/quickstart/30-experiment.yaml");
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+}
+
+fn exp() -> Experiment {
+    let mut e: Experiment = serde_saphyr::from_str(QUICKSTART).unwrap();
+    e.metadata.uid = Some("uid-1".into());
+    e.metadata.generation = Some(1);
+    e
+}
+
+fn order(name: &str, attempt: i32, st: RunPodOrderStatus) -> RunPodOrder {
+    let e = exp();
+    RunPodOrder {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ep-quickstart".into()),
+            ..ObjectMeta::default()
+        },
+        spec: RunPodOrderSpec {
+            experiment_ref: Some(ep_api::order::ExperimentRef { name: "quickstart".into() }),
+            attempt: Some(attempt),
+            provider_ref: "default".into(),
+            policy: "smoke".into(),
+            worker_id: "runpod-1".into(),
+            gpu: e.spec.gpu.clone(),
+            data_center: None,
+            approved: None,
+            approved_by: None,
+            max_lifetime: None,
+            max_cost_per_hour: None,
+            deletion_policy: ep_api::order::DeletionPolicy::Terminate,
+            stop: None,
+        },
+        status: Some(st),
+    }
+}
+
+fn ended(state: &str, at: i64, cost: f64) -> RunPodOrderStatus {
+    RunPodOrderStatus {
+        phase: Some(OrderPhase::Deleted),
+        accrued_cost_usd: Some(cost),
+        outcome: Some(RunOutcome {
+            state: state.into(),
+            reason: if state == "Succeeded" { "RunFinished".into() } else { "HeartbeatLost".into() },
+            message: None,
+            exit_code: None,
+            metrics: [("f1".to_owned(), 0.8), ("auc".to_owned(), 0.95)].into_iter().collect(),
+            artifacts: None,
+            usage: None,
+            retention: None,
+            finished_at: time::to_k8s(t(at)),
+        }),
+        ..RunPodOrderStatus::default()
+    }
+}
+
+fn run(e: &Experiment, orders: &[RunPodOrder], deps: Vec<(String, Option<P>)>, now: i64) -> Plan {
+    let settings = Settings::embedded_default();
+    decide(&Observed {
+        exp: e,
+        orders: orders.iter().collect(),
+        deps,
+        settings: &settings,
+        registry_behind: None,
+        now: t(now),
+    })
+}
+
+/// Applies a plan's status to the experiment, as the API server would.
+fn with(mut e: Experiment, p: &Plan) -> Experiment {
+    e.status = Some(p.status.clone());
+    e
+}
+
+#[test]
+fn the_first_pass_claims_attempt_one_before_its_order_exists() {
+    let p = run(&exp(), &[], vec![], 0);
+    let cur = p.status.current_attempt.clone().unwrap();
+    assert_eq!(cur.attempt, 1);
+    assert_eq!(cur.run_id, names::run_id("quickstart", "uid-1", 1));
+    assert_eq!(cur.order.as_deref(), Some("quickstart-a1"));
+    assert_eq!(p.create_order, Some(("quickstart-a1".into(), 1)));
+    assert_eq!(p.status.phase, Some(P::Running));
+    assert_eq!(p.status.registry_status.as_deref(), Some("RUNNING"));
+}
+
+#[test]
+fn a_failed_attempt_with_attempts_left_needs_a_rerun_after_the_backoff() {
+    let e = with(exp(), &run(&exp(), &[], vec![], 0));
+    let failed = [order("quickstart-a1", 1, ended("Failed", 100, 0.01))];
+    let p = run(&e, &failed, vec![], 101);
+    assert_eq!(p.status.phase, Some(P::NeedsRerun));
+    assert_eq!(p.status.registry_status.as_deref(), Some("NEEDS_RERUN"));
+    assert_eq!(p.create_order, None, "backoff 30s: not yet");
+    assert_eq!(p.requeue, Some(Duration::from_secs(29)));
+    assert_eq!(p.status.history.len(), 1);
+    let e = with(e, &p);
+    let p = run(&e, &failed, vec![], 130);
+    let cur = p.status.current_attempt.clone().unwrap();
+    assert_eq!(cur.attempt, 2);
+    assert_ne!(cur.run_id, p.status.history[0].run_id, "a new run id per attempt");
+    assert!(cur.fencing_token > p.status.history[0].fencing_token, "fencing tokens grow");
+    assert_eq!(p.create_order, Some(("quickstart-a2".into(), 2)));
+}
+
+#[test]
+fn the_last_attempt_failing_fails_the_experiment() {
+    let mut e = exp();
+    e.spec.retry = Some(ep_api::experiment::RetryPolicy { max_attempts: 1, backoff: None });
+    let e = with(e.clone(), &run(&e, &[], vec![], 0));
+    let p = run(&e, &[order("quickstart-a1", 1, ended("Failed", 10, 0.0))], vec![], 11);
+    assert_eq!(p.status.phase, Some(P::Failed));
+    assert_eq!(p.status.registry_status.as_deref(), Some("FAILED"));
+    let stalled = find_condition(&p.status.conditions, CONDITION_STALLED).unwrap();
+    assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "RetriesExhausted"));
+}
+
+#[test]
+fn a_divergent_terminal_state_is_reported_in_the_pipelines_words() {
+    let e = with(exp(), &run(&exp(), &[], vec![], 0));
+    let p = run(&e, &[order("quickstart-a1", 1, ended("FailedStatusDivergence", 10, 0.0))], vec![], 11);
+    assert_eq!(p.status.phase, Some(P::Failed));
+    assert_eq!(p.status.registry_status.as_deref(), Some("FAILED_STATUS_DIVERGENCE"));
+}
+
+#[test]
+fn success_folds_results_and_cost() {
+    let e = with(exp(), &run(&exp(), &[], vec![], 0));
+    let p = run(&e, &[order("quickstart-a1", 1, ended("Succeeded", 10, 0.25))], vec![], 11);
+    assert_eq!(p.status.phase, Some(P::Succeeded));
+    assert_eq!(p.status.registry_status.as_deref(), Some("COMPLETED"));
+    assert_eq!(p.status.results.as_ref().unwrap()["f1"], 0.8);
+    assert_eq!(p.status.cost_usd, Some(0.25));
+    assert!(p.status.current_attempt.is_none());
+    let ready = find_condition(&p.status.conditions, CONDITION_READY).unwrap();
+    assert_eq!(ready.status, "True");
+    // Nothing more happens to a finished experiment.
+    let again = run(&with(e, &p), &[order("quickstart-a1", 1, ended("Succeeded", 10, 0.25))], vec![], 50);
+    assert_eq!(again.create_order, None);
+    assert_eq!(again.status.attempts, 1);
+}
+
+#[test]
+fn dependencies_and_suspend_hold_the_first_attempt() {
+    let mut e = exp();
+    e.spec.depends_on = vec!["features".into()];
+    let p = run(&e, &[], vec![("features".into(), Some(P::Running))], 0);
+    assert_eq!(p.status.phase, Some(P::Waiting));
+    assert_eq!(p.create_order, None);
+    assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "DependencyPending");
+    let p = run(&e, &[], vec![("features".into(), None)], 0);
+    assert!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().message.contains("features (missing)"));
+    let p = run(&e, &[], vec![("features".into(), Some(P::Succeeded))], 0);
+    assert!(p.create_order.is_some());
+    let mut s = exp();
+    s.spec.suspend = true;
+    let p = run(&s, &[], vec![], 0);
+    assert_eq!((p.status.phase, p.create_order), (Some(P::Waiting), None));
+}
+
+#[test]
+fn intake_refuses_what_the_schema_cannot_see() {
+    let mut e = exp();
+    e.spec.order.policy = "nope".into();
+    let p = run(&e, &[], vec![], 0);
+    assert_eq!(p.create_order, None);
+    assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "UnknownPolicy");
+    let mut w = exp();
+    w.spec.worker_affinity =
+        Some(ep_api::experiment::WorkerAffinity { runtime: "runpod".into(), workers: vec!["runpod-2".into()] });
+    let p = run(&w, &[], vec![], 0);
+    assert_eq!(p.create_order, None);
+    assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "WorkerMismatch");
+}
+
+#[test]
+fn a_claimed_attempt_whose_order_is_missing_recreates_the_same_order() {
+    let e = with(exp(), &run(&exp(), &[], vec![], 0));
+    let run_id = e.status.as_ref().unwrap().current_attempt.as_ref().unwrap().run_id.clone();
+    let p = run(&e, &[], vec![], 5);
+    assert_eq!(p.create_order, Some(("quickstart-a1".into(), 1)));
+    assert_eq!(p.status.current_attempt.unwrap().run_id, run_id, "same claim, same run id: the order adopts");
+}
+
+#[test]
+fn the_registry_lag_shows_as_a_condition() {
+    let settings = Settings::embedded_default();
+    let e = exp();
+    let p = decide(&Observed {
+        exp: &e,
+        orders: vec![],
+        deps: vec![],
+        settings: &settings,
+        registry_behind: Some("3 writes wait".into()),
+        now: t(0),
+    });
+    let c = find_condition(&p.status.conditions, CONDITION_REGISTRY).unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "RegistryUnavailable"));
+}

@@ -1,0 +1,198 @@
+//! Gates and failure modes across real processes (PostgreSQL, runpod-sim, kube-sim, ep-operator,
+//! kubectl): each test fails if the protection it names is removed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ep_operator::runpod::{ClientOptions, PodSpec, RunPodApi, RunPodClient};
+use ep_testkit::stack::{FAST_SETTINGS, Stack, StackOptions};
+use serde_json::{Value, json};
+
+const NS: &str = "ep-quickstart";
+const LONG: Duration = Duration::from_secs(120);
+
+fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn experiment(name: &str, policy: &str, epochs: u32, sleep: f64, attempts: u32) -> String {
+    format!(
+        r#"apiVersion: ep.dev/v1alpha1
+kind: Experiment
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
+  payload: {{configMap: {{name: quickstart-code}}}}
+  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
+  gpu: {{types: [rtx-pro-4500], count: 1, cloudType: SECURE}}
+  order: {{policy: {policy}, workerId: runpod-1, providerRef: default}}
+  retry: {{maxAttempts: {attempts}}}
+  checkpoints: {{retention: Discard, path: checkpoints/}}
+  results: {{file: results.json, metrics: [f1, auc]}}
+"#
+    )
+}
+
+fn cond(o: Option<&Value>, type_: &str) -> Option<Value> {
+    o?["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
+}
+
+fn phase(o: Option<&Value>) -> String {
+    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
+}
+
+async fn live_pods(stack: &Stack) -> Vec<Value> {
+    let world = stack.world().await.unwrap();
+    world["pods"].as_object().cloned().unwrap_or_default().into_values().filter(|p| p["desiredStatus"] != "TERMINATED").collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_readiness_names_the_problem_and_never_the_secret() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let ready = stack
+        .wait_for("rpp", None, "default", LONG, "Ready", |o| cond(o, "Ready").is_some_and(|c| c["status"] == "True"))
+        .unwrap()
+        .unwrap();
+    assert!(cond(Some(&ready), "Ready").unwrap()["message"].as_str().unwrap().contains("tgb8bx6fwl"));
+    // A wrong API key.
+    stack.kubectl(&["patch", "secret", "runpod", "-n", "ep-system", "--type", "merge", "-p", r#"{"stringData":{"apiKey":"rpa_WRONGKEY123"}}"#]).unwrap();
+    let bad = stack
+        .wait_for("rpp", None, "default", LONG, "BadApiKey", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "BadApiKey"))
+        .unwrap()
+        .unwrap();
+    let text = serde_json::to_string(&bad).unwrap();
+    assert!(!text.contains("rpa_WRONGKEY123") && !text.contains(&stack.runpod.get("api_key")), "a secret leaked: {text}");
+    let msg = cond(Some(&bad), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("ep-system/runpod"), "{msg}");
+    // The right key, but a volume the account does not have.
+    let key = stack.runpod.get("api_key");
+    stack.kubectl(&["patch", "secret", "runpod", "-n", "ep-system", "--type", "merge", "-p", &format!(r#"{{"stringData":{{"apiKey":"{key}"}}}}"#)]).unwrap();
+    stack.kubectl(&["patch", "rpp", "default", "--type", "merge", "-p", r#"{"spec":{"networkVolume":{"id":"nosuchvol"}}}"#]).unwrap();
+    let missing = stack
+        .wait_for("rpp", None, "default", LONG, "VolumeMissing", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "VolumeMissing"))
+        .unwrap()
+        .unwrap();
+    let msg = cond(Some(&missing), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("nosuchvol") && msg.contains("tgb8bx6fwl"), "names the wrong id and the ones that exist: {msg}");
+    // An order for a provider that is not ready waits without spending.
+    stack.apply(&experiment("waits", "smoke", 2, 0.0, 1)).unwrap();
+    let order = stack
+        .wait_for("rpo", Some(NS), "waits-a1", LONG, "ProviderNotReady", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "ProviderNotReady"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(order["status"]["phase"], "REQUESTED");
+    assert!(live_pods(&stack).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.apply(&experiment("gated", "paper_train", 200, 0.2, 1)).unwrap();
+    let order = stack
+        .wait_for("rpo", Some(NS), "gated-a1", LONG, "AwaitingApproval", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(order["status"]["phase"], "REQUESTED");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(live_pods(&stack).await.is_empty(), "nothing is paid for before approval");
+    let exp = stack.get("exp", Some(NS), "gated").unwrap();
+    assert_eq!(cond(exp.as_ref(), "Ready").unwrap()["reason"], "AwaitingApproval", "the experiment says why it waits");
+
+    stack.kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"approved":true,"approvedBy":"alice"}}"#]).unwrap();
+    stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
+    assert_eq!(live_pods(&stack).await.len(), 1);
+    let err = stack
+        .kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"approved":false}}"#])
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be withdrawn"), "{err}");
+
+    stack.kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"stop":{"reason":"wrong learning rate"}}}"#]).unwrap();
+    let order = stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
+    assert_eq!(order["status"]["drainReason"], "StopRequested");
+    assert_eq!(order["status"]["outcome"]["state"], "Stopped", "{}", order["status"]);
+    assert!(live_pods(&stack).await.is_empty());
+    let exp = stack.wait_for("exp", Some(NS), "gated", LONG, "Failed", |o| phase(o) == "Failed").unwrap().unwrap();
+    assert_eq!(exp["status"]["history"][0]["outcome"], "Stopped");
+    assert_eq!(cond(Some(&exp), "Ready").unwrap()["reason"], "Stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_runtime_never_appears_is_terminated_at_the_deadline() {
+    init();
+    let settings = FAST_SETTINGS.replace("runtimeStartDeadline: 2m", "runtimeStartDeadline: 4s");
+    let stack = Stack::start(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.faults(json!({"runtimeNeverAppears": true})).await.unwrap();
+    stack.apply(&experiment("stuck", "smoke", 2, 0.0, 1)).unwrap();
+    let order = stack.wait_for("rpo", Some(NS), "stuck-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
+    assert_eq!(order["status"]["drainReason"], "RuntimeNeverAppeared", "{}", order["status"]);
+    assert_eq!(order["status"]["outcome"]["state"], "Failed");
+    assert!(live_pods(&stack).await.is_empty(), "the stuck pod was terminated");
+    let exp = stack.wait_for("exp", Some(NS), "stuck", LONG, "Failed", |o| phase(o) == "Failed").unwrap().unwrap();
+    assert_eq!(exp["status"]["registryStatus"], "FAILED");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let client = RunPodClient::new(
+        ep_api::provider::Transport::Graphql,
+        &stack.runpod.get("api"),
+        &stack.runpod.get("api_key"),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    let by_hand = client
+        .create_pod(&PodSpec {
+            name: "notebook-by-hand".into(),
+            image: "runpod/pytorch".into(),
+            gpu_type_id: "NVIDIA L4".into(),
+            gpu_count: 1,
+            cloud_type: ep_api::CloudType::Secure,
+            data_center_id: Some("EU-RO-1".into()),
+            network_volume_id: None,
+            volume_mount_path: "/workspace".into(),
+            container_disk_gb: 20,
+            env: BTreeMap::new(),
+            ports: vec![],
+            start_command: None,
+            terminate_after: None,
+        })
+        .await
+        .unwrap();
+    let provider = stack
+        .wait_for("rpp", None, "default", LONG, "orphan reported", |o| {
+            o.and_then(|o| o["status"]["orphanPods"].as_array().cloned()).unwrap_or_default().iter().any(|p| p == by_hand.id.as_str())
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(provider["status"]["orphanPods"].as_array().unwrap().len(), 1);
+    // An experiment runs beside it; its own pod is never counted as an orphan and the orphan is never adopted.
+    stack.apply(&experiment("beside", "smoke", 3, 0.0, 1)).unwrap();
+    let exp = stack.wait_for("exp", Some(NS), "beside", LONG, "Succeeded", |o| phase(o) == "Succeeded").unwrap().unwrap();
+    assert_ne!(exp["status"]["history"][0]["podId"], by_hand.id.as_str());
+    let live = live_pods(&stack).await;
+    assert_eq!(live.len(), 1, "the orphan is reported, not terminated (orphans.action: Report)");
+    let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let orphan: Option<bool> = sqlx::query_scalar("SELECT orphan FROM exp_registry.provider_instances WHERE pod_id = $1")
+            .bind(&by_hand.id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if orphan == Some(true) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphan never reached the registry");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
