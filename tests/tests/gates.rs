@@ -45,7 +45,13 @@ fn phase(o: Option<&Value>) -> String {
 
 async fn live_pods(stack: &Stack) -> Vec<Value> {
     let world = stack.world().await.unwrap();
-    world["pods"].as_object().cloned().unwrap_or_default().into_values().filter(|p| p["desiredStatus"] != "TERMINATED").collect()
+    world["pods"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
+        .into_values()
+        .filter(|p| p["desiredStatus"] != "TERMINATED")
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,29 +65,75 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
         .unwrap();
     assert!(cond(Some(&ready), "Ready").unwrap()["message"].as_str().unwrap().contains("tgb8bx6fwl"));
     // A wrong API key.
-    stack.kubectl(&["patch", "secret", "runpod", "-n", "ep-system", "--type", "merge", "-p", r#"{"stringData":{"apiKey":"rpa_WRONGKEY123"}}"#]).unwrap();
+    stack
+        .kubectl(&[
+            "patch",
+            "secret",
+            "runpod",
+            "-n",
+            "ep-system",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"stringData":{"apiKey":"rpa_WRONGKEY123"}}"#,
+        ])
+        .unwrap();
     let bad = stack
-        .wait_for("rpp", None, "default", LONG, "BadApiKey", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "BadApiKey"))
+        .wait_for("rpp", None, "default", LONG, "BadApiKey", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "BadApiKey")
+        })
         .unwrap()
         .unwrap();
     let text = serde_json::to_string(&bad).unwrap();
-    assert!(!text.contains("rpa_WRONGKEY123") && !text.contains(&stack.runpod.get("api_key")), "a secret leaked: {text}");
+    assert!(
+        !text.contains("rpa_WRONGKEY123") && !text.contains(&stack.runpod.get("api_key")),
+        "a secret leaked: {text}"
+    );
     let msg = cond(Some(&bad), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
     assert!(msg.contains("ep-system/runpod"), "{msg}");
     // The right key, but a volume the account does not have.
     let key = stack.runpod.get("api_key");
-    stack.kubectl(&["patch", "secret", "runpod", "-n", "ep-system", "--type", "merge", "-p", &format!(r#"{{"stringData":{{"apiKey":"{key}"}}}}"#)]).unwrap();
-    stack.kubectl(&["patch", "rpp", "default", "--type", "merge", "-p", r#"{"spec":{"networkVolume":{"id":"nosuchvol"}}}"#]).unwrap();
+    stack
+        .kubectl(&[
+            "patch",
+            "secret",
+            "runpod",
+            "-n",
+            "ep-system",
+            "--type",
+            "merge",
+            "-p",
+            &format!(r#"{{"stringData":{{"apiKey":"{key}"}}}}"#),
+        ])
+        .unwrap();
+    stack
+        .kubectl(&[
+            "patch",
+            "rpp",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"networkVolume":{"id":"nosuchvol"}}}"#,
+        ])
+        .unwrap();
     let missing = stack
-        .wait_for("rpp", None, "default", LONG, "VolumeMissing", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "VolumeMissing"))
+        .wait_for("rpp", None, "default", LONG, "VolumeMissing", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "VolumeMissing")
+        })
         .unwrap()
         .unwrap();
     let msg = cond(Some(&missing), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
-    assert!(msg.contains("nosuchvol") && msg.contains("tgb8bx6fwl"), "names the wrong id and the ones that exist: {msg}");
+    assert!(
+        msg.contains("nosuchvol") && msg.contains("tgb8bx6fwl"),
+        "names the wrong id and the ones that exist: {msg}"
+    );
     // An order for a provider that is not ready waits without spending.
     stack.apply(&experiment("waits", "smoke", 2, 0.0, 1)).unwrap();
     let order = stack
-        .wait_for("rpo", Some(NS), "waits-a1", LONG, "ProviderNotReady", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "ProviderNotReady"))
+        .wait_for("rpo", Some(NS), "waits-a1", LONG, "ProviderNotReady", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "ProviderNotReady")
+        })
         .unwrap()
         .unwrap();
     assert_eq!(order["status"]["phase"], "REQUESTED");
@@ -95,7 +147,9 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     stack.apply_quickstart(false).unwrap();
     stack.apply(&experiment("gated", "paper_train", 200, 0.2, 1)).unwrap();
     let order = stack
-        .wait_for("rpo", Some(NS), "gated-a1", LONG, "AwaitingApproval", |o| cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval"))
+        .wait_for("rpo", Some(NS), "gated-a1", LONG, "AwaitingApproval", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval")
+        })
         .unwrap()
         .unwrap();
     assert_eq!(order["status"]["phase"], "REQUESTED");
@@ -104,7 +158,19 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     let exp = stack.get("exp", Some(NS), "gated").unwrap();
     assert_eq!(cond(exp.as_ref(), "Ready").unwrap()["reason"], "AwaitingApproval", "the experiment says why it waits");
 
-    stack.kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"approved":true,"approvedBy":"alice"}}"#]).unwrap();
+    stack
+        .kubectl(&[
+            "patch",
+            "rpo",
+            "gated-a1",
+            "-n",
+            NS,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"approved":true,"approvedBy":"alice"}}"#,
+        ])
+        .unwrap();
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     assert_eq!(live_pods(&stack).await.len(), 1);
     let err = stack
@@ -112,8 +178,21 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
         .unwrap_err();
     assert!(err.to_string().contains("cannot be withdrawn"), "{err}");
 
-    stack.kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"stop":{"reason":"wrong learning rate"}}}"#]).unwrap();
-    let order = stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
+    stack
+        .kubectl(&[
+            "patch",
+            "rpo",
+            "gated-a1",
+            "-n",
+            NS,
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"stop":{"reason":"wrong learning rate"}}}"#,
+        ])
+        .unwrap();
+    let order =
+        stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
     assert_eq!(order["status"]["drainReason"], "StopRequested");
     assert_eq!(order["status"]["outcome"]["state"], "Stopped", "{}", order["status"]);
     assert!(live_pods(&stack).await.is_empty());
@@ -130,7 +209,8 @@ async fn a_pod_whose_runtime_never_appears_is_terminated_at_the_deadline() {
     stack.apply_quickstart(false).unwrap();
     stack.faults(json!({"runtimeNeverAppears": true})).await.unwrap();
     stack.apply(&experiment("stuck", "smoke", 2, 0.0, 1)).unwrap();
-    let order = stack.wait_for("rpo", Some(NS), "stuck-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
+    let order =
+        stack.wait_for("rpo", Some(NS), "stuck-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
     assert_eq!(order["status"]["drainReason"], "RuntimeNeverAppeared", "{}", order["status"]);
     assert_eq!(order["status"]["outcome"]["state"], "Failed");
     assert!(live_pods(&stack).await.is_empty(), "the stuck pod was terminated");
@@ -170,25 +250,30 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
         .unwrap();
     let provider = stack
         .wait_for("rpp", None, "default", LONG, "orphan reported", |o| {
-            o.and_then(|o| o["status"]["orphanPods"].as_array().cloned()).unwrap_or_default().iter().any(|p| p == by_hand.id.as_str())
+            o.and_then(|o| o["status"]["orphanPods"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p == by_hand.id.as_str())
         })
         .unwrap()
         .unwrap();
     assert_eq!(provider["status"]["orphanPods"].as_array().unwrap().len(), 1);
     // An experiment runs beside it; its own pod is never counted as an orphan and the orphan is never adopted.
     stack.apply(&experiment("beside", "smoke", 3, 0.0, 1)).unwrap();
-    let exp = stack.wait_for("exp", Some(NS), "beside", LONG, "Succeeded", |o| phase(o) == "Succeeded").unwrap().unwrap();
+    let exp =
+        stack.wait_for("exp", Some(NS), "beside", LONG, "Succeeded", |o| phase(o) == "Succeeded").unwrap().unwrap();
     assert_ne!(exp["status"]["history"][0]["podId"], by_hand.id.as_str());
     let live = live_pods(&stack).await;
     assert_eq!(live.len(), 1, "the orphan is reported, not terminated (orphans.action: Report)");
     let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
     let deadline = std::time::Instant::now() + LONG;
     loop {
-        let orphan: Option<bool> = sqlx::query_scalar("SELECT orphan FROM exp_registry.provider_instances WHERE pod_id = $1")
-            .bind(&by_hand.id)
-            .fetch_optional(&pool)
-            .await
-            .unwrap();
+        let orphan: Option<bool> =
+            sqlx::query_scalar("SELECT orphan FROM exp_registry.provider_instances WHERE pod_id = $1")
+                .bind(&by_hand.id)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
         if orphan == Some(true) {
             break;
         }

@@ -329,8 +329,11 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
         });
     }
     let exp = pass.experiment().await?;
-    let max_runtime =
-        exp.as_ref().and_then(|e| e.spec.limits.as_ref()).and_then(|l| l.max_runtime.as_ref()).map(ep_api::GoDuration::get);
+    let max_runtime = exp
+        .as_ref()
+        .and_then(|e| e.spec.limits.as_ref())
+        .and_then(|l| l.max_runtime.as_ref())
+        .map(ep_api::GoDuration::get);
     let max_cost = exp.as_ref().and_then(|e| e.spec.limits.as_ref()).and_then(|l| l.max_cost_usd);
     let policy_lifetime = settings
         .policy(&pass.order.spec.policy)

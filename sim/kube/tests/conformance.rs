@@ -607,7 +607,10 @@ async fn events_written_through_events_k8s_io_show_in_core_v1() {
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{list}");
     let e = &items[0];
-    assert_eq!((e["reason"].as_str(), e["message"].as_str(), e["type"].as_str()), (Some("PodBound"), Some("pod 1 serves run r"), Some("Normal")));
+    assert_eq!(
+        (e["reason"].as_str(), e["message"].as_str(), e["type"].as_str()),
+        (Some("PodBound"), Some("pod 1 serves run r"), Some("Normal"))
+    );
     assert_eq!(e["involvedObject"]["kind"], "Widget");
     assert_eq!(e["firstTimestamp"], "2026-11-30T07:00:00Z");
     assert_eq!(e["source"]["component"], "ep-operator");
