@@ -53,9 +53,27 @@ pub struct OperatorProcess {
     child: Child,
     pub metrics_url: String,
     pub log: PathBuf,
+    port: u16,
 }
 
 impl OperatorProcess {
+    /// GET on the operator's health and metrics server: status code and body.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(self.port, path)
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as exported), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics")?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL: no shutdown path runs (a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -118,6 +136,27 @@ impl Stack {
 
     /// Starts (or restarts) the operator binary and waits until /readyz answers.
     pub fn start_operator(&mut self) -> Result<&OperatorProcess, HarnessError> {
+        let mut op = self.spawn_operator(&[])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = op.child.try_wait() {
+                return Err(HarnessError::Setup(format!("ep-operator exited with {status}:\n{}", tail(&op.log, 40))));
+            }
+            if op.get("/readyz").is_some_and(|(code, _)| code == 200) {
+                break;
+            }
+            if Instant::now() > deadline {
+                op.kill();
+                return Err(HarnessError::Setup(format!("ep-operator never became ready:\n{}", tail(&op.log, 40))));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.operator = Some(op);
+        self.operator.as_ref().ok_or_else(|| HarnessError::Setup("no operator".into()))
+    }
+
+    /// Spawns one more operator process with `extra` arguments, without waiting for it.
+    pub fn spawn_operator(&mut self, extra: &[&str]) -> Result<OperatorProcess, HarnessError> {
         self.operator_starts += 1;
         let port = free_port().map_err(HarnessError::io("free port"))?;
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
@@ -135,29 +174,14 @@ impl Stack {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--runner-binary")
             .arg(workspace_bin("ep-runner")?)
+            .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
+            .env("NO_COLOR", "1")
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
             .map_err(HarnessError::io("start ep-operator"))?;
-        let metrics_url = format!("http://127.0.0.1:{port}");
-        let mut op = OperatorProcess { child, metrics_url, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = op.child.try_wait() {
-                return Err(HarnessError::Setup(format!("ep-operator exited with {status}:\n{}", tail(&op.log, 40))));
-            }
-            if http_ok(port, "/readyz") {
-                break;
-            }
-            if Instant::now() > deadline {
-                op.kill();
-                return Err(HarnessError::Setup(format!("ep-operator never became ready:\n{}", tail(&op.log, 40))));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        self.operator = Some(op);
-        self.operator.as_ref().ok_or_else(|| HarnessError::Setup("no operator".into()))
+        Ok(OperatorProcess { child, metrics_url: format!("http://127.0.0.1:{port}"), log, port })
     }
 
     /// The operator's log so far (every start), for failure messages.
@@ -306,16 +330,17 @@ fn fastrand_name() -> String {
     format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))
 }
 
-fn http_ok(port: u16, path: &str) -> bool {
+/// A blocking HTTP/1.0 GET (the harness has no runtime of its own here).
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).is_err() {
-        return false;
-    }
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).ok()?;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned());
+    Some((code, body))
 }
 
 /// The last `n` lines of a file.

@@ -206,13 +206,10 @@ impl<'a> Pass<'a> {
             data_center: self.st.data_center.clone(),
             cost_per_hr: self.st.cost_per_hour,
             accrued_usd: self.st.accrued_cost_usd,
-            deleted_at: self
-                .order
-                .meta()
-                .deletion_timestamp
-                .as_ref()
-                .map(time::from_k8s)
-                .or_else(|| (self.st.phase == Some(OrderPhase::Deleted)).then_some(self.now)),
+            deleted_at: self.order.meta().deletion_timestamp.as_ref().map(time::from_k8s).or_else(|| {
+                // The DELETED transition's time: stable across passes, so the row is written once.
+                self.st.transitions.iter().rev().find(|t| t.phase == OrderPhase::Deleted).map(|t| time::from_k8s(&t.at))
+            }),
             extra: json!({}),
         }
     }

@@ -1,0 +1,123 @@
+//! The operator process itself: leader election between replicas, and one shared pod list per
+//! provider however many orders poll it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use ep_testkit::stack::{OperatorProcess, Stack, StackOptions};
+use serde_json::Value;
+
+const NS: &str = "ep-quickstart";
+
+fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+fn experiment(name: &str, epochs: u32, sleep: f64) -> String {
+    format!(
+        r#"apiVersion: ep.dev/v1alpha1
+kind: Experiment
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
+  payload: {{configMap: {{name: quickstart-code}}}}
+  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
+  gpu: {{types: [rtx-pro-4500, l4], count: 1, cloudType: SECURE}}
+  order: {{policy: smoke, workerId: runpod-1, providerRef: default}}
+  checkpoints: {{retention: Discard, path: checkpoints/}}
+  results: {{file: results.json, metrics: [f1, auc]}}
+"#
+    )
+}
+
+fn phase(o: Option<&Value>) -> String {
+    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} not reached in {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn leads(op: &OperatorProcess) -> bool {
+    op.metric("ep_leader") == Some(1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
+    init();
+    let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
+    // Replace the plain operator with two replicas electing a leader.
+    stack.operator.take().unwrap().stop();
+    let args = ["--leader-election", "--lease-namespace", "default", "--lease-name", "ep-operator"];
+    let mut a = stack.spawn_operator(&[&args[..], &["--identity", "replica-a"]].concat()).unwrap();
+    wait_until("replica-a leads", Duration::from_secs(30), || leads(&a));
+    let mut b = stack.spawn_operator(&[&args[..], &["--identity", "replica-b"]].concat()).unwrap();
+    wait_until("replica-b serves metrics", Duration::from_secs(30), || b.metric("ep_leader").is_some());
+    assert!(!leads(&b), "one leader at a time");
+    assert_eq!(b.get("/readyz").unwrap().0, 503, "a standby is not ready");
+    assert_eq!(b.get("/livez").unwrap().0, 200, "but it is alive");
+    let lease = stack.get("lease", Some("default"), "ep-operator").unwrap().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
+
+    stack.apply_quickstart(false).unwrap();
+    stack.apply(&experiment("led", 3, 0.0)).unwrap();
+    stack.wait_for("exp", Some(NS), "led", Duration::from_secs(120), "Succeeded", |o| phase(o) == "Succeeded").unwrap();
+    assert_eq!(
+        b.metric("ep_reconciles_total{kind=\"Experiment\"}").unwrap_or(0.0),
+        0.0,
+        "the standby never reconciled"
+    );
+    assert!(a.metric("ep_reconciles_total{kind=\"Experiment\"}").unwrap() > 0.0);
+
+    // The leader dies without releasing the lease: the standby takes over once it expires.
+    a.kill();
+    assert!(!a.running());
+    wait_until("replica-b leads", Duration::from_secs(60), || leads(&b));
+    wait_until("replica-b ready", Duration::from_secs(10), || b.get("/readyz").is_some_and(|(c, _)| c == 200));
+    stack.apply(&experiment("after", 3, 0.0)).unwrap();
+    stack
+        .wait_for("exp", Some(NS), "after", Duration::from_secs(120), "Succeeded", |o| phase(o) == "Succeeded")
+        .unwrap();
+    assert!(b.running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_share_one_pod_list_per_poll_interval() {
+    init();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let names = ["share-1", "share-2", "share-3"];
+    for n in names {
+        stack.apply(&experiment(n, 40, 0.5)).unwrap();
+    }
+    for n in names {
+        let order = format!("{n}-a1");
+        stack
+            .wait_for("rpo", Some(NS), &order, Duration::from_secs(120), "RUNNER_ONLINE", |o| {
+                phase(o) == "RUNNER_ONLINE"
+            })
+            .unwrap();
+    }
+    let op = stack.operator.as_ref().unwrap();
+    let series = "ep_runpod_calls_total{operation=\"list_pods\",outcome=\"ok\"}";
+    let before = op.metric(series).unwrap();
+    let window = Duration::from_secs(6);
+    tokio::time::sleep(window).await;
+    for n in names {
+        assert_eq!(
+            phase(stack.get("rpo", Some(NS), &format!("{n}-a1")).unwrap().as_ref()),
+            "RUNNER_ONLINE",
+            "still running"
+        );
+    }
+    let calls = op.metric(series).unwrap() - before;
+    // Poll interval 1s: about one list per second for all three orders together; one list per
+    // order per poll would make at least 18.
+    assert!(calls <= 8.0, "{calls} list calls in {window:?} for 3 running orders");
+    assert!(calls >= 3.0, "the orders are polled: {calls}");
+}
