@@ -1,4 +1,7 @@
-//! `kubectl-ep`: the kubectl plugin for what YAML cannot do well. Today: `push`.
+//! `kubectl-ep`: the kubectl plugin for what YAML cannot do well: push a payload, approve an
+//! order, stop a run.
+
+mod orders;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,6 +24,23 @@ struct Cli {
 enum Command {
     /// Sync a payload directory to the network volume and print its digest for spec.payload.digest.
     Push(PushArgs),
+    /// Approve an order's spending (sets spec.approved and spec.approvedBy).
+    Approve {
+        /// The RunPodOrder.
+        order: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Drain a run: its results are collected and verified, then the pod is deleted.
+    Stop {
+        /// A RunPodOrder, or an Experiment (its current order is stopped).
+        name: String,
+        /// Why, as a person would say it; kept in status and the registry.
+        #[arg(long)]
+        reason: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -157,6 +177,17 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Push(args) => rt.block_on(run_push(args)),
+        Command::Approve { order, namespace } => rt.block_on(async {
+            let (client, ns, user) = orders::connect(namespace).await?;
+            orders::approve(client, &ns, &order, &user).await
+        }),
+        Command::Stop { name, reason, namespace } => rt.block_on(async {
+            if reason.trim().is_empty() {
+                return Err("--reason must say why the run stops".to_owned());
+            }
+            let (client, ns, _) = orders::connect(namespace).await?;
+            orders::stop(client, &ns, &name, &reason).await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,6 +197,28 @@ impl Stack {
         kubectl(&self.kubeconfig(), args)
     }
 
+    /// Runs kubectl with this workspace's `kubectl-ep` on PATH, so `kubectl ep ...` works as a plugin.
+    pub fn kubectl_ep(&self, args: &[&str]) -> Result<String, HarnessError> {
+        let plugin = workspace_bin("kubectl-ep")?;
+        let dir = plugin.parent().map(Path::to_path_buf).unwrap_or_default();
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new(tools::kubectl()?)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("PATH", path)
+            .arg("ep")
+            .args(args)
+            .output()
+            .map_err(HarnessError::io("run kubectl ep"))?;
+        if !out.status.success() {
+            return Err(HarnessError::Setup(format!(
+                "kubectl ep {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Copies `dir`'s YAML files with the provider and its Secrets pointed at runpod-sim (the only
     /// edit a user makes: their endpoints and keys) and returns the staged directory.
     pub fn stage(&self, dir: &Path) -> Result<PathBuf, HarnessError> {

@@ -158,19 +158,10 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     let exp = stack.get("exp", Some(NS), "gated").unwrap();
     assert_eq!(cond(exp.as_ref(), "Ready").unwrap()["reason"], "AwaitingApproval", "the experiment says why it waits");
 
-    stack
-        .kubectl(&[
-            "patch",
-            "rpo",
-            "gated-a1",
-            "-n",
-            NS,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"approved":true,"approvedBy":"alice"}}"#,
-        ])
-        .unwrap();
+    let out = stack.kubectl_ep(&["approve", "gated-a1", "-n", NS]).unwrap();
+    assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by"), "{out}");
+    let order = stack.get("rpo", Some(NS), "gated-a1").unwrap().unwrap();
+    assert!(order["spec"]["approvedBy"].as_str().is_some_and(|s| !s.is_empty()));
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     assert_eq!(live_pods(&stack).await.len(), 1);
     let err = stack
@@ -178,19 +169,8 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
         .unwrap_err();
     assert!(err.to_string().contains("cannot be withdrawn"), "{err}");
 
-    stack
-        .kubectl(&[
-            "patch",
-            "rpo",
-            "gated-a1",
-            "-n",
-            NS,
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"stop":{"reason":"wrong learning rate"}}}"#,
-        ])
-        .unwrap();
+    let out = stack.kubectl_ep(&["stop", "gated", "-n", NS, "--reason", "wrong learning rate"]).unwrap();
+    assert!(out.contains("runpodorder.ep.dev/gated-a1 stopping"), "an experiment name stops its current order: {out}");
     let order =
         stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
     assert_eq!(order["status"]["drainReason"], "StopRequested");
