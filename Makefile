@@ -5,7 +5,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build test sandbox crds examples deps fmt lint unit clean bench-sync runner-static
+.PHONY: all build test sandbox crds manifests examples deps fmt lint unit clean bench-sync runner-static
 
 all: build
 
@@ -37,8 +37,13 @@ runner-static: ## ep-runner as one static binary (glibc, static-pie) for any pod
 	$(CARGO) rustc --locked --release -p ep-runner --bin ep-runner -- -C target-feature=+crt-static
 	@file target/release/ep-runner
 
-crds: ## regenerate crds/ from the types in api/
+crds: ## regenerate crds/ (and the chart's copy) from the types in api/
 	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir crds
+	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir charts/ep-operator/files/crds
+
+manifests: deps ## re-render manifests/base from the chart's defaults (a test keeps them in sync)
+	{ echo '# Rendered from charts/ep-operator with its default values by `make manifests`; a test fails when it is stale.'; \
+	  .tools/bin/helm template ep-operator charts/ep-operator --namespace ep-system; } > manifests/base/ep-operator.yaml
 
 examples: deps ## regenerate the quickstart's code ConfigMap from train.py
 	{ echo '# Generated from train.py by `make examples`; a test fails when it is stale.'; \

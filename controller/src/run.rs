@@ -93,6 +93,12 @@ async fn kube_client(opts: &RunOptions) -> Result<kube::Client, Box<dyn std::err
         }
         None => kube::Config::infer().await?,
     };
+    let mut config = config;
+    // Named in the API server's audit log (and in kube-sim's, which the RBAC test reads).
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("ep-operator/", env!("CARGO_PKG_VERSION"))),
+    ));
     Ok(kube::Client::try_from(config)?)
 }
 

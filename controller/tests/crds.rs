@@ -29,6 +29,15 @@ fn crds_dir_matches_the_types() {
 }
 
 #[test]
+fn the_chart_carries_the_same_crds() {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/ep-operator/files/crds");
+    for (name, yaml) in ep_operator::crdgen::crd_files().unwrap() {
+        let disk = std::fs::read_to_string(chart.join(&name)).unwrap_or_default();
+        assert!(disk == yaml, "charts/ep-operator/files/crds/{name} is stale: run `make crds` and commit the result");
+    }
+}
+
+#[test]
 fn crd_command_prints_what_crds_dir_holds() {
     let out = Command::new(env!("CARGO_BIN_EXE_ep-operator")).arg("crd").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

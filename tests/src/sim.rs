@@ -88,12 +88,23 @@ pub struct KubeSimProcess {
 impl KubeSimProcess {
     /// Starts kube-sim with the CRDs of `crds` loaded.
     pub fn start(crds: Option<&std::path::Path>) -> Result<Self, HarnessError> {
+        Self::start_audited(crds, None)
+    }
+
+    /// Starts kube-sim recording every resource request in `audit_log` (JSON lines).
+    pub fn start_audited(
+        crds: Option<&std::path::Path>,
+        audit_log: Option<&std::path::Path>,
+    ) -> Result<Self, HarnessError> {
         let dir =
             tempfile::Builder::new().prefix("kube-sim-").tempdir().map_err(HarnessError::io("create temp dir"))?;
         let mut cmd = Command::new(workspace_bin("kube-sim")?);
         cmd.arg("--kubeconfig-out").arg(dir.path().join("kubeconfig"));
         if let Some(c) = crds {
             cmd.arg("--crds").arg(c);
+        }
+        if let Some(a) = audit_log {
+            cmd.arg("--audit-log").arg(a);
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().map_err(HarnessError::io("start kube-sim"))?;

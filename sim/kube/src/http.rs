@@ -107,6 +107,31 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     }
 }
 
+/// Records one resource request as the API server's audit log would: the RBAC verb, group,
+/// resource, subresource, namespace, name and the client's User-Agent.
+fn audit(state: &Shared, method: &Method, t: &Target, q: &HashMap<String, String>, headers: &HeaderMap) {
+    let mut api = lock(state);
+    let Some(file) = api.audit.as_mut() else { return };
+    let watching = t.watch || q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method, &t.name) {
+        (&Method::GET, _) if watching => "watch",
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, None) => "deletecollection",
+        (&Method::DELETE, Some(_)) => "delete",
+        _ => "unknown",
+    };
+    let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let line = json!({
+        "verb": verb, "apiGroup": t.res.group, "resource": t.res.plural, "subresource": t.sub,
+        "namespace": t.namespace, "name": t.name, "userAgent": agent,
+    });
+    let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+}
+
 /// Every request goes through here.
 pub async fn dispatch(
     State(state): State<Shared>,
@@ -220,6 +245,7 @@ async fn handle(
         parse_target(&api, segs)?
     };
     let Some(t) = target else { return Err(ApiError::not_found_path(&segs.join("/"))) };
+    audit(state, method, &t, q, headers);
     let ns = t.namespace.clone().unwrap_or_default();
     let opts = WriteOptions {
         field_manager: q.get("fieldManager").cloned(),

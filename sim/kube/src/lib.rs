@@ -31,6 +31,9 @@ pub struct Options {
     pub crds: Option<PathBuf>,
     /// Watch events kept for resuming watches; older resource versions get 410 Gone.
     pub history: usize,
+    /// Append every resource request to this file as a JSON line (verb, apiGroup, resource,
+    /// subresource, namespace, name, userAgent), e.g. to check RBAC rules against real calls.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -40,6 +43,7 @@ impl Default for Options {
             kubeconfig_out: None,
             crds: None,
             history: store::HISTORY,
+            audit_log: None,
         }
     }
 }
@@ -100,7 +104,11 @@ fn load_crds(state: &http::Shared, dir: &Path) -> std::io::Result<usize> {
 
 /// Starts a kube-sim.
 pub async fn start(opts: Options) -> std::io::Result<RunningKubeSim> {
-    let state: http::Shared = Arc::new(Mutex::new(store::State::new(opts.history)));
+    let mut st = store::State::new(opts.history);
+    if let Some(path) = &opts.audit_log {
+        st.audit = Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+    }
+    let state: http::Shared = Arc::new(Mutex::new(st));
     if let Some(dir) = &opts.crds {
         load_crds(&state, dir)?;
     }

@@ -22,6 +22,9 @@ struct Cli {
     /// Load the CRDs in this directory at start.
     #[arg(long)]
     crds: Option<PathBuf>,
+    /// Append every resource request (verb, group, resource, namespace, name, User-Agent) to this file.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -38,6 +41,7 @@ async fn main() -> ExitCode {
         listen: cli.listen,
         kubeconfig_out: cli.kubeconfig_out,
         crds: cli.crds,
+        audit_log: cli.audit_log,
         ..kube_sim::Options::default()
     };
     let running = match kube_sim::start(opts).await {

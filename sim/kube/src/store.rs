@@ -41,6 +41,8 @@ pub struct State {
     pub history: VecDeque<Arc<Event>>,
     pub tx: broadcast::Sender<Arc<Event>>,
     history_cap: usize,
+    /// Where every resource request is recorded as one JSON line (see `Options::audit_log`).
+    pub audit: Option<std::fs::File>,
 }
 
 /// Request options that shape a write.
@@ -179,6 +181,7 @@ impl State {
             history: VecDeque::new(),
             tx,
             history_cap,
+            audit: None,
         };
         for ns in ["default", "kube-system", "kube-public"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
