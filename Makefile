@@ -5,7 +5,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 
-.PHONY: all build test sandbox crds manifests examples deps fmt lint unit clean bench-sync runner-static
+.PHONY: all build test sandbox image image-rootfs crds manifests examples deps fmt lint unit clean bench-sync runner-static
 
 all: build
 
@@ -32,6 +32,12 @@ bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256su
 	[ -x .tools/awscli/bin/aws ] || { python3 -m venv .tools/awscli && .tools/awscli/bin/pip install -q awscli; }
 	$(CARGO) build --locked --release -p ep-testkit --bin bench-sync -p runpod-sim --bin runpod-sim
 	./target/release/bench-sync
+
+image: ## the operator image (static ep-operator + ep-runner, FROM scratch) as an OCI archive, with buildah
+	scripts/image.sh build release
+
+image-rootfs: ## stage image/rootfs for `docker build -f Containerfile .`
+	scripts/image.sh rootfs release
 
 runner-static: ## ep-runner as one static binary (glibc, static-pie) for any pod image
 	$(CARGO) rustc --locked --release -p ep-runner --bin ep-runner -- -C target-feature=+crt-static

