@@ -186,6 +186,10 @@ pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
         tracing::warn!("no --database-url: the registry mirror is off");
     }
 
+    // Ready once the API server answers: a standby replica is ready too (it serves metrics and is
+    // ready to lead), so a two-replica rollout completes; `ep_leader` says which one acts.
+    client.apiserver_version().await.map_err(|e| format!("the Kubernetes API does not answer: {e}"))?;
+    metrics.set_ready(true);
     let mut lease_task = None;
     if opts.leader_election {
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &opts.lease_name)
@@ -324,7 +328,6 @@ pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
             s,
         )
         .for_each(|_| async {});
-    metrics.set_ready(true);
     tracing::info!(listen = %opts.listen, "ep-operator running");
     tokio::join!(providers, experiments, orders);
     metrics.set_ready(false);
