@@ -78,6 +78,21 @@ fn on_error<K: kube::Resource>(kind: &'static str, o: &K, e: &Error, s: &Shared)
     Action::requeue(wait)
 }
 
+/// Runs one reconcile; a success clears the object's error backoff.
+async fn reconcile_with<K, F, Fut>(kind: &'static str, obj: Arc<K>, s: Arc<Shared>, f: F) -> Result<Action, Error>
+where
+    K: kube::Resource,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let k = key(kind, obj.as_ref());
+    let r = f(obj, s.ctx.clone()).await;
+    if r.is_ok() {
+        s.failures.reset(&k);
+    }
+    r
+}
+
 fn shutdown_future(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
     let mut rx = rx.clone();
     async move {
@@ -276,14 +291,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_future(&stop_rx))
         .run(
-            move |o, s: Arc<Shared>| async move {
-                let k = key(provider::KIND_NAME, o.as_ref());
-                let r = provider::reconcile(o, s.ctx.clone()).await;
-                if r.is_ok() {
-                    s.failures.reset(&k);
-                }
-                r
-            },
+            |o, s| reconcile_with(provider::KIND_NAME, o, s, provider::reconcile),
             |o, e, s| on_error(provider::KIND_NAME, o.as_ref(), e, &s),
             s,
         )
@@ -298,14 +306,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_future(&stop_rx))
         .run(
-            move |o, s: Arc<Shared>| async move {
-                let k = key(experiment::KIND, o.as_ref());
-                let r = experiment::reconcile(o, s.ctx.clone()).await;
-                if r.is_ok() {
-                    s.failures.reset(&k);
-                }
-                r
-            },
+            |o, s| reconcile_with(experiment::KIND, o, s, experiment::reconcile),
             |o, e, s| on_error(experiment::KIND, o.as_ref(), e, &s),
             s,
         )
@@ -316,14 +317,7 @@ pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
         .with_config(config)
         .graceful_shutdown_on(shutdown_future(&stop_rx))
         .run(
-            move |o, s: Arc<Shared>| async move {
-                let k = key(order::KIND, o.as_ref());
-                let r = order::reconcile(o, s.ctx.clone()).await;
-                if r.is_ok() {
-                    s.failures.reset(&k);
-                }
-                r
-            },
+            |o, s| reconcile_with(order::KIND, o, s, order::reconcile),
             |o, e, s| on_error(order::KIND, o.as_ref(), e, &s),
             s,
         )

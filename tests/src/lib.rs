@@ -3,6 +3,7 @@
 //! Everything a test needs is started here, on free ports, and stopped on drop; nothing depends on
 //! a service left running by hand.
 
+pub mod e2e;
 pub mod postgres;
 pub mod sim;
 pub mod stack;

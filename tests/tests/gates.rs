@@ -7,56 +7,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ep_operator::runpod::{ClientOptions, PodSpec, RunPodApi, RunPodClient};
+use ep_testkit::e2e::{NS, condition as cond, exp, init_tls, phase};
 use ep_testkit::stack::{FAST_SETTINGS, Stack, StackOptions};
-use serde_json::{Value, json};
+use serde_json::json;
 
-const NS: &str = "ep-quickstart";
 const LONG: Duration = Duration::from_secs(120);
-
-fn init() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-fn experiment(name: &str, policy: &str, epochs: u32, sleep: f64, attempts: u32) -> String {
-    format!(
-        r#"apiVersion: ep.dev/v1alpha1
-kind: Experiment
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
-  payload: {{configMap: {{name: quickstart-code}}}}
-  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
-  gpu: {{types: [rtx-pro-4500], count: 1, cloudType: SECURE}}
-  order: {{policy: {policy}, workerId: runpod-1, providerRef: default}}
-  retry: {{maxAttempts: {attempts}}}
-  checkpoints: {{retention: Discard, path: checkpoints/}}
-  results: {{file: results.json, metrics: [f1, auc]}}
-"#
-    )
-}
-
-fn cond(o: Option<&Value>, type_: &str) -> Option<Value> {
-    o?["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
-}
-
-fn phase(o: Option<&Value>) -> String {
-    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
-}
-
-async fn live_pods(stack: &Stack) -> Vec<Value> {
-    let world = stack.world().await.unwrap();
-    world["pods"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default()
-        .into_values()
-        .filter(|p| p["desiredStatus"] != "TERMINATED")
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_readiness_names_the_problem_and_never_the_secret() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     let ready = stack
@@ -129,7 +88,7 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
         "names the wrong id and the ones that exist: {msg}"
     );
     // An order for a provider that is not ready waits without spending.
-    stack.apply(&experiment("waits", "smoke", 2, 0.0, 1)).unwrap();
+    stack.apply(&exp("waits").policy("smoke").epochs(2, 0.0).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml()).unwrap();
     let order = stack
         .wait_for("rpo", Some(NS), "waits-a1", LONG, "ProviderNotReady", |o| {
             cond(o, "Ready").is_some_and(|c| c["reason"] == "ProviderNotReady")
@@ -137,15 +96,17 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
         .unwrap()
         .unwrap();
     assert_eq!(order["status"]["phase"], "REQUESTED");
-    assert!(live_pods(&stack).await.is_empty());
+    assert!(stack.live_pods().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
-    stack.apply(&experiment("gated", "paper_train", 200, 0.2, 1)).unwrap();
+    stack
+        .apply(&exp("gated").policy("paper_train").epochs(200, 0.2).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml())
+        .unwrap();
     let order = stack
         .wait_for("rpo", Some(NS), "gated-a1", LONG, "AwaitingApproval", |o| {
             cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval")
@@ -154,7 +115,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
         .unwrap();
     assert_eq!(order["status"]["phase"], "REQUESTED");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(live_pods(&stack).await.is_empty(), "nothing is paid for before approval");
+    assert!(stack.live_pods().await.unwrap().is_empty(), "nothing is paid for before approval");
     let exp = stack.get("exp", Some(NS), "gated").unwrap();
     assert_eq!(cond(exp.as_ref(), "Ready").unwrap()["reason"], "AwaitingApproval", "the experiment says why it waits");
 
@@ -163,7 +124,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     let order = stack.get("rpo", Some(NS), "gated-a1").unwrap().unwrap();
     assert!(order["spec"]["approvedBy"].as_str().is_some_and(|s| !s.is_empty()));
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
-    assert_eq!(live_pods(&stack).await.len(), 1);
+    assert_eq!(stack.live_pods().await.unwrap().len(), 1);
     let err = stack
         .kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"approved":false}}"#])
         .unwrap_err();
@@ -175,7 +136,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
         stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
     assert_eq!(order["status"]["drainReason"], "StopRequested");
     assert_eq!(order["status"]["outcome"]["state"], "Stopped", "{}", order["status"]);
-    assert!(live_pods(&stack).await.is_empty());
+    assert!(stack.live_pods().await.unwrap().is_empty());
     let exp = stack.wait_for("exp", Some(NS), "gated", LONG, "Failed", |o| phase(o) == "Failed").unwrap().unwrap();
     assert_eq!(exp["status"]["history"][0]["outcome"], "Stopped");
     assert_eq!(cond(Some(&exp), "Ready").unwrap()["reason"], "Stopped");
@@ -183,24 +144,24 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_whose_runtime_never_appears_is_terminated_at_the_deadline() {
-    init();
+    init_tls();
     let settings = FAST_SETTINGS.replace("runtimeStartDeadline: 2m", "runtimeStartDeadline: 4s");
     let stack = Stack::start(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     stack.faults(json!({"runtimeNeverAppears": true})).await.unwrap();
-    stack.apply(&experiment("stuck", "smoke", 2, 0.0, 1)).unwrap();
+    stack.apply(&exp("stuck").policy("smoke").epochs(2, 0.0).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml()).unwrap();
     let order =
         stack.wait_for("rpo", Some(NS), "stuck-a1", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap().unwrap();
     assert_eq!(order["status"]["drainReason"], "RuntimeNeverAppeared", "{}", order["status"]);
     assert_eq!(order["status"]["outcome"]["state"], "Failed");
-    assert!(live_pods(&stack).await.is_empty(), "the stuck pod was terminated");
+    assert!(stack.live_pods().await.unwrap().is_empty(), "the stuck pod was terminated");
     let exp = stack.wait_for("exp", Some(NS), "stuck", LONG, "Failed", |o| phase(o) == "Failed").unwrap().unwrap();
     assert_eq!(exp["status"]["registryStatus"], "FAILED");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     let client = RunPodClient::new(
@@ -239,11 +200,13 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
         .unwrap();
     assert_eq!(provider["status"]["orphanPods"].as_array().unwrap().len(), 1);
     // An experiment runs beside it; its own pod is never counted as an orphan and the orphan is never adopted.
-    stack.apply(&experiment("beside", "smoke", 3, 0.0, 1)).unwrap();
+    stack
+        .apply(&exp("beside").policy("smoke").epochs(3, 0.0).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml())
+        .unwrap();
     let exp =
         stack.wait_for("exp", Some(NS), "beside", LONG, "Succeeded", |o| phase(o) == "Succeeded").unwrap().unwrap();
     assert_ne!(exp["status"]["history"][0]["podId"], by_hand.id.as_str());
-    let live = live_pods(&stack).await;
+    let live = stack.live_pods().await.unwrap();
     assert_eq!(live.len(), 1, "the orphan is reported, not terminated (orphans.action: Report)");
     let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
     let deadline = std::time::Instant::now() + LONG;

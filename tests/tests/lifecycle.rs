@@ -7,59 +7,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ep_testkit::e2e::{NS, exp, init_tls};
 use ep_testkit::stack::{Stack, StackOptions};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-const NS: &str = "ep-quickstart";
 const VOLUME: &str = "tgb8bx6fwl";
 const LONG: Duration = Duration::from_secs(180);
 
-fn init() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// An experiment like the quickstart, with its own name and training length.
-fn experiment(name: &str, epochs: u32, sleep: f64, extra: &str) -> String {
-    format!(
-        r#"apiVersion: ep.dev/v1alpha1
-kind: Experiment
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
-  payload: {{configMap: {{name: quickstart-code}}}}
-  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
-  gpu: {{types: [rtx-pro-4500, l4], count: 1, cloudType: SECURE}}
-  order: {{policy: smoke, workerId: runpod-1, providerRef: default, maxCostPerHour: 1.0}}
-  limits: {{maxRuntime: 30m, maxCostUsd: 2}}
-  retry: {{maxAttempts: 2, backoff: 2s}}
-  checkpoints: {{retention: KeepLast, path: checkpoints/}}
-  results: {{file: results.json, metrics: [f1, auc]}}
-{extra}"#
-    )
-}
-
-fn phase(o: Option<&Value>) -> String {
-    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
-}
-
-fn wait_phase(stack: &Stack, kind: &str, name: &str, want: &[&str]) -> Value {
-    stack
-        .wait_for(kind, Some(NS), name, LONG, &want.join(" or "), |o| want.contains(&phase(o).as_str()))
-        .unwrap()
-        .unwrap()
-}
-
-/// Pods runpod-sim's account holds (any state but terminated).
-async fn live_pods(stack: &Stack) -> Vec<Value> {
-    let world = stack.world().await.unwrap();
-    world["pods"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default()
-        .into_values()
-        .filter(|p| p["desiredStatus"] != "TERMINATED")
-        .collect()
+/// A quickstart-like experiment with two attempts, a short backoff and KeepLast checkpoints.
+fn quick(name: &str, epochs: u32, sleep: f64) -> String {
+    exp(name).epochs(epochs, sleep).attempts(2, Some("2s")).retention("KeepLast").yaml()
 }
 
 /// sha256 of every file under a run's prefix on the volume.
@@ -126,11 +84,11 @@ async fn wait_registry(url: &str, name: &str, status: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quickstart_completes_and_leaves_nothing_billing() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     let out = stack.apply_quickstart(true).unwrap();
     assert!(out.contains("experiment.ep.dev/quickstart created"), "{out}");
-    let exp = wait_phase(&stack, "exp", "quickstart", &["Succeeded", "Failed"]);
+    let exp = stack.wait_phase("exp", "quickstart", &["Succeeded", "Failed"]).unwrap();
     let st = &exp["status"];
     assert_eq!(st["phase"], "Succeeded", "{}", serde_json::to_string_pretty(st).unwrap());
     assert_eq!(st["registryStatus"], "COMPLETED");
@@ -177,8 +135,8 @@ async fn quickstart_completes_and_leaves_nothing_billing() {
     assert_eq!(log.len(), 7, "{log:?}");
 
     // The pod is gone on RunPod's side, and no pod without an owner remains.
-    assert!(live_pods(&stack).await.is_empty(), "{:?}", live_pods(&stack).await);
-    assert!(live_pods(&stack).await.iter().all(|p| p["id"] != pod_id));
+    assert!(stack.live_pods().await.unwrap().is_empty(), "{:?}", stack.live_pods().await.unwrap());
+    assert!(stack.live_pods().await.unwrap().iter().all(|p| p["id"] != pod_id));
     let provider = stack.get("rpp", None, "default").unwrap().unwrap();
     assert!(provider["status"]["orphanPods"].as_array().is_none_or(Vec::is_empty), "{provider}");
 
@@ -200,18 +158,18 @@ async fn quickstart_completes_and_leaves_nothing_billing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
-    stack.apply(&experiment("hb", 12, 0.5, "")).unwrap();
-    let order = wait_phase(&stack, "rpo", "hb-a1", &["RUNNER_ONLINE"]);
+    stack.apply(&quick("hb", 12, 0.5)).unwrap();
+    let order = stack.wait_phase("rpo", "hb-a1", &["RUNNER_ONLINE"]).unwrap();
     let pod_id = order["status"]["podId"].as_str().unwrap().to_owned();
     let run1 = order["status"]["runId"].as_str().unwrap().to_owned();
     // Let a checkpoint or two land, then the pod vanishes on RunPod's side.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let vanished = chrono::Utc::now();
     stack.admin_post(&format!("pods/{pod_id}/vanish"), json!({})).await.unwrap();
-    let order = wait_phase(&stack, "rpo", "hb-a1", &["DRAINING", "DELETED"]);
+    let order = stack.wait_phase("rpo", "hb-a1", &["DRAINING", "DELETED"]).unwrap();
     let drain = order["status"]["transitions"].as_array().unwrap().iter().find(|t| t["phase"] == "DRAINING").unwrap();
     let at = chrono::DateTime::parse_from_rfc3339(drain["at"].as_str().unwrap()).unwrap();
     // Poll interval 1s; status times have whole seconds.
@@ -221,7 +179,7 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
         "detected after {detected} ms: {}",
         serde_json::to_string_pretty(&order["status"]).unwrap()
     );
-    let order = wait_phase(&stack, "rpo", "hb-a1", &["DELETED"]);
+    let order = stack.wait_phase("rpo", "hb-a1", &["DELETED"]).unwrap();
     assert_eq!(order["status"]["outcome"]["state"], "Failed");
     assert!(
         matches!(order["status"]["outcome"]["reason"].as_str(), Some("HeartbeatLost" | "PodGone")),
@@ -229,12 +187,12 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
         order["status"]
     );
 
-    let exp = wait_phase(&stack, "exp", "hb", &["NeedsRerun", "Running", "Succeeded"]);
+    let exp = stack.wait_phase("exp", "hb", &["NeedsRerun", "Running", "Succeeded"]).unwrap();
     let first_files = snapshot(&stack.volume_dir(VOLUME).join(format!("ep/runs/{run1}")));
     assert!(first_files.contains_key("spec.json") && first_files.contains_key("heartbeat.json"), "{first_files:?}");
     assert!(exp["status"]["history"][0]["outcome"] == "Failed", "{}", exp["status"]);
 
-    let exp = wait_phase(&stack, "exp", "hb", &["Succeeded", "Failed"]);
+    let exp = stack.wait_phase("exp", "hb", &["Succeeded", "Failed"]).unwrap();
     let st = &exp["status"];
     assert_eq!(st["phase"], "Succeeded", "{}", serde_json::to_string_pretty(st).unwrap());
     assert_eq!(st["attempts"], 2);
@@ -249,17 +207,17 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
     let attempts =
         query(&stack.database_url, "SELECT attempt, status FROM exp_registry.attempts ORDER BY attempt").await;
     assert_eq!(attempts, [["1", "FAILED"], ["2", "SUCCEEDED"]]);
-    assert!(live_pods(&stack).await.is_empty());
+    assert!(stack.live_pods().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capacity_error_on_the_first_choice_uses_the_second() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     stack.faults(json!({"capacityFailures": 1})).await.unwrap();
-    stack.apply(&experiment("cap", 3, 0.0, "")).unwrap();
-    let exp = wait_phase(&stack, "exp", "cap", &["Succeeded", "Failed"]);
+    stack.apply(&quick("cap", 3, 0.0)).unwrap();
+    let exp = stack.wait_phase("exp", "cap", &["Succeeded", "Failed"]).unwrap();
     assert_eq!(exp["status"]["phase"], "Succeeded", "{}", exp["status"]);
     let order = stack.get("rpo", Some(NS), "cap-a1").unwrap().unwrap();
     assert_eq!(order["status"]["gpu"]["typeId"], "NVIDIA L4", "{}", order["status"]);
@@ -270,7 +228,7 @@ async fn a_capacity_error_on_the_first_choice_uses_the_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another() {
-    init();
+    init_tls();
     let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     // Every pod id runpod-sim shows during the test, sampled every 50 ms: a duplicate would live
@@ -301,11 +259,11 @@ async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_anoth
             }
         })
     };
-    stack.apply(&experiment("crash", 8, 0.5, "")).unwrap();
+    stack.apply(&quick("crash", 8, 0.5)).unwrap();
     // SIGKILL the moment RunPod holds the pod: before the operator can record the create.
     let deadline = Instant::now() + LONG;
     loop {
-        if !live_pods(&stack).await.is_empty() {
+        if !stack.live_pods().await.unwrap().is_empty() {
             break;
         }
         assert!(Instant::now() < deadline, "no pod was ever created:\n{}", stack.operator_log(50));
@@ -316,7 +274,7 @@ async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_anoth
     assert!(before["status"]["podRequestedAt"].is_string(), "the create was recorded as asked for first");
     tokio::time::sleep(Duration::from_secs(1)).await;
     stack.start_operator().unwrap();
-    let exp = wait_phase(&stack, "exp", "crash", &["Succeeded", "Failed"]);
+    let exp = stack.wait_phase("exp", "crash", &["Succeeded", "Failed"]).unwrap();
     assert_eq!(exp["status"]["phase"], "Succeeded", "{}", exp["status"]);
     assert_eq!(exp["status"]["attempts"], 1);
     sampler.abort();
@@ -325,16 +283,16 @@ async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_anoth
     let ids: Vec<String> =
         seen.lock().unwrap().iter().filter(|(n, _)| *n == pod_name).map(|(_, id)| id.clone()).collect();
     assert_eq!(ids, [order["status"]["podId"].as_str().unwrap().to_owned()], "exactly one pod for the run");
-    assert!(live_pods(&stack).await.is_empty());
+    assert!(stack.live_pods().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_ends_the_pod() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
-    stack.apply(&experiment("del", 60, 0.5, "")).unwrap();
-    let order = wait_phase(&stack, "rpo", "del-a1", &["RUNNER_ONLINE"]);
+    stack.apply(&quick("del", 60, 0.5)).unwrap();
+    let order = stack.wait_phase("rpo", "del-a1", &["RUNNER_ONLINE"]).unwrap();
     let run_id = order["status"]["runId"].as_str().unwrap().to_owned();
     let ckpts = stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}/artifacts/checkpoints"));
     let deadline = Instant::now() + LONG;
@@ -345,7 +303,11 @@ async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_end
     stack.kubectl(&["delete", "exp", "del", "-n", NS, "--wait=false"]).unwrap();
     // Garbage collection deletes the order; its finalizer drains first.
     stack.wait_for("rpo", Some(NS), "del-a1", LONG, "gone", |o| o.is_none()).unwrap();
-    assert!(live_pods(&stack).await.is_empty(), "nothing left billing: {:?}", live_pods(&stack).await);
+    assert!(
+        stack.live_pods().await.unwrap().is_empty(),
+        "nothing left billing: {:?}",
+        stack.live_pods().await.unwrap()
+    );
     let run_dir = stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}"));
     let terminal: Value = serde_json::from_slice(&std::fs::read(run_dir.join("terminal.json")).unwrap()).unwrap();
     assert_eq!(terminal["state"], "STOPPED", "{terminal}");
@@ -386,17 +348,17 @@ async fn registry_shape(url: &str, name: &str) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
-    init();
+    init_tls();
     let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     // Without an outage first.
-    stack.apply(&experiment("steady", 8, 0.3, "")).unwrap();
-    wait_phase(&stack, "exp", "steady", &["Succeeded"]);
+    stack.apply(&quick("steady", 8, 0.3)).unwrap();
+    stack.wait_phase("exp", "steady", &["Succeeded"]).unwrap();
     wait_registry(&stack.database_url, "steady", "COMPLETED").await;
     let expected = registry_shape(&stack.database_url, "steady").await;
 
-    stack.apply(&experiment("outage", 8, 0.3, "")).unwrap();
-    wait_phase(&stack, "rpo", "outage-a1", &["VERIFIED", "RUNNER_ONLINE"]);
+    stack.apply(&quick("outage", 8, 0.3)).unwrap();
+    stack.wait_phase("rpo", "outage-a1", &["VERIFIED", "RUNNER_ONLINE"]).unwrap();
     stack.pg.stop().unwrap();
     // The operator keeps reconciling and says the registry is behind.
     let lagging = stack
@@ -416,7 +378,7 @@ async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
         .unwrap()
         .clone();
     assert_eq!(cond["reason"], "RegistryUnavailable", "{cond}");
-    let exp = wait_phase(&stack, "exp", "outage", &["Succeeded"]);
+    let exp = stack.wait_phase("exp", "outage", &["Succeeded"]).unwrap();
     assert_eq!(exp["status"]["registryStatus"], "COMPLETED");
     let metrics = reqwest::get(format!("{}/metrics", stack.operator.as_ref().unwrap().metrics_url))
         .await

@@ -3,45 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ep_testkit::e2e::{NS, exp, init_tls, phase, wait_until};
 use ep_testkit::stack::{OperatorProcess, Stack, StackOptions};
-use serde_json::Value;
-
-const NS: &str = "ep-quickstart";
-
-fn init() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-fn experiment(name: &str, epochs: u32, sleep: f64) -> String {
-    format!(
-        r#"apiVersion: ep.dev/v1alpha1
-kind: Experiment
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
-  payload: {{configMap: {{name: quickstart-code}}}}
-  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
-  gpu: {{types: [rtx-pro-4500, l4], count: 1, cloudType: SECURE}}
-  order: {{policy: smoke, workerId: runpod-1, providerRef: default}}
-  checkpoints: {{retention: Discard, path: checkpoints/}}
-  results: {{file: results.json, metrics: [f1, auc]}}
-"#
-    )
-}
-
-fn phase(o: Option<&Value>) -> String {
-    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what} not reached in {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn leads(op: &OperatorProcess) -> bool {
     op.metric("ep_leader") == Some(1.0)
@@ -49,15 +14,15 @@ fn leads(op: &OperatorProcess) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
-    init();
+    init_tls();
     let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
     // Replace the plain operator with two replicas electing a leader.
     stack.operator.take().unwrap().stop();
     let args = ["--leader-election", "--lease-namespace", "default", "--lease-name", "ep-operator"];
     let mut a = stack.spawn_operator(&[&args[..], &["--identity", "replica-a"]].concat()).unwrap();
-    wait_until("replica-a leads", Duration::from_secs(30), || leads(&a));
+    wait_until("replica-a leads", Duration::from_secs(30), || leads(&a)).unwrap();
     let mut b = stack.spawn_operator(&[&args[..], &["--identity", "replica-b"]].concat()).unwrap();
-    wait_until("replica-b serves metrics", Duration::from_secs(30), || b.metric("ep_leader").is_some());
+    wait_until("replica-b serves metrics", Duration::from_secs(30), || b.metric("ep_leader").is_some()).unwrap();
     assert!(!leads(&b), "one leader at a time");
     assert_eq!(b.get("/readyz").unwrap().0, 200, "a standby is ready (to lead), so rollouts complete");
     assert_eq!(b.get("/livez").unwrap().0, 200);
@@ -65,7 +30,7 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
     assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
 
     stack.apply_quickstart(false).unwrap();
-    stack.apply(&experiment("led", 3, 0.0)).unwrap();
+    stack.apply(&exp("led").epochs(3, 0.0).yaml()).unwrap();
     stack.wait_for("exp", Some(NS), "led", Duration::from_secs(120), "Succeeded", |o| phase(o) == "Succeeded").unwrap();
     assert_eq!(
         b.metric("ep_reconciles_total{kind=\"Experiment\"}").unwrap_or(0.0),
@@ -77,8 +42,8 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
     // The leader dies without releasing the lease: the standby takes over once it expires.
     a.kill();
     assert!(!a.running());
-    wait_until("replica-b leads", Duration::from_secs(60), || leads(&b));
-    stack.apply(&experiment("after", 3, 0.0)).unwrap();
+    wait_until("replica-b leads", Duration::from_secs(60), || leads(&b)).unwrap();
+    stack.apply(&exp("after").epochs(3, 0.0).yaml()).unwrap();
     stack
         .wait_for("exp", Some(NS), "after", Duration::from_secs(120), "Succeeded", |o| phase(o) == "Succeeded")
         .unwrap();
@@ -87,12 +52,12 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_share_one_pod_list_per_poll_interval() {
-    init();
+    init_tls();
     let stack = Stack::start(&StackOptions::default()).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     let names = ["share-1", "share-2", "share-3"];
     for n in names {
-        stack.apply(&experiment(n, 40, 0.5)).unwrap();
+        stack.apply(&exp(n).epochs(40, 0.5).yaml()).unwrap();
     }
     for n in names {
         let order = format!("{n}-a1");

@@ -1,0 +1,148 @@
+//! What the end-to-end tests share: an experiment like the quickstart with its own name and
+//! training length, and small readers of the objects kubectl returns.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::HarnessError;
+use crate::stack::Stack;
+
+/// The quickstart's namespace (its code ConfigMap lives there).
+pub const NS: &str = "ep-quickstart";
+
+/// Installs the process-wide rustls provider (idempotent).
+pub fn init_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// An Experiment running the quickstart's train.py.
+#[derive(Clone, Debug)]
+pub struct Exp {
+    pub name: String,
+    pub policy: String,
+    pub epochs: u32,
+    /// Seconds per epoch: long enough to watch, stop or break a run.
+    pub sleep: f64,
+    pub attempts: u32,
+    pub backoff: Option<String>,
+    pub gpus: Vec<String>,
+    /// Keep, KeepLast or Discard.
+    pub retention: String,
+}
+
+/// A three-epoch experiment on the `smoke` policy, GPU choices rtx-pro-4500 then l4.
+pub fn exp(name: &str) -> Exp {
+    Exp {
+        name: name.to_owned(),
+        policy: "smoke".into(),
+        epochs: 3,
+        sleep: 0.0,
+        attempts: 1,
+        backoff: None,
+        gpus: vec!["rtx-pro-4500".into(), "l4".into()],
+        retention: "Discard".into(),
+    }
+}
+
+impl Exp {
+    #[must_use]
+    pub fn epochs(mut self, n: u32, sleep: f64) -> Self {
+        self.epochs = n;
+        self.sleep = sleep;
+        self
+    }
+    #[must_use]
+    pub fn policy(mut self, p: &str) -> Self {
+        p.clone_into(&mut self.policy);
+        self
+    }
+    #[must_use]
+    pub fn attempts(mut self, n: u32, backoff: Option<&str>) -> Self {
+        self.attempts = n;
+        self.backoff = backoff.map(str::to_owned);
+        self
+    }
+    #[must_use]
+    pub fn gpus(mut self, g: &[&str]) -> Self {
+        self.gpus = g.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+    #[must_use]
+    pub fn retention(mut self, r: &str) -> Self {
+        r.clone_into(&mut self.retention);
+        self
+    }
+
+    /// The YAML a user would apply.
+    pub fn yaml(&self) -> String {
+        let backoff = self.backoff.as_ref().map(|b| format!(", backoff: {b}")).unwrap_or_default();
+        format!(
+            r#"apiVersion: ep.dev/v1alpha1
+kind: Experiment
+metadata: {{name: {name}, namespace: {NS}}}
+spec:
+  entry: {{command: [python3, train.py], args: [--epochs, "{epochs}", --epoch-sleep, "{sleep}"]}}
+  payload: {{configMap: {{name: quickstart-code}}}}
+  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
+  gpu: {{types: [{gpus}], count: 1, cloudType: SECURE}}
+  order: {{policy: {policy}, workerId: runpod-1, providerRef: default, maxCostPerHour: 1.0}}
+  limits: {{maxRuntime: 30m, maxCostUsd: 2}}
+  retry: {{maxAttempts: {attempts}{backoff}}}
+  checkpoints: {{retention: {retention}, path: checkpoints/}}
+  results: {{file: results.json, metrics: [f1, auc]}}
+"#,
+            name = self.name,
+            epochs = self.epochs,
+            sleep = self.sleep,
+            gpus = self.gpus.join(", "),
+            policy = self.policy,
+            attempts = self.attempts,
+            retention = self.retention,
+        )
+    }
+}
+
+/// `status.phase` of an object, or "".
+pub fn phase(o: Option<&Value>) -> String {
+    o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or_default().to_owned()
+}
+
+/// The condition `type_` of an object.
+pub fn condition(o: Option<&Value>, type_: &str) -> Option<Value> {
+    o?["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
+}
+
+/// Polls `f` until it holds.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<(), HarnessError> {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            return Err(HarnessError::Setup(format!("{what} not reached in {timeout:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+impl Stack {
+    /// Pods runpod-sim's account holds (any state but terminated).
+    pub async fn live_pods(&self) -> Result<Vec<Value>, HarnessError> {
+        let world = self.world().await?;
+        Ok(world["pods"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default()
+            .into_values()
+            .filter(|p| p["desiredStatus"] != "TERMINATED")
+            .collect())
+    }
+
+    /// Waits until an object in [`NS`] reaches one of `want` phases.
+    pub fn wait_phase(&self, kind: &str, name: &str, want: &[&str]) -> Result<Value, HarnessError> {
+        let obj = self.wait_for(kind, Some(NS), name, Duration::from_secs(180), &want.join(" or "), |o| {
+            want.contains(&phase(o).as_str())
+        })?;
+        obj.ok_or_else(|| HarnessError::Setup(format!("{kind} {name} is gone")))
+    }
+}
