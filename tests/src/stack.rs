@@ -256,6 +256,15 @@ impl Stack {
             .replace("rps_REPLACE_ME", &self.runpod.get("s3_secret_key"))
     }
 
+    /// `kubectl patch --type merge` of one object (`ns` None for cluster-scoped kinds).
+    pub fn merge_patch(&self, kind: &str, ns: Option<&str>, name: &str, patch: &str) -> Result<String, HarnessError> {
+        let mut args = vec!["patch", kind, name, "--type", "merge", "-p", patch];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        self.kubectl(&args)
+    }
+
     /// `kubectl apply -f` of a YAML document.
     pub fn apply(&self, yaml: &str) -> Result<String, HarnessError> {
         let path = self.dir.path().join(format!("apply-{}.yaml", fastrand_name()));

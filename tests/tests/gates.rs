@@ -24,19 +24,7 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
         .unwrap();
     assert!(cond(Some(&ready), "Ready").unwrap()["message"].as_str().unwrap().contains("tgb8bx6fwl"));
     // A wrong API key.
-    stack
-        .kubectl(&[
-            "patch",
-            "secret",
-            "runpod",
-            "-n",
-            "ep-system",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"stringData":{"apiKey":"rpa_WRONGKEY123"}}"#,
-        ])
-        .unwrap();
+    stack.merge_patch("secret", Some("ep-system"), "runpod", r#"{"stringData":{"apiKey":"rpa_WRONGKEY123"}}"#).unwrap();
     let bad = stack
         .wait_for("rpp", None, "default", LONG, "BadApiKey", |o| {
             cond(o, "Ready").is_some_and(|c| c["reason"] == "BadApiKey")
@@ -53,29 +41,9 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
     // The right key, but a volume the account does not have.
     let key = stack.runpod.get("api_key");
     stack
-        .kubectl(&[
-            "patch",
-            "secret",
-            "runpod",
-            "-n",
-            "ep-system",
-            "--type",
-            "merge",
-            "-p",
-            &format!(r#"{{"stringData":{{"apiKey":"{key}"}}}}"#),
-        ])
+        .merge_patch("secret", Some("ep-system"), "runpod", &format!(r#"{{"stringData":{{"apiKey":"{key}"}}}}"#))
         .unwrap();
-    stack
-        .kubectl(&[
-            "patch",
-            "rpp",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"spec":{"networkVolume":{"id":"nosuchvol"}}}"#,
-        ])
-        .unwrap();
+    stack.merge_patch("rpp", None, "default", r#"{"spec":{"networkVolume":{"id":"nosuchvol"}}}"#).unwrap();
     let missing = stack
         .wait_for("rpp", None, "default", LONG, "VolumeMissing", |o| {
             cond(o, "Ready").is_some_and(|c| c["reason"] == "VolumeMissing")
@@ -125,9 +93,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     assert!(order["spec"]["approvedBy"].as_str().is_some_and(|s| !s.is_empty()));
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     assert_eq!(stack.live_pods().await.unwrap().len(), 1);
-    let err = stack
-        .kubectl(&["patch", "rpo", "gated-a1", "-n", NS, "--type", "merge", "-p", r#"{"spec":{"approved":false}}"#])
-        .unwrap_err();
+    let err = stack.merge_patch("rpo", Some(NS), "gated-a1", r#"{"spec":{"approved":false}}"#).unwrap_err();
     assert!(err.to_string().contains("cannot be withdrawn"), "{err}");
 
     let out = stack.kubectl_ep(&["stop", "gated", "-n", NS, "--reason", "wrong learning rate"]).unwrap();
