@@ -190,3 +190,75 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
+    init_tls();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    // `kubectl ep push` of the quickstart directory, as a user does it.
+    let out = std::process::Command::new(ep_testkit::sim::workspace_bin("kubectl-ep").unwrap())
+        .arg("push")
+        .arg(ep_testkit::workspace_root().join("examples/quickstart"))
+        .args(["--exclude", "*.yaml"])
+        .env("EP_S3_ENDPOINT", stack.runpod.get("s3"))
+        .env("EP_S3_REGION", "EU-RO-1")
+        .env("EP_VOLUME_ID", "tgb8bx6fwl")
+        .env("EP_S3_ACCESS_KEY_ID", stack.runpod.get("s3_access_key"))
+        .env("EP_S3_SECRET_ACCESS_KEY", stack.runpod.get("s3_secret_key"))
+        .env("EP_CACHE_DIR", stack.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let pushed =
+        exp("pushed").yaml().replace("{configMap: {name: quickstart-code}}", &format!("{{digest: \"{digest}\"}}"));
+    stack.apply(&pushed).unwrap();
+    let e = stack.wait_phase("exp", "pushed", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let order = stack.get("rpo", Some(NS), "pushed-a1").unwrap().unwrap();
+    assert_eq!(format!("sha256:{}", order["status"]["payloadId"].as_str().unwrap()), digest);
+
+    // A digest nobody pushed: the order waits before any money is spent, and says what to do.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let never =
+        exp("never").yaml().replace("{configMap: {name: quickstart-code}}", &format!("{{digest: \"{missing}\"}}"));
+    stack.apply(&never).unwrap();
+    let order = stack
+        .wait_for("rpo", Some(NS), "never-a1", LONG, "PayloadMissing", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "PayloadMissing")
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(order["status"]["phase"], "PROVISIONED");
+    let msg = cond(Some(&order), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains(&missing) && msg.contains("kubectl ep push"), "{msg}");
+    assert!(stack.live_pods().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_v2_transport_runs_an_experiment_too() {
+    init_tls();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.merge_patch("rpp", None, "default", r#"{"spec":{"api":{"transport":"restV2"}}}"#).unwrap();
+    stack
+        .wait_for("rpp", None, "default", LONG, "Ready over REST v2", |o| {
+            o.is_some_and(|o| o["metadata"]["generation"] == o["status"]["observedGeneration"])
+                && cond(o, "Ready").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
+    stack.apply(&exp("rest").yaml()).unwrap();
+    let e = stack.wait_phase("exp", "rest", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let metrics =
+        stack.operator.as_ref().unwrap().metric("ep_runpod_calls_total{operation=\"create_pod\",outcome=\"ok\"}");
+    assert_eq!(metrics, Some(1.0));
+    let world = stack.world().await.unwrap();
+    assert!(
+        world["requests"].as_object().unwrap().keys().any(|k| k.contains("POST /v2/pods") || k.starts_with("rest")),
+        "created through REST v2: {}",
+        world["requests"]
+    );
+}
