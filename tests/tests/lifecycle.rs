@@ -167,18 +167,26 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
     let run1 = order["status"]["runId"].as_str().unwrap().to_owned();
     // Let a checkpoint or two land, then the pod vanishes on RunPod's side.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let vanished = chrono::Utc::now();
+    let vanished = Instant::now();
     stack.admin_post(&format!("pods/{pod_id}/vanish"), json!({})).await.unwrap();
-    let order = stack.wait_phase("rpo", "hb-a1", &["DRAINING", "DELETED"]).unwrap();
-    let drain = order["status"]["transitions"].as_array().unwrap().iter().find(|t| t["phase"] == "DRAINING").unwrap();
-    let at = chrono::DateTime::parse_from_rfc3339(drain["at"].as_str().unwrap()).unwrap();
-    // Poll interval 1s; status times have whole seconds.
-    let detected = (at.with_timezone(&chrono::Utc) - vanished).num_milliseconds();
+    // Watched from outside, as a user would: the order leaves RUNNER_ONLINE within one poll
+    // interval (1 s here; the shared pod list refreshes every interval and wakes every order).
+    // Measured about 0.9 s; the bound leaves room for kubectl and a loaded 2-core CI machine.
+    let order = loop {
+        let o = stack.get("rpo", Some(NS), "hb-a1").unwrap().unwrap();
+        if o["status"]["phase"] != "RUNNER_ONLINE" {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let detected = vanished.elapsed();
+    eprintln!("pod loss detected after {detected:?}");
     assert!(
-        detected <= 2000,
-        "detected after {detected} ms: {}",
+        detected <= Duration::from_secs(2),
+        "detected after {detected:?}: {}",
         serde_json::to_string_pretty(&order["status"]).unwrap()
     );
+    assert!(matches!(order["status"]["phase"].as_str(), Some("DRAINING" | "DELETED")), "{}", order["status"]);
     let order = stack.wait_phase("rpo", "hb-a1", &["DELETED"]).unwrap();
     assert_eq!(order["status"]["outcome"]["state"], "Failed");
     assert!(
