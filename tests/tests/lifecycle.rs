@@ -334,6 +334,18 @@ async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_end
     assert!(run_dir.join("logs").is_dir(), "logs so far are kept");
     let rows = query(&stack.database_url, "SELECT status, reason FROM exp_registry.attempts").await;
     assert_eq!(rows[0][0], "STOPPED", "{rows:?}");
+    // The experiment is gone; the registry says it ended, not that it still runs.
+    stack.wait_for("exp", Some(NS), "del", LONG, "gone", |o| o.is_none()).unwrap();
+    wait_registry(&stack.database_url, "del", "FAILED").await;
+    let running = query(
+        &stack.database_url,
+        "SELECT name, worker_id, started_at FROM exp_registry.experiments WHERE status = 'RUNNING';",
+    )
+    .await;
+    assert!(running.is_empty(), "{running:?}");
+    let deleted =
+        query(&stack.database_url, "SELECT extra->>'deleted' FROM exp_registry.experiments WHERE name = 'del'").await;
+    assert_eq!(deleted, [["true"]]);
 }
 
 /// The registry rows of one experiment, with names, ids and times taken out.

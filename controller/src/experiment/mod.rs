@@ -19,7 +19,7 @@ pub use decide::{CONDITION_REGISTRY, Observed, Plan, decide, intake, registry_st
 use crate::context::{Context, Error};
 use crate::mirror::Write;
 use crate::names::{LABEL_ATTEMPT, LABEL_EXPERIMENT, MANAGER};
-use crate::registry::{ExperimentRow, PhaseChange};
+use crate::registry::{ExperimentRow, PhaseChange, status as reg};
 use crate::time;
 
 pub const KIND: &str = "Experiment";
@@ -56,6 +56,19 @@ fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrder {
     }
 }
 
+/// Finalizer that lets the registry record an experiment's deletion.
+pub const FINALIZER_REGISTRY: &str = "ep.dev/registry";
+
+async fn set_finalizer(api: &Api<Experiment>, exp: &Experiment, present: bool) -> Result<(), Error> {
+    let mut list: Vec<String> = exp.finalizers().iter().filter(|f| *f != FINALIZER_REGISTRY).cloned().collect();
+    if present {
+        list.push(FINALIZER_REGISTRY.to_owned());
+    }
+    let patch = json!({"metadata": {"finalizers": list, "resourceVersion": exp.resource_version()}});
+    api.patch(&exp.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 fn row(exp: &Experiment) -> ExperimentRow {
     let st = exp.status.clone().unwrap_or_default();
     let cur = st.current_attempt.as_ref();
@@ -90,15 +103,45 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
     ctx.metrics.reconciled(KIND);
     let ns = exp.namespace().unwrap_or_default();
     let name = exp.name_any();
+    let api = Api::<Experiment>::namespaced(ctx.client.clone(), &ns);
+    let finalized = exp.finalizers().iter().any(|f| f == FINALIZER_REGISTRY);
     if exp.meta().deletion_timestamp.is_some() {
-        // Its orders are owned children: garbage collection deletes them and their finalizers drain.
+        // Its orders are owned children: garbage collection deletes them and their own finalizers
+        // drain their pods. What is left here is the registry: an experiment deleted before it
+        // finished must not stay RUNNING there.
+        if finalized {
+            let now = time::now();
+            let mut r = row(&exp);
+            if !matches!(r.status.as_str(), reg::COMPLETED | reg::FAILED | reg::FAILED_STATUS_DIVERGENCE) {
+                reg::FAILED.clone_into(&mut r.status);
+                r.finished_at = Some(now);
+            }
+            r.extra["deleted"] = json!(true);
+            ctx.mirror.send(Write::Experiment(r));
+            ctx.mirror.send(Write::Phase(PhaseChange {
+                kind: KIND.into(),
+                namespace: ns.clone(),
+                name: name.clone(),
+                uid: exp.uid().unwrap_or_default(),
+                from_phase: exp.status.as_ref().and_then(|s| s.phase).map(|p| format!("{p:?}")),
+                to_phase: "Deleted".into(),
+                reason: Some("ExperimentDeleted".into()),
+                message: None,
+                at: now,
+            }));
+            set_finalizer(&api, &exp, false).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if !finalized {
+        set_finalizer(&api, &exp, true).await?;
         return Ok(Action::await_change());
     }
     let orders_api = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &ns);
     let all = orders_api.list(&Default::default()).await?;
     let orders: Vec<&RunPodOrder> =
         all.items.iter().filter(|o| o.spec.experiment_ref.as_ref().is_some_and(|r| r.name == name)).collect();
-    let exps = Api::<Experiment>::namespaced(ctx.client.clone(), &ns);
+    let exps = api;
     let mut deps = Vec::new();
     for d in &exp.spec.depends_on {
         let phase = exps.get_opt(d).await?.and_then(|e| e.status.and_then(|s| s.phase));
