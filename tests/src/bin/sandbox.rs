@@ -121,20 +121,24 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("==> registry queries (DESIGN section 7)");
+    println!("==> registry queries (DESIGN section 7), with psql");
     for q in QUERIES {
         println!("$ psql -c \"{q}\"");
-        let rows = sqlx::query(q).fetch_all(&pool).await?;
-        for r in &rows {
-            let cols: Vec<String> = (0..r.len()).map(|i| cell(r, i)).collect();
-            println!("    {}", cols.join(" | "));
+        let out = std::process::Command::new("psql").arg(&stack.database_url).args(["-X", "-c", q]).output();
+        match out {
+            Ok(o) if o.status.success() => print!("{}", indent(&String::from_utf8_lossy(&o.stdout))),
+            // Without psql on PATH the same query goes through the driver.
+            _ => {
+                let rows = sqlx::query(q).fetch_all(&pool).await?;
+                for r in &rows {
+                    let cols: Vec<String> = (0..r.len()).map(|i| cell(r, i)).collect();
+                    println!("    {}", cols.join(" | "));
+                }
+                println!("    ({} rows)", rows.len());
+            }
         }
-        println!("    ({} rows)", rows.len());
     }
-    let world = stack.world().await?;
-    let live = world["pods"]
-        .as_array()
-        .map_or(0, |p| p.iter().filter(|p| p["desiredStatus"].as_str() != Some("TERMINATED")).count());
+    let live = stack.live_pods().await?.len();
     println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
     let ok = st["phase"] == "Succeeded";
     if std::env::var_os("KEEP").is_some() {
