@@ -21,14 +21,23 @@ use crate::world::{Pod, PortMapping, StartCommand};
 /// How pod processes see the volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isolation {
-    /// `unshare --mount --pid` as root: the volume is bind-mounted at the mount path, and the pod
-    /// is a PID namespace whose processes all die with it.
-    MountNamespace,
-    /// `unshare --user --map-root-user --mount --pid`: the same, without root.
-    UserNamespace,
+    /// `unshare` with these flags: a private mount namespace in which the volume is bind-mounted
+    /// at the mount path, and where the machine allows it a PID namespace, which makes the pod a
+    /// container: when its first process dies the kernel kills every process left in it, as
+    /// terminating a RunPod pod does.
+    Namespaces(&'static [&'static str]),
     /// No namespaces: `EP_WORKSPACE` points at the volume directory.
     EnvOnly,
 }
+
+/// Flag sets tried in order: as root, then through an unprivileged user namespace; with a PID
+/// namespace first, without one if the machine refuses it.
+const UNSHARE_FLAGS: [&[&str]; 4] = [
+    &["--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"],
+    &["--user", "--map-root-user", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"],
+    &["--mount", "--propagation", "private"],
+    &["--user", "--map-root-user", "--mount", "--propagation", "private"],
+];
 
 /// Detects once what this machine allows.
 pub fn isolation() -> Isolation {
@@ -37,16 +46,15 @@ pub fn isolation() -> Isolation {
         if std::env::var_os("RUNPOD_SIM_NO_NAMESPACES").is_some() {
             return Isolation::EnvOnly;
         }
-        let works = |args: &[&str]| {
-            Command::new("unshare").args(args).arg("true").stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        let works = |flags: &[&str]| {
+            Command::new("unshare")
+                .args(flags)
+                .args(["--", "true"])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         };
-        if works(&["--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--"]) {
-            Isolation::MountNamespace
-        } else if works(&["--user", "--map-root-user", "--mount", "--pid", "--fork", "--mount-proc", "--"]) {
-            Isolation::UserNamespace
-        } else {
-            Isolation::EnvOnly
-        }
+        UNSHARE_FLAGS.into_iter().find(|f| works(f)).map_or(Isolation::EnvOnly, Isolation::Namespaces)
     })
 }
 
@@ -127,21 +135,7 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
     let mount = &pod.volume_mount_path;
     let mode = isolation();
     let mut cmd = match mode {
-        // A PID namespace makes the pod a container: when its first process dies, the kernel
-        // kills every process left in it, as terminating a RunPod pod does.
-        Isolation::MountNamespace => {
-            unshare(&["--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc"])
-        }
-        Isolation::UserNamespace => unshare(&[
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--mount-proc",
-        ]),
+        Isolation::Namespaces(flags) => unshare(flags),
         Isolation::EnvOnly => Command::new("/bin/sh"),
     };
     let (inner, argv): (&str, Vec<String>) = match pod.start.as_ref() {
@@ -151,7 +145,7 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
     };
     let script = match mode {
         Isolation::EnvOnly => format!("cd \"$EP_WORKSPACE\" && {inner}"),
-        _ => format!(
+        Isolation::Namespaces(_) => format!(
             "mkdir -p \"$EP_SIM_MOUNT\" && mount --bind \"$EP_SIM_VOLUME\" \"$EP_SIM_MOUNT\" && cd \"$EP_SIM_MOUNT\" && {inner}"
         ),
     };
@@ -175,7 +169,7 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
         .env("RUNPOD_SIM_VOLUME_DIR", &volume);
     match mode {
         Isolation::EnvOnly => cmd.env("EP_WORKSPACE", &volume),
-        _ => cmd.env("EP_WORKSPACE", mount),
+        Isolation::Namespaces(_) => cmd.env("EP_WORKSPACE", mount),
     };
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let child = cmd.spawn()?;
