@@ -16,7 +16,9 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 stage() {
   for bin in ep-operator:ep-operator ep-runner:ep-runner; do
     pkg=${bin%%:*}; name=${bin##*:}
-    "$cargo" rustc --locked -q --profile "$profile" -p "$pkg" --bin "$name" -- -C target-feature=+crt-static
+    extra=()
+    [[ $profile == release ]] && extra=(-C strip=symbols)
+    "$cargo" rustc --locked -q --profile "$profile" -p "$pkg" --bin "$name" -- -C target-feature=+crt-static "${extra[@]}"
   done
   rm -rf image/rootfs
   mkdir -p image/rootfs/usr/local/bin image/rootfs/etc/ssl/certs image/rootfs/tmp
