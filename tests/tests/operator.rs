@@ -80,6 +80,7 @@ async fn orders_share_one_pod_list_per_poll_interval() {
         );
     }
     let calls = op.metric(series).unwrap() - before;
+    eprintln!("{calls} list_pods calls in {window:?} for 3 running orders");
     // Poll interval 1s: about one list per second for all three orders together; one list per
     // order per poll would make at least 18.
     assert!(calls <= 8.0, "{calls} list calls in {window:?} for 3 running orders");
