@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use ep_api::{Experiment, RunPodOrder, RunPodProvider};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, ResourceExt};
@@ -121,6 +122,7 @@ fn settings(
     opts: &RunOptions,
     mirror: &Mirror,
     metrics: &Arc<Metrics>,
+    recorder: Recorder,
 ) -> Result<SettingsHandle, Box<dyn std::error::Error>> {
     let record = |s: &Settings, sha: String| {
         mirror.send(Write::Settings {
@@ -139,11 +141,32 @@ fn settings(
     watcher.spawn(Duration::from_secs(2));
     let mut status = handle.subscribe_status();
     let (mirror, metrics, h) = (mirror.clone(), metrics.clone(), handle.clone());
+    let pod = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(opts.identity.clone()),
+        namespace: Some(opts.lease_namespace.clone()),
+        ..ObjectReference::default()
+    };
     tokio::spawn(async move {
         while status.changed().await.is_ok() {
             let st = status.borrow_and_update().clone();
             metrics.settings_rejections.set(i64::try_from(st.rejections).unwrap_or(i64::MAX));
-            if st.last_rejection.is_none() {
+            if let Some(r) = &st.last_rejection {
+                // Visible where people look: an event on the operator's own pod.
+                let ev = Event {
+                    type_: EventType::Warning,
+                    reason: "SettingsRejected".into(),
+                    note: Some(
+                        format!("{}; the last good settings stay in force", r.error).chars().take(1000).collect(),
+                    ),
+                    action: "Reload".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&ev, &pod).await {
+                    tracing::debug!(error = %e, "settings event not published");
+                }
+            } else {
                 mirror.send(Write::Settings {
                     sha256: st.active_sha256.clone(),
                     body: serde_json::to_value(h.current().as_ref()).unwrap_or_default(),
@@ -159,11 +182,12 @@ fn settings(
 pub async fn run(opts: RunOptions) -> Result<(), Box<dyn std::error::Error>> {
     let metrics = Arc::new(Metrics::new());
     let mirror = Mirror::new(metrics.clone());
-    let settings = settings(&opts, &mirror, &metrics)?;
+    let client = kube_client(&opts).await?;
+    let reporter = Reporter { controller: "ep-operator".into(), instance: Some(opts.identity.clone()) };
+    let settings = settings(&opts, &mirror, &metrics, Recorder::new(client.clone(), reporter.clone()))?;
     let runner = RunnerBinary::load(&opts.runner_binary).map_err(|e| {
         format!("--runner-binary {}: {e} (build it with `cargo build -p ep-runner`)", opts.runner_binary.display())
     })?;
-    let client = kube_client(&opts).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     {
         let stop_tx = stop_tx.clone();

@@ -262,3 +262,50 @@ async fn the_rest_v2_transport_runs_an_experiment_too() {
         world["requests"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly() {
+    init_tls();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let op = stack.operator.as_ref().unwrap();
+    // An invalid edit: refused, counted, and an event on the operator's pod says why.
+    std::fs::write(stack.settings_path(), FAST_SETTINGS.replace("pollInterval: 1s", "pollInterval: soon")).unwrap();
+    ep_testkit::e2e::wait_until("the refusal is counted", LONG, || op.metric("ep_settings_rejections") == Some(1.0))
+        .unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    let event = loop {
+        let list: serde_json::Value =
+            serde_json::from_str(&stack.kubectl(&["get", "events", "-n", "ep-system", "-o", "json"]).unwrap()).unwrap();
+        if let Some(e) = list["items"].as_array().unwrap().iter().find(|e| e["reason"] == "SettingsRejected") {
+            break e.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no SettingsRejected event: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let note = event["message"].as_str().unwrap();
+    assert!(note.contains("pollInterval") && note.contains("last good settings"), "{note}");
+    assert_eq!(event["involvedObject"]["kind"], "Pod");
+    // The last good settings stay in force: an experiment still runs.
+    stack.apply(&exp("still").yaml()).unwrap();
+    let e = stack.wait_phase("exp", "still", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded");
+    // A valid edit applies without a restart: the smoke policy now needs approval.
+    let stricter = FAST_SETTINGS.replace(
+        "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: false",
+        "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: true",
+    );
+    assert_ne!(stricter, FAST_SETTINGS);
+    std::fs::write(stack.settings_path(), stricter).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stack.apply(&exp("later").yaml()).unwrap();
+    stack
+        .wait_for("rpo", Some(NS), "later-a1", LONG, "AwaitingApproval", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval")
+        })
+        .unwrap();
+    assert_eq!(op.metric("ep_settings_rejections"), Some(1.0), "the valid edit was not refused");
+    let rows = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM exp_registry.settings").fetch_one(&rows).await.unwrap();
+    assert_eq!(n, 2, "both applied settings files are recorded, the refused one is not");
+}
