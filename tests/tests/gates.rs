@@ -125,11 +125,8 @@ async fn a_pod_whose_runtime_never_appears_is_terminated_at_the_deadline() {
     assert_eq!(exp["status"]["registryStatus"], "FAILED");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+/// A pod created straight through RunPod's API, as a person would for a notebook: no run id, no owner.
+async fn pod_by_hand(stack: &Stack) -> ep_operator::runpod::Pod {
     let client = RunPodClient::new(
         ep_api::provider::Transport::Graphql,
         &stack.runpod.get("api"),
@@ -137,7 +134,7 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
         ClientOptions::default(),
     )
     .unwrap();
-    let by_hand = client
+    client
         .create_pod(&PodSpec {
             name: "notebook-by-hand".into(),
             image: "runpod/pytorch".into(),
@@ -154,7 +151,15 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
             terminate_after: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
+    init_tls();
+    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let by_hand = pod_by_hand(&stack).await;
     let provider = stack
         .wait_for("rpp", None, "default", LONG, "orphan reported", |o| {
             o.and_then(|o| o["status"]["orphanPods"].as_array().cloned())
@@ -308,4 +313,30 @@ async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly()
     let rows = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM exp_registry.settings").fetch_one(&rows).await.unwrap();
     assert_eq!(n, 2, "both applied settings files are recorded, the refused one is not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_never() {
+    init_tls();
+    let settings = FAST_SETTINGS.replace("orphans: {action: Report}", "orphans: {action: Terminate}");
+    assert_ne!(settings, FAST_SETTINGS);
+    let stack = Stack::start(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    stack.apply(&exp("owned").epochs(8, 0.5).yaml()).unwrap();
+    let order = stack.wait_phase("rpo", "owned-a1", &["RUNNER_ONLINE"]).unwrap();
+    let owned_pod = order["status"]["podId"].as_str().unwrap().to_owned();
+    let by_hand = pod_by_hand(&stack).await;
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let live = stack.live_pods().await.unwrap();
+        if live.iter().all(|p| p["id"] != by_hand.id.as_str()) {
+            assert!(live.iter().any(|p| p["id"] == owned_pod.as_str()), "the owned pod still runs: {live:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the orphan was never terminated");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = stack.wait_phase("exp", "owned", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "the experiment's own pod was left alone: {}", e["status"]);
+    assert_eq!(e["status"]["attempts"], 1);
 }
