@@ -19,8 +19,3 @@ pub fn to_k8s(t: DateTime<Utc>) -> Time {
 pub fn from_k8s(t: &Time) -> DateTime<Utc> {
     DateTime::from_timestamp(t.0.as_second(), 0).unwrap_or_default()
 }
-
-/// Seconds from `a` to `b` (negative when `b` is earlier).
-pub fn secs_between(a: DateTime<Utc>, b: DateTime<Utc>) -> i64 {
-    (b - a).num_seconds()
-}

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use ep_api::Experiment;
 use ep_api::experiment::{ArtifactRef, RetentionClass, UsageSummary, VerifiedArtifacts};
 use ep_api::order::{HeartbeatStatus, ObtainedGpu, OrderPhase, RunOutcome};
 use ep_api::volume::{self, Heartbeat, Progress, RunSpec, keys};
@@ -73,9 +74,8 @@ fn record_pod(pass: &mut Pass<'_>, pod: &Pod) {
     }
 }
 
-async fn pod_env(pass: &Pass<'_>) -> Result<Result<BTreeMap<String, String>, Block>, Error> {
+async fn pod_env(pass: &Pass<'_>, exp: &Experiment) -> Result<Result<BTreeMap<String, String>, Block>, Error> {
     let mut env = BTreeMap::new();
-    let Some(exp) = pass.experiment().await? else { return Ok(Ok(env)) };
     let secrets = Api::<Secret>::namespaced(pass.ctx.client.clone(), &pass.ns);
     for e in &exp.spec.env {
         match (&e.value, &e.secret_key_ref) {
@@ -129,7 +129,15 @@ async fn create(pass: &mut Pass<'_>, conn: &Conn) -> Result<Option<Duration>, Er
     let Some(gpu) = pass.st.gpu_candidates.get(choice).cloned() else {
         return Ok(pass.block(&Block { reason: "NoCapacity", message: "no GPU choice left".into(), fatal: false }));
     };
-    let mut env = match pod_env(pass).await? {
+    let Some(exp) = pass.experiment().await? else {
+        let b = Block {
+            reason: "NothingRunnable",
+            message: "spec.experimentRef names no existing experiment".into(),
+            fatal: false,
+        };
+        return Ok(pass.block(&b));
+    };
+    let mut env = match pod_env(pass, &exp).await? {
         Ok(e) => e,
         Err(b) => return Ok(pass.block(&b)),
     };
@@ -143,7 +151,7 @@ async fn create(pass: &mut Pass<'_>, conn: &Conn) -> Result<Option<Duration>, Er
         .then(|| pass.now + chrono::Duration::from_std(lifetime + policy.terminate_grace.get()).unwrap_or_default());
     let spec = PodSpec {
         name: pod_name.clone(),
-        image: pass.experiment().await?.map(|e| e.spec.image).unwrap_or_default(),
+        image: exp.spec.image.clone(),
         gpu_type_id: gpu.clone(),
         gpu_count: pass.order.spec.gpu.count,
         cloud_type: pass.order.spec.gpu.cloud_type,

@@ -66,7 +66,7 @@ pub(super) async fn provider(pass: &mut Pass<'_>) -> Result<Result<std::sync::Ar
     if let Some(c) = ready.filter(|c| c.status != "True") {
         return Ok(Err(wait("ProviderNotReady", format!("RunPodProvider {name} is not ready: {}", c.message))));
     }
-    match pass.ctx.providers.connect(&pass.ctx.client, &p, &pass.ctx.metrics).await {
+    match pass.ctx.providers.get(&pass.ctx.client, name, &pass.ctx.metrics).await {
         Ok(c) => Ok(Ok(c)),
         Err(e) => Ok(Err(wait(e.reason(), e.to_string()))),
     }

@@ -162,14 +162,16 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
 }
 
+/// Reads `keys` of one Secret. Returns their values (trimmed, in order) and the Secret's
+/// resourceVersion; a missing Secret, key or value is an error naming the provider field.
 async fn read_secret(
     client: &kube::Client,
     provider: &str,
     field: &'static str,
     namespace: &str,
     name: &str,
-    key: &str,
-) -> Result<(String, String), ProviderError> {
+    keys: &[&str],
+) -> Result<(Vec<String>, String), ProviderError> {
     let err = |problem: String| ProviderError::Secret {
         provider: provider.to_owned(),
         field,
@@ -181,11 +183,15 @@ async fn read_secret(
         .get_opt(name)
         .await?
         .ok_or_else(|| err("does not exist".into()))?;
-    let value = secret_value(&secret, key).ok_or_else(|| err(format!("has no key {key:?}")))?;
-    if value.trim().is_empty() {
-        return Err(err(format!("has an empty {key:?}")));
+    let mut values = Vec::with_capacity(keys.len());
+    for key in keys {
+        let value = secret_value(&secret, key).ok_or_else(|| err(format!("has no key {key:?}")))?;
+        if value.trim().is_empty() {
+            return Err(err(format!("has an empty {key:?}")));
+        }
+        values.push(value.trim().to_owned());
     }
-    Ok((value.trim().to_owned(), secret.resource_version().unwrap_or_default()))
+    Ok((values, secret.resource_version().unwrap_or_default()))
 }
 
 impl ProviderPool {
@@ -200,12 +206,14 @@ impl ProviderPool {
         let name = provider.name_any();
         let spec = &provider.spec;
         let k = &spec.api.api_key_secret_ref;
-        let (api_key, rv1) =
-            read_secret(client, &name, "spec.api.apiKeySecretRef", &k.namespace, &k.name, &k.key).await?;
-        let s = &spec.s3.credentials_secret_ref;
+        let (mut api, rv1) =
+            read_secret(client, &name, "spec.api.apiKeySecretRef", &k.namespace, &k.name, &[&k.key]).await?;
+        let api_key = api.pop().unwrap_or_default();
+        let c = &spec.s3.credentials_secret_ref;
         let field = "spec.s3.credentialsSecretRef";
-        let (access, rv2) = read_secret(client, &name, field, &s.namespace, &s.name, &s.access_key_id_key).await?;
-        let (secret, _) = read_secret(client, &name, field, &s.namespace, &s.name, &s.secret_access_key_key).await?;
+        let keys = [c.access_key_id_key.as_str(), c.secret_access_key_key.as_str()];
+        let (s3, rv2) = read_secret(client, &name, field, &c.namespace, &c.name, &keys).await?;
+        let (access, secret) = (&s3[0], &s3[1]);
         let fingerprint = format!("{}|{rv1}|{rv2}", serde_json::to_string(spec).unwrap_or_default());
         if let Some(c) = self.conns.read().await.get(&name)
             && c.fingerprint == fingerprint
@@ -215,7 +223,7 @@ impl ProviderPool {
         let inner = RunPodClient::new(spec.api.transport, &spec.api.endpoint, &api_key, ClientOptions::default())
             .map_err(|e| ProviderError::Client { provider: name.clone(), message: e.to_string() })?;
         let vol = &spec.network_volume;
-        let store = S3Volume::new(S3Settings::new(&spec.s3.endpoint, &vol.data_center, &vol.id, &access, &secret));
+        let store = S3Volume::new(S3Settings::new(&spec.s3.endpoint, &vol.data_center, &vol.id, access, secret));
         let conn = Arc::new(Conn {
             name: name.clone(),
             api: Instrumented { inner, metrics: metrics.clone() },
@@ -230,7 +238,8 @@ impl ProviderPool {
         Ok(conn)
     }
 
-    /// The connection of provider `name` if one was made, else one made now.
+    /// The connection of provider `name` as the provider reconciler last made it (it reconnects
+    /// every poll, rereading the Secrets), else one made now. Orders use this: no Secret reads per pass.
     pub async fn get(
         &self,
         client: &kube::Client,
@@ -245,10 +254,5 @@ impl ProviderPool {
             .await?
             .ok_or_else(|| ProviderError::Missing(name.to_owned()))?;
         self.connect(client, &provider, metrics).await
-    }
-
-    /// Drops a provider's connection (the provider was deleted).
-    pub async fn forget(&self, name: &str) {
-        self.conns.write().await.remove(name);
     }
 }
