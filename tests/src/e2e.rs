@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::HarnessError;
-use crate::stack::Stack;
+use crate::stack::{Stack, StackOptions};
 
 /// The quickstart's namespace (its code ConfigMap lives there).
 pub const NS: &str = "ep-quickstart";
@@ -123,6 +123,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The whole stack with the quickstart's namespaces, Secrets, provider and code ConfigMap applied
+/// (its Experiment left out, for the test to apply its own).
+pub async fn quickstart_stack(opts: &StackOptions) -> Result<Stack, HarnessError> {
+    init_tls();
+    let stack = Stack::start(opts).await?;
+    stack.apply_quickstart(false)?;
+    Ok(stack)
 }
 
 impl Stack {

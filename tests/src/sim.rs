@@ -62,19 +62,50 @@ impl RunPodSimProcess {
     }
 }
 
+/// SIGTERM, then SIGKILL if the process has not exited within `grace`.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl RunPodSimProcess {
+    /// `text` with RunPod's endpoints and the examples' placeholder keys replaced by this
+    /// simulator's: the only edit a user makes to the quickstart.
+    pub fn point_at(&self, text: &str) -> String {
+        text.replace("https://api.runpod.io", &self.get("api"))
+            .replace("https://s3api-eu-ro-1.runpod.io", &self.get("s3"))
+            .replace("rpa_REPLACE_ME", &self.get("api_key"))
+            .replace("user_REPLACE_ME", &self.get("s3_access_key"))
+            .replace("rps_REPLACE_ME", &self.get("s3_secret_key"))
+    }
+
+    /// Copies the YAML files of `src` into `dest`, each passed through [`Self::point_at`].
+    pub fn stage(&self, src: &std::path::Path, dest: &std::path::Path) -> Result<(), HarnessError> {
+        std::fs::create_dir_all(dest).map_err(HarnessError::io("stage"))?;
+        for entry in std::fs::read_dir(src).map_err(HarnessError::io("read examples"))? {
+            let p = entry.map_err(HarnessError::io("read examples"))?.path();
+            if p.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&p).map_err(HarnessError::io("read yaml"))?;
+                std::fs::write(dest.join(p.file_name().unwrap_or_default()), self.point_at(&text))
+                    .map_err(HarnessError::io("stage"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for RunPodSimProcess {
     fn drop(&mut self) {
         // SIGTERM lets the simulator kill its pod processes; SIGKILL only if it hangs.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child, Duration::from_secs(5));
     }
 }
 

@@ -82,15 +82,7 @@ impl OperatorProcess {
 
     /// SIGTERM and wait for a graceful exit.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
+        crate::sim::terminate(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -202,21 +194,7 @@ impl Stack {
         let plugin = workspace_bin("kubectl-ep")?;
         let dir = plugin.parent().map(Path::to_path_buf).unwrap_or_default();
         let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-        let out = Command::new(tools::kubectl()?)
-            .env("KUBECONFIG", self.kubeconfig())
-            .env("PATH", path)
-            .arg("ep")
-            .args(args)
-            .output()
-            .map_err(HarnessError::io("run kubectl ep"))?;
-        if !out.status.success() {
-            return Err(HarnessError::Setup(format!(
-                "kubectl ep {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_kubectl(&self.kubeconfig(), Some(&path), &[&["ep"], args].concat())
     }
 
     /// Copies `dir`'s YAML files with the provider and its Secrets pointed at runpod-sim (the only
@@ -224,16 +202,7 @@ impl Stack {
     pub fn stage(&self, dir: &Path) -> Result<PathBuf, HarnessError> {
         let staged =
             self.dir.path().join(format!("staged-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("x")));
-        std::fs::create_dir_all(&staged).map_err(HarnessError::io("stage"))?;
-        for entry in std::fs::read_dir(dir).map_err(HarnessError::io("read examples"))? {
-            let p = entry.map_err(HarnessError::io("read examples"))?.path();
-            if p.extension().is_some_and(|e| e == "yaml") {
-                let text = std::fs::read_to_string(&p).map_err(HarnessError::io("read yaml"))?;
-                let text = self.point_at_sim(&text);
-                std::fs::write(staged.join(p.file_name().unwrap_or_default()), text)
-                    .map_err(HarnessError::io("stage"))?;
-            }
-        }
+        self.runpod.stage(dir, &staged)?;
         Ok(staged)
     }
 
@@ -245,15 +214,6 @@ impl Stack {
             std::fs::remove_file(staged.join("30-experiment.yaml")).map_err(HarnessError::io("unstage experiment"))?;
         }
         self.kubectl(&["apply", "-f", &staged.display().to_string()])
-    }
-
-    /// Replaces RunPod's endpoints and placeholder keys with runpod-sim's.
-    pub fn point_at_sim(&self, text: &str) -> String {
-        text.replace("https://api.runpod.io", &self.runpod.get("api"))
-            .replace("https://s3api-eu-ro-1.runpod.io", &self.runpod.get("s3"))
-            .replace("rpa_REPLACE_ME", &self.runpod.get("api_key"))
-            .replace("user_REPLACE_ME", &self.runpod.get("s3_access_key"))
-            .replace("rps_REPLACE_ME", &self.runpod.get("s3_secret_key"))
     }
 
     /// `kubectl patch --type merge` of one object (`ns` None for cluster-scoped kinds).
@@ -344,9 +304,16 @@ impl Stack {
 
 /// Runs kubectl with a kubeconfig.
 pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, HarnessError> {
-    let bin = tools::kubectl()?;
-    let out =
-        Command::new(bin).env("KUBECONFIG", kubeconfig).args(args).output().map_err(HarnessError::io("run kubectl"))?;
+    run_kubectl(kubeconfig, None, args)
+}
+
+fn run_kubectl(kubeconfig: &Path, path: Option<&str>, args: &[&str]) -> Result<String, HarnessError> {
+    let mut cmd = Command::new(tools::kubectl()?);
+    cmd.env("KUBECONFIG", kubeconfig).args(args);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let out = cmd.output().map_err(HarnessError::io("run kubectl"))?;
     if !out.status.success() {
         return Err(HarnessError::Setup(format!(
             "kubectl {}: {}",

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ep_operator::runpod::{ClientOptions, PodSpec, RunPodApi, RunPodClient};
-use ep_testkit::e2e::{NS, condition as cond, exp, init_tls, phase};
+use ep_testkit::e2e::{NS, condition as cond, exp, init_tls, phase, quickstart_stack};
 use ep_testkit::stack::{FAST_SETTINGS, Stack, StackOptions};
 use serde_json::json;
 
@@ -15,9 +15,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_readiness_names_the_problem_and_never_the_secret() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     let ready = stack
         .wait_for("rpp", None, "default", LONG, "Ready", |o| cond(o, "Ready").is_some_and(|c| c["status"] == "True"))
         .unwrap()
@@ -69,9 +67,7 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     stack
         .apply(&exp("gated").policy("paper_train").epochs(200, 0.2).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml())
         .unwrap();
@@ -156,9 +152,7 @@ async fn pod_by_hand(stack: &Stack) -> ep_operator::runpod::Pod {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     let by_hand = pod_by_hand(&stack).await;
     let provider = stack
         .wait_for("rpp", None, "default", LONG, "orphan reported", |o| {
@@ -198,9 +192,7 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     // `kubectl ep push` of the quickstart directory, as a user does it.
     let out = std::process::Command::new(ep_testkit::sim::workspace_bin("kubectl-ep").unwrap())
         .arg("push")
@@ -244,9 +236,7 @@ async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rest_v2_transport_runs_an_experiment_too() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     stack.merge_patch("rpp", None, "default", r#"{"spec":{"api":{"transport":"restV2"}}}"#).unwrap();
     stack
         .wait_for("rpp", None, "default", LONG, "Ready over REST v2", |o| {
@@ -270,9 +260,7 @@ async fn the_rest_v2_transport_runs_an_experiment_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     let op = stack.operator.as_ref().unwrap();
     // An invalid edit: refused, counted, and an event on the operator's pod says why.
     std::fs::write(stack.settings_path(), FAST_SETTINGS.replace("pollInterval: 1s", "pollInterval: soon")).unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ep_testkit::e2e::{NS, exp, init_tls};
+use ep_testkit::e2e::{NS, exp, init_tls, quickstart_stack};
 use ep_testkit::stack::{Stack, StackOptions};
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -158,9 +158,7 @@ async fn quickstart_completes_and_leaves_nothing_billing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     stack.apply(&quick("hb", 12, 0.5)).unwrap();
     let order = stack.wait_phase("rpo", "hb-a1", &["RUNNER_ONLINE"]).unwrap();
     let pod_id = order["status"]["podId"].as_str().unwrap().to_owned();
@@ -220,9 +218,7 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capacity_error_on_the_first_choice_uses_the_second() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     stack.faults(json!({"capacityFailures": 1})).await.unwrap();
     stack.apply(&quick("cap", 3, 0.0)).unwrap();
     let exp = stack.wait_phase("exp", "cap", &["Succeeded", "Failed"]).unwrap();
@@ -236,9 +232,7 @@ async fn a_capacity_error_on_the_first_choice_uses_the_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another() {
-    init_tls();
-    let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     // Every pod id runpod-sim shows during the test, sampled every 50 ms: a duplicate would live
     // at least until the operator's next pass, far longer than one sample.
     let admin = stack.runpod.get("admin");
@@ -296,9 +290,7 @@ async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_anoth
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_ends_the_pod() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     stack.apply(&quick("del", 60, 0.5)).unwrap();
     let order = stack.wait_phase("rpo", "del-a1", &["RUNNER_ONLINE"]).unwrap();
     let run_id = order["status"]["runId"].as_str().unwrap().to_owned();
@@ -368,9 +360,7 @@ async fn registry_shape(url: &str, name: &str) -> Vec<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
-    init_tls();
-    let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     // Without an outage first.
     stack.apply(&quick("steady", 8, 0.3)).unwrap();
     stack.wait_phase("exp", "steady", &["Succeeded"]).unwrap();

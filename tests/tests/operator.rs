@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ep_testkit::e2e::{NS, exp, init_tls, phase, wait_until};
+use ep_testkit::e2e::{NS, exp, init_tls, phase, quickstart_stack, wait_until};
 use ep_testkit::stack::{OperatorProcess, Stack, StackOptions};
 
 fn leads(op: &OperatorProcess) -> bool {
@@ -52,9 +52,7 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_share_one_pod_list_per_poll_interval() {
-    init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
-    stack.apply_quickstart(false).unwrap();
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     let names = ["share-1", "share-2", "share-3"];
     for n in names {
         stack.apply(&exp(n).epochs(40, 0.5).yaml()).unwrap();

@@ -299,20 +299,7 @@ async fn the_rendered_operator_reconciles_the_quickstart_within_its_rbac() {
 
     // The quickstart, pointed at runpod-sim, reaches COMPLETED.
     let staged = dir.path().join("quickstart");
-    std::fs::create_dir_all(&staged).unwrap();
-    for e in std::fs::read_dir(workspace_root().join("examples/quickstart")).unwrap() {
-        let p = e.unwrap().path();
-        if p.extension().is_some_and(|x| x == "yaml") {
-            let text = std::fs::read_to_string(&p)
-                .unwrap()
-                .replace("https://api.runpod.io", &runpod.get("api"))
-                .replace("https://s3api-eu-ro-1.runpod.io", &runpod.get("s3"))
-                .replace("rpa_REPLACE_ME", &runpod.get("api_key"))
-                .replace("user_REPLACE_ME", &runpod.get("s3_access_key"))
-                .replace("rps_REPLACE_ME", &runpod.get("s3_secret_key"));
-            std::fs::write(staged.join(p.file_name().unwrap()), text).unwrap();
-        }
-    }
+    runpod.stage(&workspace_root().join("examples/quickstart"), &staged).unwrap();
     // Our CRs validate against our CRDs (server-side dry run) before they are applied.
     kubectl(&kc, &["apply", "-f", staged.join("00-namespaces.yaml").to_str().unwrap()]).unwrap();
     kubectl(&kc, &["apply", "--dry-run=server", "-f", staged.to_str().unwrap()]).unwrap();
