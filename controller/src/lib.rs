@@ -4,6 +4,8 @@
 pub mod context;
 pub mod crdgen;
 pub mod experiment;
+#[cfg(test)]
+mod fixtures;
 pub mod metrics;
 pub mod mirror;
 pub mod names;

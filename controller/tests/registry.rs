@@ -22,17 +22,8 @@ fn experiment(name: &str, status: &str) -> ExperimentRow {
         name: name.into(),
         uid: format!("uid-{name}"),
         status: status.into(),
-        phase: None,
-        worker_id: None,
-        current_run_id: None,
-        attempts: 0,
-        gpu: None,
-        result_f1: None,
-        result_auc: None,
-        cost_usd: None,
-        started_at: None,
-        finished_at: None,
         extra: json!({}),
+        ..ExperimentRow::default()
     }
 }
 

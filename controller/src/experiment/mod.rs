@@ -24,7 +24,8 @@ use crate::time;
 
 pub const KIND: &str = "Experiment";
 
-fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrder {
+/// The order for attempt `attempt` of `exp`, owned by it.
+pub(crate) fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrder {
     let t = &exp.spec.order;
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(LABEL_EXPERIMENT.to_owned(), exp.name_any());

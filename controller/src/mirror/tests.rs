@@ -77,17 +77,8 @@ fn exp(name: &str, status: &str) -> Write {
         name: name.into(),
         uid: "u".into(),
         status: status.into(),
-        phase: None,
-        worker_id: None,
-        current_run_id: None,
         attempts: 1,
-        gpu: None,
-        result_f1: None,
-        result_auc: None,
-        cost_usd: None,
-        started_at: None,
-        finished_at: None,
-        extra: Value::Null,
+        ..ExperimentRow::default()
     })
 }
 
@@ -99,21 +90,7 @@ fn attempt(experiment: &str, run: &str, token: i64, status: &str) -> Write {
         attempt: 1,
         fencing_token: token,
         status: status.into(),
-        order_name: None,
-        worker_id: None,
-        pod_id: None,
-        pid: None,
-        gpu_id: None,
-        lease_expires_at: None,
-        exit_code: None,
-        reason: None,
-        result_f1: None,
-        result_auc: None,
-        receipt: None,
-        cost_usd: None,
-        started_at: Utc::now(),
-        finished_at: None,
-        extra: Value::Null,
+        ..AttemptRow::default()
     })
 }
 

@@ -47,7 +47,7 @@ impl RegistryError {
 }
 
 /// One experiment as the registry shows it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExperimentRow {
     pub namespace: String,
     pub name: String,
@@ -68,7 +68,7 @@ pub struct ExperimentRow {
 }
 
 /// One attempt.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttemptRow {
     pub namespace: String,
     pub experiment: String,

@@ -1,51 +1,25 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::TimeZone;
+use ep_api::RunPodOrderStatus;
 use ep_api::experiment::ExperimentPhase as P;
 use ep_api::order::{OrderPhase, RunOutcome};
-use ep_api::{RunPodOrderSpec, RunPodOrderStatus};
-use kube::api::ObjectMeta;
 
 use super::*;
-
-const QUICKSTART: &str = include_str!("../../../../examples/quickstart/30-experiment.yaml");
 
 fn t(secs: i64) -> DateTime<Utc> {
     Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
 }
 
 fn exp() -> Experiment {
-    let mut e: Experiment = serde_saphyr::from_str(QUICKSTART).unwrap();
-    e.metadata.uid = Some("uid-1".into());
-    e.metadata.generation = Some(1);
-    e
+    crate::fixtures::quickstart()
 }
 
+/// The operator's own order for the attempt, with the given status.
 fn order(name: &str, attempt: i32, st: RunPodOrderStatus) -> RunPodOrder {
-    let e = exp();
-    RunPodOrder {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ep-quickstart".into()),
-            ..ObjectMeta::default()
-        },
-        spec: RunPodOrderSpec {
-            experiment_ref: Some(ep_api::order::ExperimentRef { name: "quickstart".into() }),
-            attempt: Some(attempt),
-            provider_ref: "default".into(),
-            policy: "smoke".into(),
-            worker_id: "runpod-1".into(),
-            gpu: e.spec.gpu.clone(),
-            data_center: None,
-            approved: None,
-            approved_by: None,
-            max_lifetime: None,
-            max_cost_per_hour: None,
-            deletion_policy: ep_api::order::DeletionPolicy::Terminate,
-            stop: None,
-        },
-        status: Some(st),
-    }
+    let mut o = crate::fixtures::quickstart_order(name, attempt);
+    o.status = Some(st);
+    o
 }
 
 fn ended(state: &str, at: i64, cost: f64) -> RunPodOrderStatus {

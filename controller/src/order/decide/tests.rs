@@ -3,33 +3,18 @@
 use std::collections::BTreeMap;
 
 use chrono::TimeZone;
-use ep_api::common::{CloudType, GpuRequest};
 use ep_api::volume::{FORMAT_VERSION, RunnerState};
 
 use super::*;
 use crate::runpod::{Runtime, Stock};
 
+/// The quickstart's order (GPU choices rtx-pro-4500 then l4) under `policy`, with no price
+/// ceiling of its own, so the policy's applies.
 fn spec(policy: &str) -> RunPodOrderSpec {
-    RunPodOrderSpec {
-        experiment_ref: None,
-        attempt: Some(1),
-        provider_ref: "default".into(),
-        policy: policy.into(),
-        worker_id: "runpod-1".into(),
-        gpu: GpuRequest {
-            types: vec!["rtx-pro-4500".into(), "l4".into()],
-            count: 1,
-            cloud_type: CloudType::Secure,
-            interruptible: false,
-        },
-        data_center: None,
-        approved: None,
-        approved_by: None,
-        max_lifetime: None,
-        max_cost_per_hour: None,
-        deletion_policy: ep_api::order::DeletionPolicy::Terminate,
-        stop: None,
-    }
+    let mut spec = crate::fixtures::quickstart_order("quickstart-a1", 1).spec;
+    policy.clone_into(&mut spec.policy);
+    spec.max_cost_per_hour = None;
+    spec
 }
 
 fn settings() -> Settings {
