@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use ep_testkit::stack::{Stack, StackOptions};
 use ep_testkit::workspace_root;
-use sqlx::Row;
 
 const QUERIES: [&str; 4] = [
     "SELECT name, status FROM exp_registry.experiments WHERE name = 'quickstart';",
@@ -36,23 +35,6 @@ async fn main() -> ExitCode {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    {l}\n")).collect()
-}
-
-fn cell(r: &sqlx::postgres::PgRow, i: usize) -> String {
-    use chrono::{DateTime, Utc};
-    if let Ok(v) = r.try_get::<Option<String>, _>(i) {
-        return v.unwrap_or_default();
-    }
-    if let Ok(v) = r.try_get::<Option<f64>, _>(i) {
-        return v.map(|x| format!("{x:.4}")).unwrap_or_default();
-    }
-    if let Ok(v) = r.try_get::<Option<i32>, _>(i) {
-        return v.map(|x| x.to_string()).unwrap_or_default();
-    }
-    if let Ok(v) = r.try_get::<Option<DateTime<Utc>>, _>(i) {
-        return v.map(|x| x.to_rfc3339()).unwrap_or_default();
-    }
-    "?".into()
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -124,19 +106,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("==> registry queries (DESIGN section 7), with psql");
     for q in QUERIES {
         println!("$ psql -c \"{q}\"");
-        let out = std::process::Command::new("psql").arg(&stack.database_url).args(["-X", "-c", q]).output();
-        match out {
-            Ok(o) if o.status.success() => print!("{}", indent(&String::from_utf8_lossy(&o.stdout))),
-            // Without psql on PATH the same query goes through the driver.
-            _ => {
-                let rows = sqlx::query(q).fetch_all(&pool).await?;
-                for r in &rows {
-                    let cols: Vec<String> = (0..r.len()).map(|i| cell(r, i)).collect();
-                    println!("    {}", cols.join(" | "));
-                }
-                println!("    ({} rows)", rows.len());
-            }
+        // psql comes with `make deps` (postgresql-client).
+        let out = std::process::Command::new("psql").arg(&stack.database_url).args(["-X", "-c", q]).output()?;
+        if !out.status.success() {
+            return Err(format!("psql: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
+        print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
     }
     let live = stack.live_pods().await?.len();
     println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
