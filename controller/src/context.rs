@@ -105,6 +105,28 @@ impl RunnerBinary {
     }
 }
 
+/// Whether `obj` carries `finalizer`.
+pub fn has_finalizer<K: kube::Resource>(obj: &K, finalizer: &str) -> bool {
+    obj.meta().finalizers.as_ref().is_some_and(|l| l.iter().any(|f| f == finalizer))
+}
+
+/// Adds or removes one finalizer with a merge patch that carries the resourceVersion read, so a
+/// concurrent change makes it fail (409) and the next pass decides again.
+pub async fn set_finalizer<K>(api: &kube::Api<K>, obj: &K, finalizer: &str, present: bool) -> Result<(), Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut list: Vec<String> =
+        obj.meta().finalizers.clone().unwrap_or_default().into_iter().filter(|f| f != finalizer).collect();
+    if present {
+        list.push(finalizer.to_owned());
+    }
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let patch = serde_json::json!({"metadata": {"finalizers": list, "resourceVersion": obj.meta().resource_version}});
+    api.patch(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
+    Ok(())
+}
+
 /// Why a reconcile failed. A bad spec waits for a change; the rest retry with backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 pub use decide::{CONDITION_REGISTRY, Observed, Plan, decide, intake, registry_status};
 
-use crate::context::{Context, Error};
+use crate::context::{Context, Error, has_finalizer, set_finalizer};
 use crate::mirror::Write;
 use crate::names::{LABEL_ATTEMPT, LABEL_EXPERIMENT, MANAGER};
 use crate::registry::{ExperimentRow, PhaseChange, status as reg};
@@ -60,16 +60,6 @@ pub(crate) fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrd
 /// Finalizer that lets the registry record an experiment's deletion.
 pub const FINALIZER_REGISTRY: &str = "ep.dev/registry";
 
-async fn set_finalizer(api: &Api<Experiment>, exp: &Experiment, present: bool) -> Result<(), Error> {
-    let mut list: Vec<String> = exp.finalizers().iter().filter(|f| *f != FINALIZER_REGISTRY).cloned().collect();
-    if present {
-        list.push(FINALIZER_REGISTRY.to_owned());
-    }
-    let patch = json!({"metadata": {"finalizers": list, "resourceVersion": exp.resource_version()}});
-    api.patch(&exp.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    Ok(())
-}
-
 fn row(exp: &Experiment) -> ExperimentRow {
     let st = exp.status.clone().unwrap_or_default();
     let cur = st.current_attempt.as_ref();
@@ -105,7 +95,7 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
     let ns = exp.namespace().unwrap_or_default();
     let name = exp.name_any();
     let api = Api::<Experiment>::namespaced(ctx.client.clone(), &ns);
-    let finalized = exp.finalizers().iter().any(|f| f == FINALIZER_REGISTRY);
+    let finalized = has_finalizer(exp.as_ref(), FINALIZER_REGISTRY);
     if exp.meta().deletion_timestamp.is_some() {
         // Its orders are owned children: garbage collection deletes them and their own finalizers
         // drain their pods. What is left here is the registry: an experiment deleted before it
@@ -130,12 +120,12 @@ pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action
                 message: None,
                 at: now,
             }));
-            set_finalizer(&api, &exp, false).await?;
+            set_finalizer(&api, exp.as_ref(), FINALIZER_REGISTRY, false).await?;
         }
         return Ok(Action::await_change());
     }
     if !finalized {
-        set_finalizer(&api, &exp, true).await?;
+        set_finalizer(&api, exp.as_ref(), FINALIZER_REGISTRY, true).await?;
         return Ok(Action::await_change());
     }
     let orders_api = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &ns);

@@ -23,7 +23,7 @@ use serde_json::json;
 
 pub use decide::{Admitted, Block, BudgetUsage, Evidence, RunView, Verdict, admit, choose_gpus, outcome, watch};
 
-use crate::context::{Context, Error};
+use crate::context::{Context, Error, has_finalizer, set_finalizer};
 use crate::mirror::Write;
 use crate::names::{FINALIZER, MANAGER};
 use crate::registry::{OrderRow, PhaseChange};
@@ -221,20 +221,8 @@ impl<'a> Pass<'a> {
     }
 }
 
-fn has_finalizer(o: &RunPodOrder) -> bool {
-    o.finalizers().iter().any(|f| f == FINALIZER)
-}
-
-async fn set_finalizer(ctx: &Context, o: &RunPodOrder, present: bool) -> Result<(), Error> {
-    let mut list: Vec<String> = o.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
-    if present {
-        list.push(FINALIZER.to_owned());
-    }
-    let patch = json!({"metadata": {"finalizers": list, "resourceVersion": o.resource_version()}});
-    Api::<RunPodOrder>::namespaced(ctx.client.clone(), &o.namespace().unwrap_or_default())
-        .patch(&o.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(())
+fn orders_api(ctx: &Context, o: &RunPodOrder) -> Api<RunPodOrder> {
+    Api::namespaced(ctx.client.clone(), &o.namespace().unwrap_or_default())
 }
 
 /// Whether a pod could exist for this order (a create was asked for and no drain confirmed it gone).
@@ -250,19 +238,19 @@ pub async fn reconcile(order: Arc<RunPodOrder>, ctx: Arc<Context>) -> Result<Act
         let st = order.status.clone().unwrap_or_default();
         let orphan = order.spec.deletion_policy == ep_api::order::DeletionPolicy::Orphan;
         if !pod_may_exist(&st) || orphan {
-            if has_finalizer(&order) {
+            if has_finalizer(order.as_ref(), FINALIZER) {
                 if orphan && pod_may_exist(&st) {
                     tracing::warn!(order = %order.name_any(), pod = ?st.pod_id, "order deleted with deletionPolicy Orphan: the pod is left to terminateAfter");
                 }
-                set_finalizer(&ctx, &order, false).await?;
+                set_finalizer(&orders_api(&ctx, &order), order.as_ref(), FINALIZER, false).await?;
             }
             let pass = Pass::new(&ctx, &order);
             ctx.mirror.send(Write::Order(pass.row()));
             return Ok(Action::await_change());
         }
-    } else if !has_finalizer(&order) && !is_terminal(order.status.as_ref().and_then(|s| s.phase)) {
+    } else if !has_finalizer(order.as_ref(), FINALIZER) && !is_terminal(order.status.as_ref().and_then(|s| s.phase)) {
         // The finalizer lands before anything is paid for: deletion must pass through DRAINING.
-        set_finalizer(&ctx, &order, true).await?;
+        set_finalizer(&orders_api(&ctx, &order), order.as_ref(), FINALIZER, true).await?;
         return Ok(Action::await_change());
     }
     let mut pass = Pass::new(&ctx, &order);
