@@ -30,6 +30,12 @@ const FAST: Duration = Duration::from_secs(2);
 /// Extra wait for terminal.json after the runner's own stop grace.
 const DRAIN_MARGIN: Duration = Duration::from_secs(15);
 
+/// Requeue of a running order: the shared pod-list refresh wakes every order each poll interval,
+/// so its own timer is only a backstop (a second wake-up per interval would double the S3 reads).
+fn backstop(poll: Duration) -> Duration {
+    poll * 5
+}
+
 /// Pods of this run in `pods`: by the derived name or the run id tag; terminated ones excluded.
 fn matching<'p>(pods: &'p [Pod], pod_name: &str, run_id: &str) -> Vec<&'p Pod> {
     pods.iter()
@@ -376,7 +382,7 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
             pass.ready(true, "RunnerOnline", &msg);
             pass.ctx.mirror.send(Write::Attempt(attempt_row(pass, "RUNNING", None)));
             mirror_run(pass, hb.as_ref(), true);
-            Ok(Some(poll))
+            Ok(Some(backstop(poll)))
         }
         Verdict::Healthy => {
             mirror_run(pass, hb.as_ref(), true);
@@ -391,7 +397,7 @@ pub(super) async fn run(pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Du
                     reported_at: pass.now,
                 }));
             }
-            Ok(Some(poll))
+            Ok(Some(backstop(poll)))
         }
         Verdict::Drain(reason) => {
             pass.st.drain_reason = Some(reason.to_owned());
