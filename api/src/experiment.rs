@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -298,6 +298,23 @@ pub struct ExperimentStatus {
     /// Spend across all attempts, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// Every phase change, oldest first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub transitions: Vec<ExperimentTransition>,
+}
+
+/// One phase change of an experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentTransition {
+    /// Phase entered.
+    pub phase: ExperimentPhase,
+    /// When, to the microsecond (the registry's phase log keeps this order).
+    pub at: MicroTime,
+    /// Why (PascalCase).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One attempt: its claim and, once over, its outcome.
@@ -334,9 +351,9 @@ pub struct AttemptStatus {
     /// When the attempt ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
-    /// Outcome: Succeeded, Failed, Stopped, or empty while running.
+    /// Outcome: Succeeded, Failed, Stopped, FailedStatusDivergence, or empty while running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<String>,
+    pub outcome: Option<crate::order::OutcomeState>,
     /// Why the attempt ended as it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,

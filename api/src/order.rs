@@ -2,14 +2,17 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::GpuRequest;
 use crate::duration::GoDuration;
-use crate::experiment::{UsageSummary, VerifiedArtifacts, default_provider};
+use crate::experiment::{
+    CheckpointPolicy, Entry, EnvVar, Limits, PayloadSource, ResultsContract, UsageSummary, VerifiedArtifacts,
+    WorkerAffinity, default_provider,
+};
 
 /// Desired state of an order: which GPU pod to rent for whom, and under which limits.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +39,8 @@ use crate::experiment::{UsageSummary, VerifiedArtifacts, default_provider};
     .message("spec.approved cannot be withdrawn once true: set spec.stop to end the order"))]
 #[x_kube(validation = Rule::new("!has(oldSelf.approvedBy) || (has(self.approvedBy) && self.approvedBy == oldSelf.approvedBy)")
     .message("spec.approvedBy cannot be changed or removed once set"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.run) || (has(self.run) && self.run == oldSelf.run)")
+    .message("spec.run is written by the operator when it creates the order and never changes"))]
 #[serde(rename_all = "camelCase")]
 pub struct RunPodOrderSpec {
     /// The experiment this order serves (immutable).
@@ -76,6 +81,49 @@ pub struct RunPodOrderSpec {
     /// Ask the order to drain now (results are collected, then the pod is deleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<StopRequest>,
+    /// What the attempt runs, written by the operator when it creates the order for an experiment
+    /// (immutable). An order made by hand leaves it out and is bound in `status.binding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunTemplate>,
+}
+
+/// Everything one attempt needs, copied from its experiment when the attempt is claimed, so the
+/// order never reads its experiment again (a later edit of the experiment applies from the next attempt).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunTemplate {
+    /// Attempt number (starting at 1).
+    pub attempt: i32,
+    /// Run id: unique across namespaces and attempts; names the pod (`ep-<runId>`) and the volume prefix.
+    pub run_id: String,
+    /// Fencing token of the claim; heartbeats and terminal files carrying another token are refused.
+    pub fencing_token: i64,
+    /// Uid of the experiment that claimed the attempt.
+    pub experiment_uid: String,
+    /// Container image of the pod.
+    pub image: String,
+    /// The training command.
+    pub entry: Entry,
+    /// Environment of the training command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Where the code comes from.
+    pub payload: PayloadSource,
+    /// Limits of the attempt (maxRuntime) and of the experiment (maxCostUsd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    /// The results the script must leave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<ResultsContract>,
+    /// Checkpoint retention, declared before launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<CheckpointPolicy>,
+    /// Where the attempt may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_affinity: Option<WorkerAffinity>,
+    /// USD the experiment spent on earlier attempts (counts against `limits.maxCostUsd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spent_before_usd: Option<f64>,
 }
 
 /// Reference to an experiment in the same namespace.
@@ -193,6 +241,9 @@ pub struct RunPodOrderStatus {
     /// The newest heartbeat seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat: Option<HeartbeatStatus>,
+    /// The newest progress the training script reported (progress.json).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ProgressStatus>,
     /// Why the order drains (RunFinished, StopRequested, HeartbeatLost, PodGone, LifetimeReached,
     /// CostLimitReached, OrderDeleted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -207,6 +258,10 @@ pub struct RunPodOrderStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub transitions: Vec<PhaseTransition>,
+    /// For an order made by hand: the attempt its experiment bound it to (written by the
+    /// experiment's reconciler; operator-made orders carry it in `spec.run`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<RunTemplate>,
 }
 
 /// The GPU a pod actually got.
@@ -227,8 +282,8 @@ pub struct ObtainedGpu {
 pub struct PhaseTransition {
     /// Phase entered.
     pub phase: OrderPhase,
-    /// When.
-    pub at: Time,
+    /// When, to the microsecond (the registry's phase log keeps this order).
+    pub at: MicroTime,
     /// Why (PascalCase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -250,12 +305,28 @@ pub struct HeartbeatStatus {
     pub gpu_ids: Option<String>,
 }
 
+/// Progress reported by the training script.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProgressStatus {
+    /// Step or epoch reached.
+    pub step: i64,
+    /// Steps or epochs planned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
+    /// The script's latest numbers (loss, accuracy...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// When the operator read it.
+    pub reported_at: Time,
+}
+
 /// How a run ended, as verified at DRAINING.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RunOutcome {
     /// Succeeded, Failed, Stopped or FailedStatusDivergence.
-    pub state: String,
+    pub state: OutcomeState,
     /// Why (PascalCase), e.g. `RunFinished`, `HeartbeatLost`, `NonZeroExit`.
     pub reason: String,
     /// Detail for people.
@@ -278,4 +349,25 @@ pub struct RunOutcome {
     pub retention: Option<String>,
     /// When the run ended.
     pub finished_at: Time,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum OutcomeState {
+    /// The run succeeded and its results are verified.
+    Succeeded,
+    /// The run ended without a verified success.
+    Failed,
+    /// The run was stopped on request.
+    Stopped,
+    /// The run's terminal files could not be trusted.
+    FailedStatusDivergence,
+}
+
+impl RunPodOrderSpec {
+    /// The attempt this order runs: `spec.run` (operator-made orders) or the binding an experiment
+    /// wrote into the status of an order made by hand.
+    pub fn template<'a>(&'a self, status: Option<&'a RunPodOrderStatus>) -> Option<&'a RunTemplate> {
+        self.run.as_ref().or_else(|| status.and_then(|s| s.binding.as_ref()))
+    }
 }

@@ -1,32 +1,80 @@
-//! What every reconciler shares: clients, settings, the provider pool, the registry mirror,
-//! metrics, the event recorder and the runner binary, plus the reconcile error type.
+//! What every reconciler shares: the Kubernetes client and the caches of the three kinds,
+//! settings, the provider pool, the registry projection, metrics, the event recorder and the
+//! runner binary.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ep_api::volume::keys;
+use ep_api::{Experiment, RunPodOrder, RunPodProvider};
 use ep_volume::{StoreError, VolumeStore};
-use k8s_openapi::api::core::v1::ObjectReference;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::Semaphore;
 
+use crate::events::Events;
+use crate::lenient::Lenient;
 use crate::metrics::Metrics;
-use crate::mirror::Mirror;
-use crate::provider::{ProviderError, ProviderPool, Seen};
-use crate::runpod::RunPodError;
+use crate::pool::{ProviderPool, SeenPods};
+use crate::projection::Projector;
 use crate::settings::SettingsHandle;
+
+/// The controllers' caches (kube-runtime reflectors): every read of the three kinds comes from
+/// here, never from a list call per reconcile.
+#[derive(Clone)]
+pub struct Stores {
+    pub experiments: Store<Lenient<Experiment>>,
+    pub orders: Store<Lenient<RunPodOrder>>,
+    pub providers: Store<Lenient<RunPodProvider>>,
+}
+
+fn decoded<K>(items: &[Arc<Lenient<K>>]) -> Vec<Arc<K>> {
+    items.iter().filter_map(|l| l.get().cloned()).collect()
+}
+
+impl Stores {
+    /// Every order of a namespace.
+    pub fn orders_in(&self, namespace: &str) -> Vec<Arc<RunPodOrder>> {
+        decoded(&self.orders.state_filter(|o| o.meta().namespace.as_deref() == Some(namespace)))
+    }
+
+    /// The orders whose `spec.experimentRef` names an experiment.
+    pub fn orders_of(&self, namespace: &str, experiment: &str) -> Vec<Arc<RunPodOrder>> {
+        self.orders_in(namespace)
+            .into_iter()
+            .filter(|o| o.spec.experiment_ref.as_ref().is_some_and(|r| r.name == experiment))
+            .collect()
+    }
+
+    pub fn all_orders(&self) -> Vec<Arc<RunPodOrder>> {
+        decoded(&self.orders.state())
+    }
+
+    pub fn all_experiments(&self) -> Vec<Arc<Experiment>> {
+        decoded(&self.experiments.state())
+    }
+
+    pub fn experiment(&self, namespace: &str, name: &str) -> Option<Arc<Experiment>> {
+        self.experiments.get(&ObjectRef::new(name).within(namespace)).and_then(|l| l.get().cloned())
+    }
+
+    pub fn provider(&self, name: &str) -> Option<Arc<RunPodProvider>> {
+        self.providers.get(&ObjectRef::new(name)).and_then(|l| l.get().cloned())
+    }
+}
 
 /// Shared by every reconcile.
 pub struct Context {
     pub client: kube::Client,
+    pub stores: Stores,
     pub settings: SettingsHandle,
     pub providers: ProviderPool,
     /// Pods each provider's account held at the last pass.
-    pub seen_pods: Seen,
-    pub mirror: Mirror,
+    pub seen_pods: SeenPods,
+    pub projector: Projector,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub events: Events,
     pub runner: RunnerBinary,
     /// Payload syncs running at once (settings `concurrency.syncs` at start-up).
     pub sync_slots: Semaphore,
@@ -35,20 +83,6 @@ pub struct Context {
 }
 
 impl Context {
-    /// Publishes an event; a failure to publish is logged, never fatal.
-    pub async fn event(&self, reference: &ObjectReference, warning: bool, reason: &str, action: &str, note: String) {
-        let ev = Event {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.to_owned(),
-            note: Some(note.chars().take(1000).collect()),
-            action: action.to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, reference).await {
-            tracing::debug!(error = %e, reason, "event not published");
-        }
-    }
-
     /// The poll interval in force.
     pub fn poll(&self) -> Duration {
         self.settings.current().poll_interval.get()
@@ -102,59 +136,5 @@ impl RunnerBinary {
             });
         }
         Ok(true)
-    }
-}
-
-/// Whether `obj` carries `finalizer`.
-pub fn has_finalizer<K: kube::Resource>(obj: &K, finalizer: &str) -> bool {
-    obj.meta().finalizers.as_ref().is_some_and(|l| l.iter().any(|f| f == finalizer))
-}
-
-/// Adds or removes one finalizer with a merge patch that carries the resourceVersion read, so a
-/// concurrent change makes it fail (409) and the next pass decides again.
-pub async fn set_finalizer<K>(api: &kube::Api<K>, obj: &K, finalizer: &str, present: bool) -> Result<(), Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut list: Vec<String> =
-        obj.meta().finalizers.clone().unwrap_or_default().into_iter().filter(|f| f != finalizer).collect();
-    if present {
-        list.push(finalizer.to_owned());
-    }
-    let name = obj.meta().name.clone().unwrap_or_default();
-    let patch = serde_json::json!({"metadata": {"finalizers": list, "resourceVersion": obj.meta().resource_version}});
-    api.patch(&name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await?;
-    Ok(())
-}
-
-/// Why a reconcile failed. A bad spec waits for a change; the rest retry with backoff.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Kube(#[from] kube::Error),
-    #[error(transparent)]
-    RunPod(#[from] RunPodError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl Error {
-    /// Stable label for metrics.
-    pub fn category(&self) -> &'static str {
-        match self {
-            Self::Kube(_) => "kubernetes",
-            Self::RunPod(e) => match e {
-                RunPodError::RateLimited { .. } => "runpod_rate_limited",
-                RunPodError::Unauthorized { .. } => "runpod_unauthorized",
-                _ => "runpod",
-            },
-            Self::Store(_) => "s3",
-            Self::Provider(_) => "provider",
-            Self::Other(_) => "other",
-        }
     }
 }

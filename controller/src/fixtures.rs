@@ -15,5 +15,16 @@ pub fn quickstart() -> Experiment {
 
 /// The order the experiment reconciler creates for attempt `attempt` of the quickstart.
 pub fn quickstart_order(name: &str, attempt: i32) -> RunPodOrder {
-    crate::experiment::order_for(&quickstart(), name, attempt)
+    let exp = quickstart();
+    let cur = ep_api::experiment::AttemptStatus {
+        attempt,
+        run_id: crate::names::run_id("quickstart", "uid-1", attempt),
+        fencing_token: 1_800_000_000_000 + i64::from(attempt),
+        order: Some(name.to_owned()),
+        ..Default::default()
+    };
+    let mut order = crate::experiment::order_for(&exp, name, crate::experiment::template(&exp, &cur, 0.0));
+    order.metadata.uid = Some(format!("order-uid-{attempt}"));
+    order.metadata.generation = Some(1);
+    order
 }

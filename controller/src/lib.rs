@@ -1,16 +1,22 @@
 //! ep-operator: reconciles Experiments, RunPodOrders and RunPodProviders against RunPod, and
-//! mirrors every state into the `exp_registry` PostgreSQL schema.
+//! projects every state into the `exp_registry` PostgreSQL schema.
 
 pub mod context;
 pub mod crdgen;
+pub mod error;
+pub mod events;
 pub mod experiment;
+pub mod failpoint;
 #[cfg(test)]
 mod fixtures;
+pub mod lenient;
 pub mod metrics;
-pub mod mirror;
 pub mod names;
 pub mod order;
+pub mod pool;
+pub mod projection;
 pub mod provider;
+pub mod reason;
 pub mod registry;
 pub mod run;
 pub mod runpod;

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator: reconcile Experiments, RunPodOrders and RunPodProviders.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CRD as YAML (or write one file per CRD into a directory).
     Crd {
         /// Write `<name>.yaml` files into this directory instead of printing.
@@ -40,6 +40,8 @@ enum Command {
         #[command(subcommand)]
         command: SettingsCommand,
     },
+    /// Print every condition reason with its kind, failure domain and meaning (Markdown).
+    Reasons,
 }
 
 #[derive(clap::Args)]
@@ -56,8 +58,9 @@ struct RunArgs {
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "EP_LISTEN", default_value = "0.0.0.0:8080")]
     listen: std::net::SocketAddr,
-    /// Elect a leader through a Lease so that only one replica acts.
-    #[arg(long, env = "EP_LEADER_ELECTION", default_value_t = false)]
+    /// Elect a leader through a Lease so that only one replica acts (on by default; set
+    /// `--leader-election=false` only where exactly one replica can ever run).
+    #[arg(long, env = "EP_LEADER_ELECTION", default_value_t = true, num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     leader_election: bool,
     /// Namespace of the Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "ep-system")]
@@ -65,6 +68,9 @@ struct RunArgs {
     /// Name of the Lease.
     #[arg(long, env = "EP_LEASE_NAME", default_value = "ep-operator")]
     lease_name: String,
+    /// How long the Lease lasts without renewal: a crashed leader is replaced after this.
+    #[arg(long, env = "EP_LEASE_DURATION", default_value = "15s")]
+    lease_duration: ep_api::GoDuration,
     /// Identity in the Lease [default: POD_NAME, else the host name and process id].
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -121,6 +127,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 leader_election: a.leader_election,
                 lease_namespace: a.lease_namespace,
                 lease_name: a.lease_name,
+                lease_duration: a.lease_duration.get(),
                 identity,
                 runner_binary,
             };
@@ -145,6 +152,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 Ok::<_, Box<dyn std::error::Error>>(())
             })?;
         }
+        Command::Reasons => print!("{}", ep_operator::reason::Reason::markdown_table()),
         Command::Settings { command: SettingsCommand::Check { file } } => {
             let settings = match file {
                 Some(path) => SettingsWatcher::load(&path)?.1.current().as_ref().clone(),

@@ -10,6 +10,8 @@ pub const LABEL_ATTEMPT: &str = "ep.dev/attempt";
 pub const FINALIZER: &str = "ep.dev/pod-cleanup";
 /// The field manager of every write the operator makes.
 pub const MANAGER: &str = "ep-operator";
+/// The field manager of the binding an experiment writes into the status of an order made by hand.
+pub const BINDING_MANAGER: &str = "ep-operator-binding";
 
 /// Pod env tag: uid of the order that owns the pod.
 pub const ENV_OWNER_UID: &str = "EP_OWNER_UID";

@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use ep_operator::registry::{
-    AttemptRow, ExperimentRow, HeartbeatRow, InstanceRow, OrderRow, PgRegistry, PhaseChange, ProgressRow, Registry,
+    AttemptRow, ExperimentRow, HeartbeatRow, InstanceRow, OrderRow, PgRegistry, PhaseChange, ProgressRow,
     RegistryError, SessionRow, status,
 };
 use ep_testkit::postgres::TempPostgres;

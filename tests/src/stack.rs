@@ -266,7 +266,9 @@ impl Stack {
                     "{kind} {name}: {what} not reached in {timeout:?}; last seen:\n{}\n\noperator log:\n{}",
                     obj.map(|o| serde_json::to_string_pretty(&o["status"]).unwrap_or_default())
                         .unwrap_or_else(|| "gone".into()),
-                    self.operator_log(60)
+                    self.operator_log(
+                        std::env::var("EP_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(60)
+                    )
                 )));
             }
             std::thread::sleep(Duration::from_millis(250));

@@ -188,7 +188,7 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
     let order = stack.wait_phase("rpo", "hb-a1", &["DELETED"]).unwrap();
     assert_eq!(order["status"]["outcome"]["state"], "Failed");
     assert!(
-        matches!(order["status"]["outcome"]["reason"].as_str(), Some("HeartbeatLost" | "PodGone")),
+        matches!(order["status"]["outcome"]["reason"].as_str(), Some("HeartbeatLost" | "PodGone" | "PodVanished")),
         "{}",
         order["status"]
     );

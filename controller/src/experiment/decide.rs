@@ -1,20 +1,23 @@
-//! The pure part of the experiment reconciler: from what is observed to the next status and the
-//! order to create. No clients, no clock.
+//! The pure part of the experiment reconciler: from what is observed (the experiment, its orders'
+//! status, its dependencies, the registry) to the next status, the order to create and the order
+//! to bind. No clients, no clock.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ep_api::experiment::{AttemptStatus, ExperimentPhase};
-use ep_api::order::OrderPhase;
+use ep_api::experiment::{AttemptStatus, ExperimentPhase, ExperimentTransition};
+use ep_api::order::{OrderPhase, OutcomeState, RunTemplate};
 use ep_api::{CONDITION_READY, Experiment, ExperimentStatus, RunPodOrder, find_condition, set_condition};
 use kube::ResourceExt;
 
 use crate::names;
-use crate::registry::status as reg;
+use crate::reason::{Blocked, Reason};
+use crate::registry::RegistryStatus;
 use crate::settings::Settings;
 use crate::time;
 
 const MAX_HISTORY: usize = 20;
+const MAX_TRANSITIONS: usize = 32;
 pub const CONDITION_STALLED: &str = "Stalled";
 pub const CONDITION_RECONCILING: &str = "Reconciling";
 pub const CONDITION_REGISTRY: &str = "RegistrySynced";
@@ -27,8 +30,8 @@ pub struct Observed<'a> {
     /// Each `dependsOn` name with the phase it has (None when it does not exist).
     pub deps: Vec<(String, Option<ExperimentPhase>)>,
     pub settings: &'a Settings,
-    /// Why the registry is behind, when it is.
-    pub registry_behind: Option<String>,
+    /// Why the registry does not hold this experiment's rows, when it does not.
+    pub registry: Option<Blocked>,
     pub now: DateTime<Utc>,
 }
 
@@ -36,90 +39,120 @@ pub struct Observed<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub status: ExperimentStatus,
-    /// Order to create (name, attempt) once the status holding its claim is saved.
-    pub create_order: Option<(String, i32)>,
-    /// Events: (warning, reason, note).
-    pub events: Vec<(bool, String, String)>,
+    /// Order to create (name, what its attempt runs) once the status holding its claim is saved.
+    pub create_order: Option<(String, RunTemplate)>,
+    /// An order made by hand to bind to the claimed attempt (name, what the attempt runs).
+    pub bind: Option<(String, RunTemplate)>,
+    /// Events: (reason, note).
+    pub events: Vec<(Reason, String)>,
     pub requeue: Option<Duration>,
 }
 
 /// Checks what the schema cannot: names resolve against the settings in force.
-pub fn intake(exp: &Experiment, settings: &Settings) -> Result<(), (&'static str, String)> {
+pub fn intake(exp: &Experiment, settings: &Settings) -> Result<(), Blocked> {
     let s = &exp.spec;
     if let Err(e) = settings.policy(&s.order.policy) {
-        return Err(("UnknownPolicy", format!("spec.order.policy: {e}")));
+        return Err(Blocked::new(Reason::UnknownPolicy, format!("spec.order.policy: {e}")));
     }
     if s.gpu.interruptible {
-        return Err((
-            "SpotUnavailable",
-            "spec.gpu.interruptible: RunPod no longer offers interruptible (spot) pods; set it to false".into(),
+        return Err(Blocked::new(
+            Reason::SpotUnavailable,
+            "spec.gpu.interruptible: RunPod no longer offers interruptible (spot) pods; set it to false",
         ));
     }
     if s.checkpoints.as_ref().and_then(|c| c.retention).is_none() {
-        return Err(("RetentionMissing", "spec.checkpoints.retention is required: Keep, KeepLast or Discard".into()));
+        return Err(Blocked::new(
+            Reason::RetentionMissing,
+            "spec.checkpoints.retention is required: Keep, KeepLast or Discard",
+        ));
     }
     if let Some(a) = &s.worker_affinity {
         if a.runtime != "runpod" {
-            return Err(("WorkerMismatch", format!("spec.workerAffinity.runtime {:?}: only runpod exists", a.runtime)));
+            let msg = format!("spec.workerAffinity.runtime {:?}: only runpod exists", a.runtime);
+            return Err(Blocked::new(Reason::WorkerMismatch, msg));
         }
         if !a.workers.is_empty() && !a.workers.contains(&s.order.worker_id) {
-            return Err((
-                "WorkerMismatch",
-                format!(
-                    "spec.order.workerId {} is not among spec.workerAffinity.workers ({})",
-                    s.order.worker_id,
-                    a.workers.join(", ")
-                ),
-            ));
+            let msg = format!(
+                "spec.order.workerId {} is not among spec.workerAffinity.workers ({})",
+                s.order.worker_id,
+                a.workers.join(", ")
+            );
+            return Err(Blocked::new(Reason::WorkerMismatch, msg));
         }
     }
     Ok(())
 }
 
 /// The registry's status word for a phase.
-pub fn registry_status(phase: ExperimentPhase, divergent: bool) -> &'static str {
+pub fn registry_status(phase: ExperimentPhase, reason: Reason) -> RegistryStatus {
     match phase {
-        ExperimentPhase::Pending | ExperimentPhase::Waiting => reg::READY,
-        ExperimentPhase::Running => reg::RUNNING,
-        ExperimentPhase::NeedsRerun => reg::NEEDS_RERUN,
-        ExperimentPhase::Succeeded => reg::COMPLETED,
-        ExperimentPhase::Failed if divergent => reg::FAILED_STATUS_DIVERGENCE,
-        ExperimentPhase::Failed => reg::FAILED,
+        ExperimentPhase::Pending | ExperimentPhase::Waiting => RegistryStatus::Ready,
+        ExperimentPhase::Running => RegistryStatus::Running,
+        ExperimentPhase::NeedsRerun => RegistryStatus::NeedsRerun,
+        ExperimentPhase::Succeeded => RegistryStatus::Completed,
+        ExperimentPhase::Failed if reason == Reason::StatusDivergence => RegistryStatus::FailedStatusDivergence,
+        ExperimentPhase::Failed => RegistryStatus::Failed,
+    }
+}
+
+/// What attempt `cur` of `exp` runs, as written into its order.
+pub fn template(exp: &Experiment, cur: &AttemptStatus, spent_before: f64) -> RunTemplate {
+    let s = &exp.spec;
+    RunTemplate {
+        attempt: cur.attempt,
+        run_id: cur.run_id.clone(),
+        fencing_token: cur.fencing_token,
+        experiment_uid: exp.uid().unwrap_or_default(),
+        image: s.image.clone(),
+        entry: s.entry.clone(),
+        env: s.env.clone(),
+        payload: s.payload.clone(),
+        limits: s.limits.clone(),
+        results: s.results.clone(),
+        checkpoints: s.checkpoints.clone(),
+        worker_affinity: s.worker_affinity.clone(),
+        spent_before_usd: (spent_before > 0.0).then_some(spent_before),
     }
 }
 
 struct Builder<'a> {
     o: &'a Observed<'a>,
     st: ExperimentStatus,
-    events: Vec<(bool, String, String)>,
-    create_order: Option<(String, i32)>,
+    events: Vec<(Reason, String)>,
+    create_order: Option<(String, RunTemplate)>,
+    bind: Option<(String, RunTemplate)>,
 }
 
 impl Builder<'_> {
-    fn cond(&mut self, type_: &str, ok: bool, reason: &str, message: &str) {
+    fn cond(&mut self, type_: &str, ok: bool, reason: Reason, message: &str) {
         let generation = self.o.exp.metadata.generation;
-        set_condition(&mut self.st.conditions, type_, ok, reason, message, generation, time::to_k8s(self.o.now));
+        let now = time::to_k8s(self.o.now);
+        set_condition(&mut self.st.conditions, type_, ok, reason.as_str(), message, generation, now);
     }
 
-    fn phase(&mut self, phase: ExperimentPhase, reason: &str, message: &str) {
+    fn phase(&mut self, phase: ExperimentPhase, reason: Reason, message: &str) {
         let before = self.st.phase;
         self.st.phase = Some(phase);
-        let divergent = reason == "StatusDivergence";
-        self.st.registry_status = Some(registry_status(phase, divergent).to_owned());
+        self.st.registry_status = Some(registry_status(phase, reason).as_str().to_owned());
         let done = matches!(phase, ExperimentPhase::Succeeded | ExperimentPhase::Failed);
-        let ready = phase == ExperimentPhase::Succeeded || (phase == ExperimentPhase::Running && reason == "Running");
+        let ready =
+            phase == ExperimentPhase::Succeeded || (phase == ExperimentPhase::Running && reason == Reason::Running);
         self.cond(CONDITION_READY, ready, reason, message);
-        self.cond(CONDITION_RECONCILING, !done, if done { "Done" } else { reason }, message);
+        self.cond(CONDITION_RECONCILING, !done, if done { Reason::Done } else { reason }, message);
         let stalled = phase == ExperimentPhase::Failed;
-        self.cond(
-            CONDITION_STALLED,
-            stalled,
-            if stalled { reason } else { "Progressing" },
-            if stalled { message } else { "" },
-        );
+        let (why, msg) = if stalled { (reason, message) } else { (Reason::Progressing, "") };
+        self.cond(CONDITION_STALLED, stalled, why, msg);
         if before != Some(phase) {
-            let warning = matches!(phase, ExperimentPhase::Failed | ExperimentPhase::NeedsRerun);
-            self.events.push((warning, reason.to_owned(), format!("{phase:?}: {message}")));
+            self.events.push((reason, format!("{phase:?}: {message}")));
+            self.st.transitions.push(ExperimentTransition {
+                phase,
+                at: time::to_micro(self.o.now),
+                reason: Some(reason.as_str().to_owned()),
+            });
+            if self.st.transitions.len() > MAX_TRANSITIONS {
+                let extra = self.st.transitions.len() - MAX_TRANSITIONS;
+                self.st.transitions.drain(..extra);
+            }
         }
     }
 }
@@ -128,176 +161,204 @@ fn ended(p: Option<OrderPhase>) -> bool {
     matches!(p, Some(OrderPhase::Deleted | OrderPhase::Failed))
 }
 
+fn round(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+fn plan(b: &mut Builder<'_>, requeue: Option<Duration>) -> Plan {
+    Plan {
+        status: std::mem::take(&mut b.st),
+        create_order: b.create_order.take(),
+        bind: b.bind.take(),
+        events: std::mem::take(&mut b.events),
+        requeue,
+    }
+}
+
+/// Spend of the attempts already over.
+fn spent_before(st: &ExperimentStatus) -> f64 {
+    st.history.iter().filter_map(|a| a.cost_usd).sum()
+}
+
 /// Decides the next status of an experiment.
 pub fn decide(o: &Observed<'_>) -> Plan {
     let exp = o.exp;
-    let mut b = Builder { o, st: exp.status.clone().unwrap_or_default(), events: vec![], create_order: None };
+    let mut b =
+        Builder { o, st: exp.status.clone().unwrap_or_default(), events: vec![], create_order: None, bind: None };
     b.st.observed_generation = exp.metadata.generation;
-    match &o.registry_behind {
-        Some(why) => b.cond(CONDITION_REGISTRY, false, "RegistryUnavailable", why),
-        None => b.cond(CONDITION_REGISTRY, true, "Mirrored", "the registry holds this status"),
+    match &o.registry {
+        Some(why) => b.cond(CONDITION_REGISTRY, false, why.reason, &why.message),
+        None => b.cond(CONDITION_REGISTRY, true, Reason::Mirrored, "the registry holds this status"),
     }
-    let retry = exp.spec.retry.clone();
-    let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
-    let backoff = retry.and_then(|r| r.backoff).map_or(Duration::ZERO, |d| d.get());
-    let max_cost = exp.spec.limits.as_ref().and_then(|l| l.max_cost_usd);
-    let poll = o.settings.poll_interval.get();
-
     if let Some(cur) = b.st.current_attempt.clone() {
-        let order = cur.order.as_ref().and_then(|n| o.orders.iter().find(|x| x.name_any() == *n));
-        let spent_before: f64 = b.st.history.iter().filter_map(|a| a.cost_usd).sum();
+        let order = cur.order.as_ref().and_then(|n| o.orders.iter().find(|x| x.name_any() == *n)).copied();
         match order {
             None => {
                 // Claimed in status but the order is missing (a crash after the claim, or a person
                 // deleted it): create it again under the same name; it adopts any pod of the run.
-                b.create_order = cur.order.clone().map(|n| (n, cur.attempt));
-                b.phase(ExperimentPhase::Running, "OrderCreated", &format!("attempt {} ordered", cur.attempt));
-                return plan(b, Some(poll));
+                let t = template(exp, &cur, spent_before(&b.st));
+                b.create_order = cur.order.clone().map(|n| (n, t));
+                let msg = format!("attempt {} ordered", cur.attempt);
+                b.phase(ExperimentPhase::Running, Reason::OrderCreated, &msg);
+                return plan(&mut b, Some(o.settings.poll_interval.get()));
             }
             Some(order) => {
-                let ost = order.status.clone().unwrap_or_default();
-                let mut a = cur.clone();
-                a.pod_id.clone_from(&ost.pod_id);
-                a.pid = ost.heartbeat.as_ref().and_then(|h| h.pid);
-                a.gpu_id = ost.heartbeat.as_ref().and_then(|h| h.gpu_ids.clone());
-                a.lease_expiry = ost.heartbeat.as_ref().map(|h| {
-                    time::to_k8s(
-                        time::from_k8s(&h.time)
-                            + chrono::Duration::from_std(o.settings.heartbeat_timeout.get()).unwrap_or_default(),
-                    )
-                });
-                a.cost_usd = ost.accrued_cost_usd;
-                if let Some(g) = &ost.gpu {
-                    b.st.gpu = Some(g.display_name.clone());
-                }
-                b.st.cost_usd = Some(round(spent_before + ost.accrued_cost_usd.unwrap_or(0.0)));
-                if !ended(ost.phase) {
-                    b.st.current_attempt = Some(a);
-                    let order_ready = find_condition(&ost.conditions, CONDITION_READY);
-                    let (reason, msg) = match order_ready {
-                        Some(c) if c.status == "True" => (
-                            "Running".to_owned(),
-                            format!("attempt {} running in order {}", cur.attempt, order.name_any()),
-                        ),
-                        Some(c) => (c.reason.clone(), format!("order {}: {}", order.name_any(), c.message)),
-                        None => ("OrderCreated".to_owned(), format!("order {} accepted", order.name_any())),
-                    };
-                    b.phase(ExperimentPhase::Running, &reason, &msg);
-                    return plan(b, None);
-                }
-                // The attempt is over: fold its outcome.
-                let out = ost.outcome.clone();
-                let (state, reason, message) = match &out {
-                    Some(x) => (x.state.clone(), x.reason.clone(), x.message.clone().unwrap_or_default()),
-                    None if order.spec.stop.is_some() || ost.phase == Some(OrderPhase::Deleted) => (
-                        "Stopped".into(),
-                        ost.reason.clone().unwrap_or_else(|| "StoppedBeforeLaunch".into()),
-                        String::new(),
-                    ),
-                    None => (
-                        "Failed".into(),
-                        ost.reason.clone().unwrap_or_else(|| "OrderFailed".into()),
-                        ost.message.clone().unwrap_or_default(),
-                    ),
-                };
-                a.finished_at = out.as_ref().map(|x| x.finished_at.clone()).or_else(|| Some(time::to_k8s(o.now)));
-                a.outcome = Some(state.clone());
-                a.reason = Some(reason.clone());
-                b.st.current_attempt = None;
-                b.st.history.push(a.clone());
-                if b.st.history.len() > MAX_HISTORY {
-                    let extra = b.st.history.len() - MAX_HISTORY;
-                    b.st.history.drain(..extra);
-                }
-                let spent = round(spent_before + a.cost_usd.unwrap_or(0.0));
-                b.st.cost_usd = Some(spent);
-                let detail = if message.is_empty() { reason.clone() } else { format!("{reason}: {message}") };
-                match state.as_str() {
-                    "Succeeded" => {
-                        if let Some(x) = &out {
-                            b.st.results = Some(x.metrics.clone());
-                            b.st.artifacts.clone_from(&x.artifacts);
-                            b.st.usage.clone_from(&x.usage);
-                        }
-                        b.st.next_attempt_at = None;
-                        let m = format!(
-                            "attempt {} succeeded; results verified (receipt {})",
-                            cur.attempt,
-                            out.as_ref().and_then(|x| x.artifacts.as_ref()).map_or("none", |r| r.receipt.as_str())
-                        );
-                        b.phase(ExperimentPhase::Succeeded, "Succeeded", &m);
-                        return plan(b, None);
-                    }
-                    "FailedStatusDivergence" => {
-                        b.phase(
-                            ExperimentPhase::Failed,
-                            "StatusDivergence",
-                            &format!("attempt {}: {detail}", cur.attempt),
-                        );
-                        return plan(b, None);
-                    }
-                    "Stopped" => {
-                        b.phase(
-                            ExperimentPhase::Failed,
-                            "Stopped",
-                            &format!("attempt {} stopped: {detail}", cur.attempt),
-                        );
-                        return plan(b, None);
-                    }
-                    _ => {
-                        if b.st.attempts >= max_attempts {
-                            let m = format!(
-                                "attempt {} of {max_attempts} failed ({detail}); no attempts left",
-                                cur.attempt
-                            );
-                            b.phase(ExperimentPhase::Failed, "RetriesExhausted", &m);
-                            return plan(b, None);
-                        }
-                        if max_cost.is_some_and(|m| spent >= m) {
-                            let m = format!(
-                                "attempt {} failed ({detail}) and ${spent:.2} of ${:.2} is spent",
-                                cur.attempt,
-                                max_cost.unwrap_or_default()
-                            );
-                            b.phase(ExperimentPhase::Failed, "CostLimitReached", &m);
-                            return plan(b, None);
-                        }
-                        let finished = a.finished_at.as_ref().map_or(o.now, time::from_k8s);
-                        let next = finished + chrono::Duration::from_std(backoff).unwrap_or_default();
-                        b.st.next_attempt_at = Some(time::to_k8s(next));
-                        let m = format!(
-                            "attempt {} failed ({detail}); attempt {} after {}",
-                            cur.attempt,
-                            cur.attempt + 1,
-                            next.to_rfc3339()
-                        );
-                        b.phase(ExperimentPhase::NeedsRerun, "AttemptFailed", &m);
-                        // Fall through: the next attempt may start now.
-                    }
+                if let Some(p) = follow(&mut b, &cur, order) {
+                    return p;
                 }
             }
         }
     }
+    next_attempt(b)
+}
 
+/// Follows the current attempt's order: the plan, or None when the attempt failed with attempts
+/// left (the next attempt may start now).
+fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Option<Plan> {
+    let o = b.o;
+    let ost = order.status.clone().unwrap_or_default();
+    let mut a = cur.clone();
+    a.pod_id.clone_from(&ost.pod_id);
+    a.pid = ost.heartbeat.as_ref().and_then(|h| h.pid);
+    a.gpu_id = ost.heartbeat.as_ref().and_then(|h| h.gpu_ids.clone());
+    let timeout = chrono::Duration::from_std(o.settings.heartbeat_timeout.get()).unwrap_or_default();
+    a.lease_expiry = ost.heartbeat.as_ref().map(|h| time::to_k8s(time::from_k8s(&h.time) + timeout));
+    a.cost_usd = ost.accrued_cost_usd;
+    if let Some(g) = &ost.gpu {
+        b.st.gpu = Some(g.display_name.clone());
+    }
+    let before = spent_before(&b.st);
+    b.st.cost_usd = Some(round(before + ost.accrued_cost_usd.unwrap_or(0.0)));
+    if !ended(ost.phase) {
+        if order.spec.run.is_none()
+            && ost.binding.as_ref().map(|t| t.fencing_token) != Some(cur.fencing_token)
+            && !matches!(ost.phase, Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining))
+        {
+            b.bind = Some((order.name_any(), template(o.exp, cur, before)));
+        }
+        b.st.current_attempt = Some(a);
+        let (reason, msg) = match find_condition(&ost.conditions, CONDITION_READY) {
+            Some(c) if c.status == "True" => {
+                (Reason::Running, format!("attempt {} running in order {}", cur.attempt, order.name_any()))
+            }
+            Some(c) => {
+                (c.reason.parse().unwrap_or(Reason::OrderCreated), format!("order {}: {}", order.name_any(), c.message))
+            }
+            None => (Reason::OrderCreated, format!("order {} accepted", order.name_any())),
+        };
+        b.phase(ExperimentPhase::Running, reason, &msg);
+        return Some(plan(b, None));
+    }
+    fold(b, cur, order, a, before)
+}
+
+/// The attempt is over: folds its outcome into status.
+fn fold(
+    b: &mut Builder<'_>,
+    cur: &AttemptStatus,
+    order: &RunPodOrder,
+    mut a: AttemptStatus,
+    before: f64,
+) -> Option<Plan> {
+    let o = b.o;
+    let ost = order.status.clone().unwrap_or_default();
+    let out = ost.outcome.clone();
+    let parse = |r: Option<&String>, default: Reason| r.and_then(|r| r.parse().ok()).unwrap_or(default);
+    let (state, reason, message) = match &out {
+        Some(x) => (x.state, parse(Some(&x.reason), Reason::RunFailed), x.message.clone().unwrap_or_default()),
+        None if order.spec.stop.is_some() || ost.phase == Some(OrderPhase::Deleted) => {
+            (OutcomeState::Stopped, parse(ost.reason.as_ref(), Reason::StoppedBeforeLaunch), String::new())
+        }
+        None => (
+            OutcomeState::Failed,
+            parse(ost.reason.as_ref(), Reason::RunFailed),
+            ost.message.clone().unwrap_or_default(),
+        ),
+    };
+    a.finished_at = out.as_ref().map(|x| x.finished_at.clone()).or_else(|| Some(time::to_k8s(o.now)));
+    a.outcome = Some(state);
+    a.reason = Some(reason.as_str().to_owned());
+    b.st.current_attempt = None;
+    b.st.history.push(a.clone());
+    if b.st.history.len() > MAX_HISTORY {
+        let extra = b.st.history.len() - MAX_HISTORY;
+        b.st.history.drain(..extra);
+    }
+    let spent = round(before + a.cost_usd.unwrap_or(0.0));
+    b.st.cost_usd = Some(spent);
+    let detail = if message.is_empty() { reason.to_string() } else { format!("{reason}: {message}") };
+    let n = cur.attempt;
+    match state {
+        OutcomeState::Succeeded => {
+            if let Some(x) = &out {
+                b.st.results = Some(x.metrics.clone());
+                b.st.artifacts.clone_from(&x.artifacts);
+                b.st.usage.clone_from(&x.usage);
+            }
+            b.st.next_attempt_at = None;
+            let receipt = out.as_ref().and_then(|x| x.artifacts.as_ref()).map_or("none", |r| r.receipt.as_str());
+            let m = format!("attempt {n} succeeded; results verified (receipt {receipt})");
+            b.phase(ExperimentPhase::Succeeded, Reason::Succeeded, &m);
+        }
+        OutcomeState::FailedStatusDivergence => {
+            b.phase(ExperimentPhase::Failed, Reason::StatusDivergence, &format!("attempt {n}: {detail}"));
+        }
+        OutcomeState::Stopped => {
+            b.phase(ExperimentPhase::Failed, Reason::Stopped, &format!("attempt {n} stopped: {detail}"));
+        }
+        OutcomeState::Failed => return retry(b, n, &a, spent, &detail),
+    }
+    Some(plan(b, None))
+}
+
+/// A failed attempt: the experiment fails when no attempt or money is left, else it needs a rerun.
+fn retry(b: &mut Builder<'_>, n: i32, a: &AttemptStatus, spent: f64, detail: &str) -> Option<Plan> {
+    let o = b.o;
+    let retry = o.exp.spec.retry.clone();
+    let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
+    let backoff = retry.and_then(|r| r.backoff).map_or(Duration::ZERO, |d| d.get());
+    let max_cost = o.exp.spec.limits.as_ref().and_then(|l| l.max_cost_usd);
+    if b.st.attempts >= max_attempts {
+        let m = format!("attempt {n} of {max_attempts} failed ({detail}); no attempts left");
+        b.phase(ExperimentPhase::Failed, Reason::RetriesExhausted, &m);
+        return Some(plan(b, None));
+    }
+    if let Some(max) = max_cost.filter(|m| spent >= *m) {
+        let m = format!("attempt {n} failed ({detail}) and ${spent:.2} of ${max:.2} is spent");
+        b.phase(ExperimentPhase::Failed, Reason::CostLimitReached, &m);
+        return Some(plan(b, None));
+    }
+    let finished = a.finished_at.as_ref().map_or(o.now, time::from_k8s);
+    let next = finished + chrono::Duration::from_std(backoff).unwrap_or_default();
+    b.st.next_attempt_at = Some(time::to_k8s(next));
+    let m = format!("attempt {n} failed ({detail}); attempt {} after {}", n + 1, next.to_rfc3339());
+    b.phase(ExperimentPhase::NeedsRerun, Reason::AttemptFailed, &m);
+    None
+}
+
+/// No attempt under way: wait (finished, backoff, intake, suspend, dependencies) or claim the next.
+fn next_attempt(mut b: Builder<'_>) -> Plan {
+    let o = b.o;
+    let exp = o.exp;
+    let poll = o.settings.poll_interval.get();
     match b.st.phase {
-        Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed) => return plan(b, None),
+        Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed) => return plan(&mut b, None),
         Some(ExperimentPhase::NeedsRerun) => {
             if let Some(at) = b.st.next_attempt_at.as_ref().map(time::from_k8s)
                 && o.now < at
             {
-                let wait = (at - o.now).to_std().unwrap_or_default();
-                return plan(b, Some(wait));
+                return plan(&mut b, Some((at - o.now).to_std().unwrap_or_default()));
             }
         }
         _ => {}
     }
-    if let Err((reason, msg)) = intake(exp, o.settings) {
-        b.phase(ExperimentPhase::Waiting, reason, &msg);
-        return plan(b, Some(Duration::from_secs(60)));
+    if let Err(blocked) = intake(exp, o.settings) {
+        b.phase(ExperimentPhase::Waiting, blocked.reason, &blocked.message);
+        return plan(&mut b, blocked.reason.requeue().after(poll));
     }
     if exp.spec.suspend {
-        b.phase(ExperimentPhase::Waiting, "Suspended", "spec.suspend is true: no new attempt starts");
-        return plan(b, None);
+        b.phase(ExperimentPhase::Waiting, Reason::Suspended, "spec.suspend is true: no new attempt starts");
+        return plan(&mut b, None);
     }
     let pending: Vec<String> = o
         .deps
@@ -307,21 +368,29 @@ pub fn decide(o: &Observed<'_>) -> Plan {
         .collect();
     if !pending.is_empty() {
         let failed = o.deps.iter().any(|(_, p)| *p == Some(ExperimentPhase::Failed));
-        let reason = if failed { "DependencyFailed" } else { "DependencyPending" };
+        let reason = if failed { Reason::DependencyFailed } else { Reason::DependencyPending };
         b.phase(ExperimentPhase::Waiting, reason, &format!("spec.dependsOn not succeeded: {}", pending.join(", ")));
-        return plan(b, Some(poll));
+        return plan(&mut b, Some(poll));
     }
-    // Runnable: claim the next attempt. The claim is saved before the order exists.
+    claim(b)
+}
+
+/// Claims the next attempt. The claim is saved before the order exists.
+fn claim(mut b: Builder<'_>) -> Plan {
+    let o = b.o;
+    let exp = o.exp;
     let n = b.st.attempts + 1;
     let uid = exp.uid().unwrap_or_default();
     let run_id = names::run_id(&exp.name_any(), &uid, n);
-    let by_hand =
-        o.orders.iter().find(|x| x.spec.attempt == Some(n) && !ended(x.status.as_ref().and_then(|s| s.phase)));
+    let by_hand = o
+        .orders
+        .iter()
+        .find(|x| x.spec.attempt == Some(n) && x.spec.run.is_none() && !ended(x.status.as_ref().and_then(|s| s.phase)));
     let order = by_hand.map_or_else(|| names::order_name(&exp.name_any(), n), |x| x.name_any());
     // Fencing tokens grow with every claim: the claim time in milliseconds, never below the last.
     let last = b.st.history.iter().map(|a| a.fencing_token).max().unwrap_or(0);
     let token = o.now.timestamp_millis().max(last + 1);
-    b.st.current_attempt = Some(AttemptStatus {
+    let cur = AttemptStatus {
         attempt: n,
         run_id: run_id.clone(),
         fencing_token: token,
@@ -329,22 +398,19 @@ pub fn decide(o: &Observed<'_>) -> Plan {
         worker_id: Some(exp.spec.order.worker_id.clone()),
         started_at: Some(time::to_k8s(o.now)),
         ..AttemptStatus::default()
-    });
+    };
+    let t = template(exp, &cur, spent_before(&b.st));
+    b.st.current_attempt = Some(cur);
     b.st.attempts = n;
     b.st.next_attempt_at = None;
-    if by_hand.is_none() {
-        b.create_order = Some((order.clone(), n));
+    if by_hand.is_some() {
+        b.bind = Some((order.clone(), t));
+    } else {
+        b.create_order = Some((order.clone(), t));
     }
-    b.phase(ExperimentPhase::Running, "AttemptClaimed", &format!("attempt {n} claimed as run {run_id}; order {order}"));
-    plan(b, None)
-}
-
-fn round(x: f64) -> f64 {
-    (x * 10_000.0).round() / 10_000.0
-}
-
-fn plan(b: Builder<'_>, requeue: Option<Duration>) -> Plan {
-    Plan { status: b.st, create_order: b.create_order, events: b.events, requeue }
+    let msg = format!("attempt {n} claimed as run {run_id}; order {order}");
+    b.phase(ExperimentPhase::Running, Reason::AttemptClaimed, &msg);
+    plan(&mut b, None)
 }
 
 #[cfg(test)]

@@ -1,35 +1,39 @@
 //! Reconciles `Experiment`: intake, `dependsOn` and `suspend`, the next attempt (run id, fencing
-//! token, retry budget and backoff), the attempt's `RunPodOrder` as an owned child, and the
-//! order's outcome folded back into status and the registry.
+//! token, retry budget and backoff), the attempt's `RunPodOrder` as an owned child carrying
+//! everything the attempt runs, and the order's outcome folded back into status. The experiment
+//! reads only its children's status; they never read it.
 
 mod decide;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ep_api::order::{DeletionPolicy, ExperimentRef};
+use ep_api::order::{DeletionPolicy, ExperimentRef, RunTemplate};
 use ep_api::{Experiment, RunPodOrder, RunPodOrderSpec};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-pub use decide::{CONDITION_REGISTRY, Observed, Plan, decide, intake, registry_status};
+pub use decide::{CONDITION_REGISTRY, Observed, Plan, decide, intake, registry_status, template};
 
-use crate::context::{Context, Error, has_finalizer, set_finalizer};
-use crate::mirror::Write;
-use crate::names::{LABEL_ATTEMPT, LABEL_EXPERIMENT, MANAGER};
-use crate::registry::{ExperimentRow, PhaseChange, status as reg};
+use crate::context::Context;
+use crate::error::Error;
+use crate::names::{BINDING_MANAGER, LABEL_ATTEMPT, LABEL_EXPERIMENT, MANAGER};
 use crate::time;
 
 pub const KIND: &str = "Experiment";
 
-/// The order for attempt `attempt` of `exp`, owned by it.
-pub(crate) fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrder {
+/// Finalizer that lets the registry record an experiment's deletion.
+pub const FINALIZER_REGISTRY: &str = "ep.dev/registry";
+
+/// The order for an attempt of `exp`, owned by it and carrying what the attempt runs.
+pub fn order_for(exp: &Experiment, name: &str, run: RunTemplate) -> RunPodOrder {
     let t = &exp.spec.order;
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(LABEL_EXPERIMENT.to_owned(), exp.name_any());
-    labels.insert(LABEL_ATTEMPT.to_owned(), attempt.to_string());
+    labels.insert(LABEL_ATTEMPT.to_owned(), run.attempt.to_string());
     RunPodOrder {
         metadata: ObjectMeta {
             name: Some(name.to_owned()),
@@ -40,7 +44,7 @@ pub(crate) fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrd
         },
         spec: RunPodOrderSpec {
             experiment_ref: Some(ExperimentRef { name: exp.name_any() }),
-            attempt: Some(attempt),
+            attempt: Some(run.attempt),
             provider_ref: t.provider_ref.clone(),
             policy: t.policy.clone(),
             worker_id: t.worker_id.clone(),
@@ -52,151 +56,121 @@ pub(crate) fn order_for(exp: &Experiment, name: &str, attempt: i32) -> RunPodOrd
             max_cost_per_hour: t.max_cost_per_hour,
             deletion_policy: DeletionPolicy::Terminate,
             stop: None,
+            run: Some(run),
         },
         status: None,
     }
 }
 
-/// Finalizer that lets the registry record an experiment's deletion.
-pub const FINALIZER_REGISTRY: &str = "ep.dev/registry";
+/// Each `dependsOn` name with the phase that experiment has (None when it does not exist).
+type Deps = Vec<(String, Option<ep_api::experiment::ExperimentPhase>)>;
 
-fn row(exp: &Experiment) -> ExperimentRow {
-    let st = exp.status.clone().unwrap_or_default();
-    let cur = st.current_attempt.as_ref();
-    let last = cur.or(st.history.last());
-    let results = st.results.as_ref();
-    ExperimentRow {
-        namespace: exp.namespace().unwrap_or_default(),
-        name: exp.name_any(),
-        uid: exp.uid().unwrap_or_default(),
-        status: st.registry_status.clone().unwrap_or_else(|| crate::registry::status::READY.to_owned()),
-        phase: st.phase.map(|p| format!("{p:?}")),
-        worker_id: last.and_then(|a| a.worker_id.clone()).or_else(|| Some(exp.spec.order.worker_id.clone())),
-        current_run_id: last.map(|a| a.run_id.clone()),
-        attempts: st.attempts,
-        gpu: st.gpu.clone(),
-        result_f1: results.and_then(|r| r.get("f1").copied()),
-        result_auc: results.and_then(|r| r.get("auc").copied()),
-        cost_usd: st.cost_usd,
-        started_at: last.and_then(|a| a.started_at.as_ref()).map(time::from_k8s),
-        finished_at: match st.phase {
-            Some(ep_api::experiment::ExperimentPhase::Succeeded | ep_api::experiment::ExperimentPhase::Failed) => {
-                st.history.last().and_then(|a| a.finished_at.as_ref()).map(time::from_k8s)
-            }
-            _ => None,
-        },
-        extra: json!({"results": results, "receipt": st.artifacts.as_ref().map(|a| a.receipt.clone())}),
-    }
+/// The experiment's orders and dependencies, from the controllers' caches.
+fn observe(ctx: &Context, exp: &Experiment) -> (Vec<Arc<RunPodOrder>>, Deps) {
+    let ns = exp.namespace().unwrap_or_default();
+    let orders = ctx.stores.orders_of(&ns, &exp.name_any());
+    let deps = exp
+        .spec
+        .depends_on
+        .iter()
+        .map(|d| {
+            let dep = ctx.stores.experiment(&ns, d);
+            (d.clone(), dep.and_then(|e| e.status.as_ref().and_then(|s| s.phase)))
+        })
+        .collect();
+    (orders, deps)
 }
 
-/// One pass of the experiment reconciler.
-pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled(KIND);
+/// Writes what the plan says: status first (the claim is durable before its order exists), then
+/// the order to create or the order made by hand to bind.
+async fn apply(ctx: &Context, exp: &Experiment, plan: &Plan) -> Result<(), Error> {
     let ns = exp.namespace().unwrap_or_default();
     let name = exp.name_any();
-    let api = Api::<Experiment>::namespaced(ctx.client.clone(), &ns);
-    let finalized = has_finalizer(exp.as_ref(), FINALIZER_REGISTRY);
-    if exp.meta().deletion_timestamp.is_some() {
-        // Its orders are owned children: garbage collection deletes them and their own finalizers
-        // drain their pods. What is left here is the registry: an experiment deleted before it
-        // finished must not stay RUNNING there.
-        if finalized {
-            let now = time::now();
-            let mut r = row(&exp);
-            if !matches!(r.status.as_str(), reg::COMPLETED | reg::FAILED | reg::FAILED_STATUS_DIVERGENCE) {
-                reg::FAILED.clone_into(&mut r.status);
-                r.finished_at = Some(now);
-            }
-            r.extra["deleted"] = json!(true);
-            ctx.mirror.send(Write::Experiment(r));
-            ctx.mirror.send(Write::Phase(PhaseChange {
-                kind: KIND.into(),
-                namespace: ns.clone(),
-                name: name.clone(),
-                uid: exp.uid().unwrap_or_default(),
-                from_phase: exp.status.as_ref().and_then(|s| s.phase).map(|p| format!("{p:?}")),
-                to_phase: "Deleted".into(),
-                reason: Some("ExperimentDeleted".into()),
-                message: None,
-                at: now,
-            }));
-            set_finalizer(&api, exp.as_ref(), FINALIZER_REGISTRY, false).await?;
-        }
-        return Ok(Action::await_change());
-    }
-    if !finalized {
-        set_finalizer(&api, exp.as_ref(), FINALIZER_REGISTRY, true).await?;
-        return Ok(Action::await_change());
-    }
-    let orders_api = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &ns);
-    let all = orders_api.list(&Default::default()).await?;
-    let orders: Vec<&RunPodOrder> =
-        all.items.iter().filter(|o| o.spec.experiment_ref.as_ref().is_some_and(|r| r.name == name)).collect();
-    let exps = api;
-    let mut deps = Vec::new();
-    for d in &exp.spec.depends_on {
-        let phase = exps.get_opt(d).await?.and_then(|e| e.status.and_then(|s| s.phase));
-        deps.push((d.clone(), phase));
-    }
-    let settings = ctx.settings.current();
-    let lag = ctx.mirror.lag();
-    let registry_behind = lag.behind_since.map(|since| {
-        format!(
-            "{} registry writes wait since {}: {}",
-            lag.pending,
-            since.to_rfc3339(),
-            lag.error.clone().unwrap_or_default()
-        )
-    });
-    let now = time::now();
-    let observed = Observed { exp: &exp, orders, deps, settings: &settings, registry_behind, now };
-    let plan = decide(&observed);
-    let before = exp.status.as_ref().and_then(|s| s.phase);
-    let mut updated = (*exp).clone();
-    updated.status = Some(plan.status.clone());
     if exp.status.as_ref() != Some(&plan.status) {
-        let body = json!({"apiVersion": "ep.dev/v1alpha1", "kind": KIND, "status": plan.status});
-        exps.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await?;
-    }
-    if let Some((order_name, attempt)) = &plan.create_order {
-        match orders_api
-            .create(
-                &PostParams { field_manager: Some(MANAGER.into()), ..Default::default() },
-                &order_for(&exp, order_name, *attempt),
-            )
+        // Decided on this version of the experiment: if it changed meanwhile (a claim already
+        // written by the previous pass, say), the write fails and the next pass decides again.
+        let body = json!({
+            "apiVersion": "ep.dev/v1alpha1",
+            "kind": KIND,
+            "metadata": {"resourceVersion": exp.resource_version()},
+            "status": plan.status,
+        });
+        Api::<Experiment>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
             .await
-        {
+            .map_err(Error::write)?;
+    }
+    let orders = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &ns);
+    if let Some((order_name, run)) = &plan.create_order {
+        let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+        match orders.create(&pp, &order_for(exp, order_name, run.clone())).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e.into()),
         }
     }
+    if let Some((order_name, run)) = &plan.bind {
+        // The binding is the experiment's field in the order's status, under its own manager.
+        let body = json!({"apiVersion": "ep.dev/v1alpha1", "kind": "RunPodOrder", "status": {"binding": run}});
+        orders.patch_status(order_name, &PatchParams::apply(BINDING_MANAGER).force(), &Patch::Apply(&body)).await?;
+    }
+    Ok(())
+}
+
+/// One pass while the experiment exists.
+async fn step(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
+    let (orders, deps) = observe(ctx, exp);
+    let settings = ctx.settings.current();
+    let observed = Observed {
+        exp,
+        orders: orders.iter().map(AsRef::as_ref).collect(),
+        deps,
+        settings: &settings,
+        registry: ctx.projector.health(&exp.namespace().unwrap_or_default(), &exp.name_any()),
+        now: time::precise_now(),
+    };
+    let plan = decide(&observed);
+    apply(ctx, exp, &plan).await?;
     let reference = exp.object_ref(&());
-    for (warning, reason, note) in &plan.events {
-        ctx.event(&reference, *warning, reason, "Reconcile", note.clone()).await;
+    for (reason, note) in &plan.events {
+        ctx.events.publish(&reference, *reason, "Reconcile", note).await;
     }
-    let after = plan.status.phase;
-    if after != before
-        && let Some(p) = after
-    {
+    let before = exp.status.as_ref().and_then(|s| s.phase);
+    if let Some(p) = plan.status.phase.filter(|p| Some(*p) != before) {
         ctx.metrics.transition(KIND, &format!("{p:?}"));
-        let cond = ep_api::find_condition(&plan.status.conditions, ep_api::CONDITION_READY);
-        ctx.mirror.send(Write::Phase(PhaseChange {
-            kind: KIND.into(),
-            namespace: ns.clone(),
-            name: name.clone(),
-            uid: exp.uid().unwrap_or_default(),
-            from_phase: before.map(|p| format!("{p:?}")),
-            to_phase: format!("{p:?}"),
-            reason: cond.map(|c| c.reason.clone()),
-            message: cond.map(|c| c.message.clone()),
-            at: now,
-        }));
     }
-    ctx.mirror.send(Write::Experiment(row(&updated)));
     Ok(match plan.requeue {
         Some(d) => Action::requeue(d.max(Duration::from_millis(200))),
         // Running attempts are followed through their order's events; a slow requeue is a backstop.
         None => Action::requeue(Duration::from_secs(300)),
     })
+}
+
+/// Deletion: its orders are owned children (garbage collection deletes them and their own
+/// finalizers drain their pods). What is left here is the registry: an experiment deleted before
+/// it finished is recorded as ended before the finalizer goes.
+fn cleanup(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
+    if ctx.projector.experiment_deleted(exp, time::precise_now()) {
+        Ok(Action::await_change())
+    } else {
+        Err(Error::CleanupPending(Duration::from_millis(500)))
+    }
+}
+
+/// The experiment controller's reconcile.
+#[tracing::instrument(skip_all, fields(kind = KIND, namespace = exp.namespace().unwrap_or_default(), name = exp.name_any()))]
+pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(KIND);
+    if exp.meta().deletion_timestamp.is_none() {
+        ctx.projector.experiment(&exp);
+    }
+    let api = Api::<Experiment>::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER_REGISTRY, exp, |event| async {
+        match event {
+            Finalizer::Apply(e) => step(&ctx, &e).await,
+            Finalizer::Cleanup(e) => cleanup(&ctx, &e),
+        }
+    })
+    .await
+    .map_err(crate::error::from_finalizer)
 }

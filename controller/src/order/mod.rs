@@ -1,276 +1,153 @@
 //! Reconciles `RunPodOrder` through the lifecycle of DESIGN section 4:
 //! REQUESTED -> PROVISIONED -> SYNCED -> VERIFIED -> RUNNER_ONLINE -> DRAINING -> DELETED (or FAILED).
 //!
-//! Each pass observes (Kubernetes, the shared pod list, known keys on the volume), decides with the
-//! pure functions of [`decide`], acts, and writes status with server-side apply. Anything that could
-//! open a paid pod is preceded by a durable status write, so a crash at any line is followed by
-//! adoption, never by a second pod.
+//! Each transition lives in its own file (provision, payload, claim, launch, drain): observe,
+//! decide with pure functions, act, and record status. The order carries everything its attempt
+//! needs (`spec.run`, or `status.binding` for an order made by hand) and never reads its
+//! experiment. Anything that could open a paid pod is preceded by a durable status write, so a
+//! crash at any line is followed by adoption, never by a second pod.
 
-mod decide;
-mod launch;
-mod sync;
+pub mod claim;
+pub mod drain;
+pub mod launch;
+pub mod pass;
+pub mod payload;
+pub mod pod;
+pub mod provision;
+pub mod world;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ep_api::order::{OrderPhase, PhaseTransition};
-use ep_api::{CONDITION_READY, Experiment, RunPodOrder, RunPodOrderStatus, find_condition, set_condition};
-use kube::api::{Patch, PatchParams};
+use ep_api::RunPodOrder;
+use ep_api::order::{DeletionPolicy, OrderPhase};
 use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
 
-pub use decide::{Admitted, Block, BudgetUsage, Evidence, RunView, Verdict, admit, choose_gpus, outcome, watch};
-
-use crate::context::{Context, Error, has_finalizer, set_finalizer};
-use crate::mirror::Write;
-use crate::names::{FINALIZER, MANAGER};
-use crate::registry::{OrderRow, PhaseChange};
+use self::pass::{Pass, phase_name, pod_may_exist};
+use self::world::{KubeWorld, World};
+use crate::context::Context;
+use crate::error::Error;
+use crate::names::FINALIZER;
+use crate::reason::Reason;
 use crate::time;
 
 pub const KIND: &str = "RunPodOrder";
-const MAX_TRANSITIONS: usize = 32;
 
-/// The wire name of a phase (`RUNNER_ONLINE`).
-pub fn phase_name(p: OrderPhase) -> String {
-    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+/// What one pass did: when to look again and what to tell people.
+#[derive(Debug, Default)]
+pub struct Done {
+    /// None: wait for a change.
+    pub requeue: Option<Duration>,
+    pub events: Vec<(Reason, String)>,
+    /// Phases entered, in order.
+    pub entered: Vec<OrderPhase>,
+    /// The order ended (DELETED or FAILED): nothing more will happen to it.
+    pub terminal: bool,
 }
 
-/// Whether the order is over (nothing more will happen to it).
-pub fn is_terminal(p: Option<OrderPhase>) -> bool {
-    matches!(p, Some(OrderPhase::Deleted | OrderPhase::Failed))
-}
-
-/// One reconcile pass over one order.
-pub(crate) struct Pass<'a> {
-    pub ctx: &'a Context,
-    pub order: &'a RunPodOrder,
-    pub ns: String,
-    pub name: String,
-    pub st: RunPodOrderStatus,
-    pub now: DateTime<Utc>,
-    events: Vec<(bool, String, String)>,
-    phases: Vec<PhaseChange>,
-}
-
-impl<'a> Pass<'a> {
-    fn new(ctx: &'a Context, order: &'a RunPodOrder) -> Self {
-        Self {
-            ctx,
-            order,
-            ns: order.namespace().unwrap_or_default(),
-            name: order.name_any(),
-            st: order.status.clone().unwrap_or_default(),
-            now: time::now(),
-            events: Vec::new(),
-            phases: Vec::new(),
-        }
-    }
-
-    pub fn phase(&self) -> Option<OrderPhase> {
-        self.st.phase
-    }
-
-    /// Enters `phase`, recording the transition (status, registry, event, metric).
-    pub fn enter(&mut self, phase: OrderPhase, reason: &str, message: &str) {
-        let from = self.st.phase;
-        if from == Some(phase) {
-            return;
-        }
-        self.st.phase = Some(phase);
-        self.st.transitions.push(PhaseTransition {
-            phase,
-            at: time::to_k8s(self.now),
-            reason: Some(reason.to_owned()),
-        });
-        if self.st.transitions.len() > MAX_TRANSITIONS {
-            let extra = self.st.transitions.len() - MAX_TRANSITIONS;
-            self.st.transitions.drain(..extra);
-        }
-        let to = phase_name(phase);
-        self.ctx.metrics.transition(KIND, &to);
-        self.phases.push(PhaseChange {
-            kind: KIND.into(),
-            namespace: self.ns.clone(),
-            name: self.name.clone(),
-            uid: self.order.uid().unwrap_or_default(),
-            from_phase: from.map(phase_name),
-            to_phase: to.clone(),
-            reason: Some(reason.to_owned()),
-            message: (!message.is_empty()).then(|| message.to_owned()),
-            at: self.now,
-        });
-        let warning = phase == OrderPhase::Failed;
-        let note = if message.is_empty() { format!("entered {to}") } else { format!("entered {to}: {message}") };
-        self.events.push((warning, reason.to_owned(), note));
-        if phase == OrderPhase::Failed {
-            self.st.reason = Some(reason.to_owned());
-            self.st.message = Some(message.to_owned());
-            self.ready(false, reason, message);
-        }
-    }
-
-    /// Sets the Ready condition; a new reason on a not-ready order is also an event.
-    pub fn ready(&mut self, ready: bool, reason: &str, message: &str) {
-        let prev = find_condition(&self.st.conditions, CONDITION_READY).map(|c| c.reason.clone());
-        let generation = self.order.meta().generation;
-        set_condition(
-            &mut self.st.conditions,
-            CONDITION_READY,
-            ready,
-            reason,
-            message,
-            generation,
-            time::to_k8s(self.now),
-        );
-        if !ready && prev.as_deref() != Some(reason) && self.st.phase != Some(OrderPhase::Failed) {
-            self.events.push((true, reason.to_owned(), message.to_owned()));
-        }
-    }
-
-    /// Records a gate that blocks: waits (Ready False with the reason) or, when fatal, fails.
-    pub fn block(&mut self, b: &Block) -> Option<Duration> {
-        tracing::info!(order = %self.name, reason = b.reason, message = %b.message, "order blocked");
-        if b.fatal {
-            self.enter(OrderPhase::Failed, b.reason, &b.message);
-            return None;
-        }
-        self.st.reason = Some(b.reason.to_owned());
-        self.st.message = Some(b.message.clone());
-        self.ready(false, b.reason, &b.message);
-        Some(match b.reason {
-            // Waits on a person (spec, approval, settings): the watch wakes us; poll slowly meanwhile.
-            "UnknownPolicy" | "AwaitingApproval" | "PolicyViolation" | "UnknownGpuType" | "DataCenterMismatch"
-            | "NotBound" | "NothingRunnable" | "WorkerMismatch" | "PayloadMissing" => Duration::from_secs(60),
-            "InsufficientBalance" => Duration::from_secs(120),
-            _ => self.ctx.poll(),
-        })
-    }
-
-    /// Clears a wait reason once the gate passes.
-    pub fn unblock(&mut self) {
-        self.st.reason = None;
-        self.st.message = None;
-    }
-
-    pub fn event(&mut self, warning: bool, reason: &str, note: String) {
-        self.events.push((warning, reason.to_owned(), note));
-    }
-
-    /// Writes status now (a durable step: before a paid call).
-    pub async fn save(&mut self) -> Result<(), Error> {
-        self.st.observed_generation = self.order.meta().generation;
-        let body = json!({"apiVersion": "ep.dev/v1alpha1", "kind": KIND, "status": self.st});
-        Api::<RunPodOrder>::namespaced(self.ctx.client.clone(), &self.ns)
-            .patch_status(&self.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
-            .await?;
-        Ok(())
-    }
-
-    /// Saves status if it changed, then publishes events and registry rows.
-    async fn finish(mut self) -> Result<(), Error> {
-        if Some(&self.st) != self.order.status.as_ref() {
-            self.save().await?;
-        }
-        let reference = self.order.object_ref(&());
-        for (warning, reason, note) in std::mem::take(&mut self.events) {
-            self.ctx.event(&reference, warning, &reason, "Reconcile", note).await;
-        }
-        for p in std::mem::take(&mut self.phases) {
-            self.ctx.mirror.send(Write::Phase(p));
-        }
-        self.ctx.mirror.send(Write::Order(self.row()));
-        Ok(())
-    }
-
-    fn row(&self) -> OrderRow {
-        let spec = &self.order.spec;
-        let gpu = self.st.gpu.as_ref();
-        OrderRow {
-            namespace: self.ns.clone(),
-            name: self.name.clone(),
-            uid: self.order.uid().unwrap_or_default(),
-            experiment: spec.experiment_ref.as_ref().map(|e| e.name.clone()),
-            run_id: self.st.run_id.clone(),
-            attempt: spec.attempt,
-            policy: spec.policy.clone(),
-            worker_id: spec.worker_id.clone(),
-            provider: spec.provider_ref.clone(),
-            phase: self.st.phase.map(phase_name).unwrap_or_default(),
-            reason: self.st.reason.clone().or_else(|| self.st.drain_reason.clone()),
-            approved: spec.approved == Some(true),
-            pod_id: self.st.pod_id.clone(),
-            gpu_type_id: gpu.map(|g| g.type_id.clone()),
-            gpu_display_name: gpu.map(|g| g.display_name.clone()),
-            data_center: self.st.data_center.clone(),
-            cost_per_hr: self.st.cost_per_hour,
-            accrued_usd: self.st.accrued_cost_usd,
-            deleted_at: self.order.meta().deletion_timestamp.as_ref().map(time::from_k8s).or_else(|| {
-                // The DELETED transition's time: stable across passes, so the row is written once.
-                self.st.transitions.iter().rev().find(|t| t.phase == OrderPhase::Deleted).map(|t| time::from_k8s(&t.at))
-            }),
-            extra: json!({}),
-        }
-    }
-
-    /// The experiment this order serves, if it still exists.
-    pub async fn experiment(&self) -> Result<Option<Experiment>, Error> {
-        let Some(r) = &self.order.spec.experiment_ref else { return Ok(None) };
-        Ok(Api::<Experiment>::namespaced(self.ctx.client.clone(), &self.ns).get_opt(&r.name).await?)
-    }
-}
-
-fn orders_api(ctx: &Context, o: &RunPodOrder) -> Api<RunPodOrder> {
-    Api::namespaced(ctx.client.clone(), &o.namespace().unwrap_or_default())
-}
-
-/// Whether a pod could exist for this order (a create was asked for and no drain confirmed it gone).
-fn pod_may_exist(st: &RunPodOrderStatus) -> bool {
-    st.pod_requested_at.is_some() && !is_terminal(st.phase)
-}
-
-/// One pass of the order reconciler.
-pub async fn reconcile(order: Arc<RunPodOrder>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciled(KIND);
-    let deleting = order.meta().deletion_timestamp.is_some();
-    if deleting {
-        let st = order.status.clone().unwrap_or_default();
-        let orphan = order.spec.deletion_policy == ep_api::order::DeletionPolicy::Orphan;
-        if !pod_may_exist(&st) || orphan {
-            if has_finalizer(order.as_ref(), FINALIZER) {
-                if orphan && pod_may_exist(&st) {
-                    tracing::warn!(order = %order.name_any(), pod = ?st.pod_id, "order deleted with deletionPolicy Orphan: the pod is left to terminateAfter");
-                }
-                set_finalizer(&orders_api(&ctx, &order), order.as_ref(), FINALIZER, false).await?;
-            }
-            let pass = Pass::new(&ctx, &order);
-            ctx.mirror.send(Write::Order(pass.row()));
-            return Ok(Action::await_change());
-        }
-    } else if !has_finalizer(order.as_ref(), FINALIZER) && !is_terminal(order.status.as_ref().and_then(|s| s.phase)) {
-        // The finalizer lands before anything is paid for: deletion must pass through DRAINING.
-        set_finalizer(&orders_api(&ctx, &order), order.as_ref(), FINALIZER, true).await?;
-        return Ok(Action::await_change());
-    }
-    let mut pass = Pass::new(&ctx, &order);
-    let next = match pass.phase() {
+/// One pass over one order: the phase's step, then status if it changed.
+pub async fn step<W: World>(w: &W, order: &RunPodOrder, deleting: bool, now: DateTime<Utc>) -> Result<Done, Error> {
+    let poll = w.settings().poll_interval.get();
+    let mut pass = Pass::new(order, now, poll);
+    let before = pass.st.transitions.len();
+    let stopping = deleting || order.spec.stop.is_some();
+    tracing::debug!(phase = ?pass.phase(), deleting, "order pass");
+    let requeue = match pass.phase() {
         None => {
-            pass.enter(OrderPhase::Requested, "Accepted", "the order is durable; nothing is paid for yet");
-            pass.ready(false, "Requested", "checking the order against live RunPod state");
+            pass.enter(OrderPhase::Requested, Reason::Accepted, "the order is durable; nothing is paid for yet");
+            pass.ready(false, Reason::Requested, "checking the order against live RunPod state");
             Some(Duration::ZERO)
         }
-        Some(OrderPhase::Requested) => sync::provision(&mut pass, deleting).await?,
-        Some(OrderPhase::Provisioned) => sync::sync(&mut pass).await?,
-        Some(OrderPhase::Synced) => sync::claim(&mut pass).await?,
-        Some(OrderPhase::Verified | OrderPhase::RunnerOnline) => launch::run(&mut pass, deleting).await?,
-        Some(OrderPhase::Draining) => launch::drain(&mut pass).await?,
+        // No pod can exist before VERIFIED: a stop or a deletion ends the order at once.
+        Some(OrderPhase::Requested | OrderPhase::Provisioned | OrderPhase::Synced) if stopping => {
+            pass.enter(OrderPhase::Deleted, Reason::StoppedBeforeLaunch, "ended before any pod was created");
+            None
+        }
+        Some(OrderPhase::Requested) => provision::run(w, &mut pass).await?,
+        Some(OrderPhase::Provisioned) => payload::run(w, &mut pass).await?,
+        Some(OrderPhase::Synced) => claim::run(w, &mut pass).await?,
+        Some(OrderPhase::Verified | OrderPhase::RunnerOnline) => launch::run(w, &mut pass, deleting).await?,
+        Some(OrderPhase::Draining) => drain::run(w, &mut pass).await?,
         Some(OrderPhase::Deleted | OrderPhase::Failed) => None,
     };
-    pass.finish().await?;
-    Ok(match next {
-        Some(d) if d.is_zero() => Action::requeue(Duration::from_millis(50)),
-        Some(d) => Action::requeue(d),
-        None => Action::await_change(),
+    pass.finish(w).await?;
+    let entered = pass.st.transitions.get(before..).unwrap_or_default().iter().map(|t| t.phase).collect();
+    let terminal = pass::is_terminal(pass.st.phase);
+    tracing::debug!(phase = ?pass.phase(), ?requeue, "order pass done");
+    Ok(Done { requeue, events: std::mem::take(&mut pass.events), entered, terminal })
+}
+
+/// Deletion: drain until no pod can exist, then let the finalizer go.
+pub async fn cleanup<W: World>(w: &W, order: &RunPodOrder, now: DateTime<Utc>) -> Result<Done, Error> {
+    let st = order.status.clone().unwrap_or_default();
+    if order.spec.deletion_policy == DeletionPolicy::Orphan {
+        if pod_may_exist(&st) {
+            tracing::warn!(order = %order.name_any(), pod = ?st.pod_id, "order deleted with deletionPolicy Orphan: the pod is left to terminateAfter");
+        }
+        return Ok(Done { terminal: true, ..Done::default() });
+    }
+    if !pod_may_exist(&st)
+        && !matches!(st.phase, Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining))
+    {
+        return Ok(Done { terminal: true, ..Done::default() });
+    }
+    step(w, order, true, now).await
+}
+
+fn crash_point(phase: OrderPhase) -> Option<&'static str> {
+    match phase {
+        OrderPhase::Provisioned => Some("order.provisioned"),
+        OrderPhase::Synced => Some("order.synced"),
+        OrderPhase::Verified => Some("order.claimed"),
+        OrderPhase::RunnerOnline => Some("order.online"),
+        _ => None,
+    }
+}
+
+/// Publishes what a pass did: Events, transition metrics, crash points.
+async fn report(ctx: &Context, order: &RunPodOrder, done: &mut Done) {
+    let reference = order.object_ref(&());
+    for (reason, note) in std::mem::take(&mut done.events) {
+        ctx.events.publish(&reference, reason, "Reconcile", &note).await;
+    }
+    for phase in &done.entered {
+        ctx.metrics.transition(KIND, phase_name(*phase));
+        if let Some(point) = crash_point(*phase) {
+            crate::failpoint::hit(point);
+        }
+    }
+}
+
+/// The order controller's reconcile: project the observed order into the registry, then one step.
+#[tracing::instrument(skip_all, fields(kind = KIND, namespace = order.namespace().unwrap_or_default(), name = order.name_any()))]
+pub async fn reconcile(order: Arc<RunPodOrder>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciled(KIND);
+    ctx.projector.order(&order);
+    let api = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let w = KubeWorld::new(&ctx);
+    let now = time::precise_now();
+    let result = finalizer(&api, FINALIZER, order.clone(), |event| async {
+        let (obj, deleting) = match event {
+            Finalizer::Apply(o) => (o, false),
+            Finalizer::Cleanup(o) => (o, true),
+        };
+        let mut done = if deleting { cleanup(&w, &obj, now).await? } else { step(&w, &obj, false, now).await? };
+        report(&ctx, &obj, &mut done).await;
+        match done.requeue {
+            // Deletion waits until no pod can exist: the finalizer stays until then.
+            _ if deleting && done.terminal => Ok(Action::await_change()),
+            Some(d) if deleting => Err(Error::CleanupPending(d.max(Duration::from_millis(50)))),
+            Some(d) if d.is_zero() => Ok(Action::requeue(Duration::from_millis(50))),
+            Some(d) => Ok(Action::requeue(d)),
+            None => Ok(Action::await_change()),
+        }
     })
+    .await;
+    result.map_err(crate::error::from_finalizer)
 }

@@ -21,6 +21,59 @@ pub mod status {
     pub const FAILED_STATUS_DIVERGENCE: &str = "FAILED_STATUS_DIVERGENCE";
 }
 
+/// An experiment's status in the pipeline's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegistryStatus {
+    Ready,
+    Running,
+    NeedsRerun,
+    Completed,
+    Failed,
+    FailedStatusDivergence,
+}
+
+impl RegistryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => status::READY,
+            Self::Running => status::RUNNING,
+            Self::NeedsRerun => status::NEEDS_RERUN,
+            Self::Completed => status::COMPLETED,
+            Self::Failed => status::FAILED,
+            Self::FailedStatusDivergence => status::FAILED_STATUS_DIVERGENCE,
+        }
+    }
+
+    /// Whether nothing more will happen to the experiment.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::FailedStatusDivergence)
+    }
+}
+
+/// What an attempt is doing, in the registry's words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptState {
+    Claimed,
+    Running,
+    Draining,
+    Succeeded,
+    Failed,
+    Stopped,
+}
+
+impl AttemptState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Claimed => "CLAIMED",
+            Self::Running => "RUNNING",
+            Self::Draining => "DRAINING",
+            Self::Succeeded => "SUCCEEDED",
+            Self::Failed => "FAILED",
+            Self::Stopped => "STOPPED",
+        }
+    }
+}
+
 /// A registry write failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -32,6 +85,9 @@ pub enum RegistryError {
     StaleFencingToken { run_id: String, offered: i64, held: i64 },
     #[error("{kind} {namespace}/{name} is not in the registry yet")]
     MissingParent { kind: &'static str, namespace: String, name: String },
+    /// PostgreSQL refused the row itself (its data, not the connection): retrying it as it is cannot help.
+    #[error("PostgreSQL refused the row: {0}")]
+    Refused(String),
 }
 
 impl RegistryError {
@@ -42,7 +98,29 @@ impl RegistryError {
             Self::Migrate(_) => "migrate",
             Self::StaleFencingToken { .. } => "stale_fencing_token",
             Self::MissingParent { .. } => "missing_parent",
+            Self::Refused(_) => "refused",
         }
+    }
+
+    /// Sorts a database error: a row PostgreSQL refuses for its content (data exceptions,
+    /// integrity violations other than a missing parent, limits) against the database being away.
+    pub fn classify(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(d) = &e
+            && let Some(code) = d.code()
+        {
+            if code == "23503" {
+                return Self::MissingParent { kind: "parent", namespace: String::new(), name: d.message().to_owned() };
+            }
+            if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") {
+                return Self::Refused(format!("{} (SQLSTATE {code})", d.message()));
+            }
+        }
+        Self::Database(e)
+    }
+
+    /// Whether the failure belongs to one row (the others can still be written).
+    pub fn is_row_level(&self) -> bool {
+        matches!(self, Self::Refused(_) | Self::MissingParent { .. } | Self::StaleFencingToken { .. })
     }
 }
 
@@ -186,20 +264,53 @@ pub struct ProgressRow {
     pub reported_at: DateTime<Utc>,
 }
 
+/// One row for the registry.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Row {
+    Experiment(ExperimentRow),
+    Attempt(AttemptRow),
+    Order(OrderRow),
+    Heartbeat(HeartbeatRow),
+    Session(SessionRow),
+    Instance(InstanceRow),
+    Phase(PhaseChange),
+    Progress(ProgressRow),
+    Settings { sha256: String, body: Value, at: DateTime<Utc> },
+}
+
+impl Row {
+    /// Rows with the same key replace each other.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Experiment(r) => format!("experiment/{}/{}", r.namespace, r.name),
+            Self::Attempt(r) => format!("attempt/{}", r.run_id),
+            Self::Order(r) => format!("order/{}/{}", r.namespace, r.name),
+            Self::Heartbeat(r) => format!("heartbeat/{}", r.worker_id),
+            Self::Session(r) => format!("session/{}/{}", r.worker_id, r.run_id),
+            Self::Instance(r) => format!("instance/{}", r.pod_id),
+            Self::Phase(r) => format!("phase/{}/{}/{}", r.uid, r.to_phase, r.at.timestamp_micros()),
+            Self::Progress(r) => format!("progress/{}/{}", r.run_id, r.step),
+            Self::Settings { sha256, .. } => format!("settings/{sha256}"),
+        }
+    }
+
+    /// Writes parents before children: experiments, then attempts and orders, then the rest.
+    pub fn rank(&self) -> u8 {
+        match self {
+            Self::Experiment(_) | Self::Settings { .. } | Self::Instance(_) => 0,
+            Self::Attempt(_) | Self::Order(_) | Self::Heartbeat(_) | Self::Session(_) | Self::Phase(_) => 1,
+            Self::Progress(_) => 2,
+        }
+    }
+}
+
 /// What the operator writes to the registry. Every method is idempotent.
 pub trait Registry: Send + Sync {
-    fn upsert_experiment(&self, row: &ExperimentRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn upsert_attempt(&self, row: &AttemptRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn upsert_order(&self, row: &OrderRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn record_heartbeat(&self, row: &HeartbeatRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn upsert_session(&self, row: &SessionRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn upsert_instance(&self, row: &InstanceRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn record_phase(&self, row: &PhaseChange) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn record_progress(&self, row: &ProgressRow) -> impl Future<Output = Result<(), RegistryError>> + Send;
-    fn record_settings(
+    /// Writes rows in one transaction; a row PostgreSQL refuses, or whose parent is missing, does
+    /// not keep the others out. Returns one outcome per row, in order; Err only when the database
+    /// itself failed (nothing was written).
+    fn write_batch(
         &self,
-        sha256: &str,
-        body: &Value,
-        at: DateTime<Utc>,
-    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+        rows: &[Row],
+    ) -> impl Future<Output = Result<Vec<Result<(), RegistryError>>, RegistryError>> + Send;
 }

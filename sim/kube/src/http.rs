@@ -312,6 +312,19 @@ async fn handle(
                 if ct.starts_with("application/json-patch+json") {
                     let ops: json_patch::Patch = serde_json::from_value(patch)
                         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+                    // As the API server's JSON patch does: testing a missing path for null succeeds
+                    // (kube-runtime's finalizer helper relies on it to add the first finalizer).
+                    let ops = json_patch::Patch(
+                        ops.0
+                            .into_iter()
+                            .filter(|op| match op {
+                                json_patch::PatchOperation::Test(t) => {
+                                    !(t.value.is_null() && current.pointer(t.path.as_str()).is_none())
+                                }
+                                _ => true,
+                            })
+                            .collect(),
+                    );
                     json_patch::patch(&mut current, &ops).map_err(|e| ApiError {
                         code: 422,
                         reason: "Invalid",

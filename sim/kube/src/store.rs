@@ -572,6 +572,12 @@ impl State {
             }
             return self.create(res, namespace, patch.clone(), &opts);
         };
+        // A resourceVersion in the applied object is a precondition, as in the API server.
+        if let Some(rv) = patch["metadata"]["resourceVersion"].as_str().filter(|rv| !rv.is_empty())
+            && current["metadata"]["resourceVersion"].as_str() != Some(rv)
+        {
+            return Err(ApiError::conflict(res, name));
+        }
         let mut merged = current.clone();
         json_patch::merge(&mut merged, patch);
         // Fields this manager applied before and leaves out now are removed, as the API server does.

@@ -3,7 +3,7 @@
 use chrono::TimeZone;
 use ep_api::RunPodOrderStatus;
 use ep_api::experiment::ExperimentPhase as P;
-use ep_api::order::{OrderPhase, RunOutcome};
+use ep_api::order::{OrderPhase, OutcomeState, RunOutcome};
 
 use super::*;
 
@@ -22,13 +22,13 @@ fn order(name: &str, attempt: i32, st: RunPodOrderStatus) -> RunPodOrder {
     o
 }
 
-fn ended(state: &str, at: i64, cost: f64) -> RunPodOrderStatus {
+fn ended(state: OutcomeState, at: i64, cost: f64) -> RunPodOrderStatus {
     RunPodOrderStatus {
         phase: Some(OrderPhase::Deleted),
         accrued_cost_usd: Some(cost),
         outcome: Some(RunOutcome {
-            state: state.into(),
-            reason: if state == "Succeeded" { "RunFinished".into() } else { "HeartbeatLost".into() },
+            state,
+            reason: if state == OutcomeState::Succeeded { "RunFinished".into() } else { "HeartbeatLost".into() },
             message: None,
             exit_code: None,
             metrics: [("f1".to_owned(), 0.8), ("auc".to_owned(), 0.95)].into_iter().collect(),
@@ -48,9 +48,14 @@ fn run(e: &Experiment, orders: &[RunPodOrder], deps: Vec<(String, Option<P>)>, n
         orders: orders.iter().collect(),
         deps,
         settings: &settings,
-        registry_behind: None,
+        registry: None,
         now: t(now),
     })
+}
+
+/// The order a plan creates: its name and attempt.
+fn created(p: &Plan) -> Option<(String, i32)> {
+    p.create_order.as_ref().map(|(n, t)| (n.clone(), t.attempt))
 }
 
 /// Applies a plan's status to the experiment, as the API server would.
@@ -66,7 +71,7 @@ fn the_first_pass_claims_attempt_one_before_its_order_exists() {
     assert_eq!(cur.attempt, 1);
     assert_eq!(cur.run_id, names::run_id("quickstart", "uid-1", 1));
     assert_eq!(cur.order.as_deref(), Some("quickstart-a1"));
-    assert_eq!(p.create_order, Some(("quickstart-a1".into(), 1)));
+    assert_eq!(created(&p), Some(("quickstart-a1".to_owned(), 1)));
     assert_eq!(p.status.phase, Some(P::Running));
     assert_eq!(p.status.registry_status.as_deref(), Some("RUNNING"));
 }
@@ -74,11 +79,11 @@ fn the_first_pass_claims_attempt_one_before_its_order_exists() {
 #[test]
 fn a_failed_attempt_with_attempts_left_needs_a_rerun_after_the_backoff() {
     let e = with(exp(), &run(&exp(), &[], vec![], 0));
-    let failed = [order("quickstart-a1", 1, ended("Failed", 100, 0.01))];
+    let failed = [order("quickstart-a1", 1, ended(OutcomeState::Failed, 100, 0.01))];
     let p = run(&e, &failed, vec![], 101);
     assert_eq!(p.status.phase, Some(P::NeedsRerun));
     assert_eq!(p.status.registry_status.as_deref(), Some("NEEDS_RERUN"));
-    assert_eq!(p.create_order, None, "backoff 30s: not yet");
+    assert_eq!(created(&p), None, "backoff 30s: not yet");
     assert_eq!(p.requeue, Some(Duration::from_secs(29)));
     assert_eq!(p.status.history.len(), 1);
     let e = with(e, &p);
@@ -87,7 +92,7 @@ fn a_failed_attempt_with_attempts_left_needs_a_rerun_after_the_backoff() {
     assert_eq!(cur.attempt, 2);
     assert_ne!(cur.run_id, p.status.history[0].run_id, "a new run id per attempt");
     assert!(cur.fencing_token > p.status.history[0].fencing_token, "fencing tokens grow");
-    assert_eq!(p.create_order, Some(("quickstart-a2".into(), 2)));
+    assert_eq!(created(&p), Some(("quickstart-a2".to_owned(), 2)));
 }
 
 #[test]
@@ -95,7 +100,7 @@ fn the_last_attempt_failing_fails_the_experiment() {
     let mut e = exp();
     e.spec.retry = Some(ep_api::experiment::RetryPolicy { max_attempts: 1, backoff: None });
     let e = with(e.clone(), &run(&e, &[], vec![], 0));
-    let p = run(&e, &[order("quickstart-a1", 1, ended("Failed", 10, 0.0))], vec![], 11);
+    let p = run(&e, &[order("quickstart-a1", 1, ended(OutcomeState::Failed, 10, 0.0))], vec![], 11);
     assert_eq!(p.status.phase, Some(P::Failed));
     assert_eq!(p.status.registry_status.as_deref(), Some("FAILED"));
     let stalled = find_condition(&p.status.conditions, CONDITION_STALLED).unwrap();
@@ -105,7 +110,7 @@ fn the_last_attempt_failing_fails_the_experiment() {
 #[test]
 fn a_divergent_terminal_state_is_reported_in_the_pipelines_words() {
     let e = with(exp(), &run(&exp(), &[], vec![], 0));
-    let p = run(&e, &[order("quickstart-a1", 1, ended("FailedStatusDivergence", 10, 0.0))], vec![], 11);
+    let p = run(&e, &[order("quickstart-a1", 1, ended(OutcomeState::FailedStatusDivergence, 10, 0.0))], vec![], 11);
     assert_eq!(p.status.phase, Some(P::Failed));
     assert_eq!(p.status.registry_status.as_deref(), Some("FAILED_STATUS_DIVERGENCE"));
 }
@@ -113,7 +118,7 @@ fn a_divergent_terminal_state_is_reported_in_the_pipelines_words() {
 #[test]
 fn success_folds_results_and_cost() {
     let e = with(exp(), &run(&exp(), &[], vec![], 0));
-    let p = run(&e, &[order("quickstart-a1", 1, ended("Succeeded", 10, 0.25))], vec![], 11);
+    let p = run(&e, &[order("quickstart-a1", 1, ended(OutcomeState::Succeeded, 10, 0.25))], vec![], 11);
     assert_eq!(p.status.phase, Some(P::Succeeded));
     assert_eq!(p.status.registry_status.as_deref(), Some("COMPLETED"));
     assert_eq!(p.status.results.as_ref().unwrap()["f1"], 0.8);
@@ -122,8 +127,8 @@ fn success_folds_results_and_cost() {
     let ready = find_condition(&p.status.conditions, CONDITION_READY).unwrap();
     assert_eq!(ready.status, "True");
     // Nothing more happens to a finished experiment.
-    let again = run(&with(e, &p), &[order("quickstart-a1", 1, ended("Succeeded", 10, 0.25))], vec![], 50);
-    assert_eq!(again.create_order, None);
+    let again = run(&with(e, &p), &[order("quickstart-a1", 1, ended(OutcomeState::Succeeded, 10, 0.25))], vec![], 50);
+    assert_eq!(created(&again), None);
     assert_eq!(again.status.attempts, 1);
 }
 
@@ -133,7 +138,7 @@ fn dependencies_and_suspend_hold_the_first_attempt() {
     e.spec.depends_on = vec!["features".into()];
     let p = run(&e, &[], vec![("features".into(), Some(P::Running))], 0);
     assert_eq!(p.status.phase, Some(P::Waiting));
-    assert_eq!(p.create_order, None);
+    assert_eq!(created(&p), None);
     assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "DependencyPending");
     let p = run(&e, &[], vec![("features".into(), None)], 0);
     assert!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().message.contains("features (missing)"));
@@ -142,7 +147,7 @@ fn dependencies_and_suspend_hold_the_first_attempt() {
     let mut s = exp();
     s.spec.suspend = true;
     let p = run(&s, &[], vec![], 0);
-    assert_eq!((p.status.phase, p.create_order), (Some(P::Waiting), None));
+    assert_eq!((p.status.phase, created(&p)), (Some(P::Waiting), None));
 }
 
 #[test]
@@ -150,13 +155,13 @@ fn intake_refuses_what_the_schema_cannot_see() {
     let mut e = exp();
     e.spec.order.policy = "nope".into();
     let p = run(&e, &[], vec![], 0);
-    assert_eq!(p.create_order, None);
+    assert_eq!(created(&p), None);
     assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "UnknownPolicy");
     let mut w = exp();
     w.spec.worker_affinity =
         Some(ep_api::experiment::WorkerAffinity { runtime: "runpod".into(), workers: vec!["runpod-2".into()] });
     let p = run(&w, &[], vec![], 0);
-    assert_eq!(p.create_order, None);
+    assert_eq!(created(&p), None);
     assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "WorkerMismatch");
 }
 
@@ -165,7 +170,7 @@ fn a_claimed_attempt_whose_order_is_missing_recreates_the_same_order() {
     let e = with(exp(), &run(&exp(), &[], vec![], 0));
     let run_id = e.status.as_ref().unwrap().current_attempt.as_ref().unwrap().run_id.clone();
     let p = run(&e, &[], vec![], 5);
-    assert_eq!(p.create_order, Some(("quickstart-a1".into(), 1)));
+    assert_eq!(created(&p), Some(("quickstart-a1".to_owned(), 1)));
     assert_eq!(p.status.current_attempt.unwrap().run_id, run_id, "same claim, same run id: the order adopts");
 }
 
@@ -178,7 +183,7 @@ fn the_registry_lag_shows_as_a_condition() {
         orders: vec![],
         deps: vec![],
         settings: &settings,
-        registry_behind: Some("3 writes wait".into()),
+        registry: Some(Blocked::new(Reason::RegistryUnavailable, "3 writes wait")),
         now: t(0),
     });
     let c = find_condition(&p.status.conditions, CONDITION_REGISTRY).unwrap();

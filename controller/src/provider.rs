@@ -3,43 +3,40 @@
 //! account holds (owned pods are left to their orders; the rest are reported as orphans and
 //! terminated only when the settings say so).
 
-mod conn;
-
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use ep_api::{CONDITION_READY, RunPodOrder, RunPodProvider, RunPodProviderStatus, set_condition};
+use ep_api::{CONDITION_READY, RunPodProvider, RunPodProviderStatus, set_condition};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-pub use conn::{Conn, Instrumented, PodList, ProviderError, ProviderPool};
-
-use crate::context::{Context, Error};
-use crate::mirror::Write;
+use crate::context::Context;
+use crate::error::Error;
 use crate::names::{ENV_OWNER_UID, ENV_RUN_ID, MANAGER};
+use crate::pool::ProviderConn;
+use crate::reason::Reason;
 use crate::registry::InstanceRow;
 use crate::runpod::{PodStatus, RunPodApi, RunPodError};
 use crate::settings::OrphanAction;
 use crate::time;
 
-pub const KIND_NAME: &str = "RunPodProvider";
-const KIND: &str = KIND_NAME;
+pub const KIND: &str = "RunPodProvider";
 
 /// The verdict of one check.
 struct Verdict {
     ready: bool,
-    reason: &'static str,
+    reason: Reason,
     message: String,
     size_gb: Option<i64>,
 }
 
-fn not_ready(reason: &'static str, message: String) -> Verdict {
+fn not_ready(reason: Reason, message: String) -> Verdict {
     Verdict { ready: false, reason, message, size_gb: None }
 }
 
-async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Conn>>) {
+async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<ProviderConn>>) {
     let conn = match ctx.providers.connect(&ctx.client, p, &ctx.metrics).await {
         Ok(c) => c,
         Err(e) => return (not_ready(e.reason(), e.to_string()), None),
@@ -56,9 +53,9 @@ async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Conn>>
                 k.key,
                 e.message()
             );
-            return (not_ready("BadApiKey", msg), None);
+            return (not_ready(Reason::BadApiKey, msg), None);
         }
-        Err(e) => return (not_ready("RunPodUnavailable", format!("RunPod API did not answer: {e}")), None),
+        Err(e) => return (not_ready(Reason::RunPodUnavailable, format!("RunPod API did not answer: {e}")), None),
     };
     let Some(found) = volumes.iter().find(|v| v.id == vol.id) else {
         let have: Vec<String> = volumes.iter().map(|v| format!("{} ({})", v.id, v.data_center_id)).collect();
@@ -67,42 +64,40 @@ async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Conn>>
             vol.id,
             if have.is_empty() { "none".to_owned() } else { have.join(", ") }
         );
-        return (not_ready("VolumeMissing", msg), None);
+        return (not_ready(Reason::VolumeMissing, msg), None);
     };
     if !found.data_center_id.eq_ignore_ascii_case(&vol.data_center) {
         let msg = format!(
             "spec.networkVolume.dataCenter is {:?} but volume {} lives in {:?}; pods must be placed with their volume",
             vol.data_center, vol.id, found.data_center_id
         );
-        return (not_ready("DataCenterMismatch", msg), None);
+        return (not_ready(Reason::DataCenterMismatch, msg), None);
     }
     if let Err(e) = conn.store.check_bucket().await {
         let c = &p.spec.s3.credentials_secret_ref;
         return match e.status() {
             Some(401 | 403) => (
                 not_ready(
-                    "S3Unauthorized",
+                    Reason::S3Unauthorized,
                     format!("the volume's S3 API refused the credentials from Secret {}/{}: {e}", c.namespace, c.name),
                 ),
                 None,
             ),
-            _ => {
-                (not_ready("S3Unreachable", format!("the volume's S3 API at {} failed: {e}", p.spec.s3.endpoint)), None)
-            }
+            _ => (
+                not_ready(Reason::S3Unreachable, format!("the volume's S3 API at {} failed: {e}", p.spec.s3.endpoint)),
+                None,
+            ),
         };
     }
     let message = format!(
         "account answers; volume {} ({} GB) in {}; S3 answers at {}",
         vol.id, found.size_gb, found.data_center_id, p.spec.s3.endpoint
     );
-    (Verdict { ready: true, reason: "Ready", message, size_gb: Some(found.size_gb) }, Some(conn))
+    (Verdict { ready: true, reason: Reason::Ready, message, size_gb: Some(found.size_gb) }, Some(conn))
 }
 
-/// Pods seen at the previous pass, per provider (to record the ones that went away).
-#[derive(Default)]
-pub struct Seen(Mutex<HashMap<String, HashMap<String, InstanceRow>>>);
-
 /// One pass of the provider reconciler.
+#[tracing::instrument(skip_all, fields(kind = KIND, name = p.name_any()))]
 pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(KIND);
     let name = p.name_any();
@@ -117,7 +112,7 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
         &mut st.conditions,
         CONDITION_READY,
         verdict.ready,
-        verdict.reason,
+        verdict.reason.as_str(),
         &verdict.message,
         generation,
         time::to_k8s(now),
@@ -134,8 +129,7 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
         save(&ctx, &name, &st).await?;
     }
     if was_ready != Some(verdict.ready) {
-        let r = p.object_ref(&());
-        ctx.event(&r, !verdict.ready, verdict.reason, "Check", verdict.message.clone()).await;
+        ctx.events.publish(&p.object_ref(&()), verdict.reason, "Check", &verdict.message).await;
     }
     Ok(Action::requeue(ctx.poll()))
 }
@@ -152,13 +146,12 @@ async fn save(ctx: &Context, name: &str, st: &RunPodProviderStatus) -> Result<()
 /// terminates those when the settings say so. Returns the orphans' ids.
 async fn account_for_pods(
     ctx: &Context,
-    conn: &Conn,
+    conn: &ProviderConn,
     action: OrphanAction,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Vec<String>, Error> {
-    let list = conn.pods(ctx.poll()).await?;
-    let orders = Api::<RunPodOrder>::all(ctx.client.clone()).list(&Default::default()).await?;
-    let owned: BTreeSet<String> = orders.items.iter().filter_map(|o| o.metadata.uid.clone()).collect();
+    let list = conn.pods(ctx.poll(), 0).await?;
+    let owned: BTreeSet<String> = ctx.stores.orders.state().iter().filter_map(|o| o.meta().uid.clone()).collect();
     let mut orphans = Vec::new();
     let mut rows = HashMap::new();
     let mut spend = 0.0;
@@ -188,20 +181,15 @@ async fn account_for_pods(
             seen_at: now,
             gone_at: None,
         };
-        ctx.mirror.send(Write::Instance(row.clone()));
+        ctx.projector.instance(row.clone());
         rows.insert(pod.id.clone(), row);
     }
     ctx.metrics.spend_usd_per_hour.set(spend);
     ctx.metrics.orphan_pods.set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
-    let gone: Vec<InstanceRow> = {
-        let mut seen = ctx.seen_pods.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let prev = seen.insert(conn.name.clone(), rows.clone()).unwrap_or_default();
-        prev.into_iter().filter(|(id, _)| !rows.contains_key(id)).map(|(_, r)| r).collect()
-    };
-    for mut row in gone {
+    for mut row in ctx.seen_pods.replace(&conn.name, rows) {
         row.gone_at = Some(now);
         row.desired_status = Some("TERMINATED".into());
-        ctx.mirror.send(Write::Instance(row));
+        ctx.projector.instance(row);
     }
     if action == OrphanAction::Terminate {
         for id in &orphans {

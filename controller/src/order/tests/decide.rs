@@ -1,12 +1,20 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The pure decisions of the order lifecycle: admission, GPU choice, the verdict on a running pod,
+//! the create outcome and the drain's outcome.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use chrono::TimeZone;
-use ep_api::volume::{FORMAT_VERSION, RunnerState};
+use chrono::{DateTime, TimeZone, Utc};
+use ep_api::RunPodOrderSpec;
+use ep_api::order::OutcomeState;
+use ep_api::volume::{FORMAT_VERSION, Heartbeat, RunnerState, TerminalState};
 
-use super::*;
-use crate::runpod::{Runtime, Stock};
+use crate::order::drain::{Evidence, outcome, retention};
+use crate::order::launch::{CreateStep, RunView, Verdict, after_create, watch};
+use crate::order::provision::{BudgetUsage, admit, choose_gpus};
+use crate::reason::Reason;
+use crate::runpod::{GpuOffer, Pod, PodStatus, RunPodError, Runtime, Stock};
+use crate::settings::Settings;
 
 /// The quickstart's order (GPU choices rtx-pro-4500 then l4) under `policy`, with no price
 /// ceiling of its own, so the policy's applies.
@@ -36,8 +44,8 @@ fn offer(id: &str, price: f64, stock: Stock) -> GpuOffer {
 fn approval_is_required_when_the_policy_says_so() {
     let s = settings();
     let b = admit("ns", &spec("paper-train"), &s, &BudgetUsage::default()).unwrap_err();
-    assert_eq!(b.reason, "AwaitingApproval");
-    assert!(!b.fatal);
+    assert_eq!(b.reason, Reason::AwaitingApproval);
+    assert!(!b.reason.is_fatal());
     let mut approved = spec("paper_train");
     approved.approved = Some(true);
     let a = admit("ns", &approved, &s, &BudgetUsage::default()).unwrap();
@@ -49,7 +57,7 @@ fn approval_is_required_when_the_policy_says_so() {
 fn unknown_policies_list_the_known_ones_and_spot_is_refused() {
     let s = settings();
     let b = admit("ns", &spec("paper-trian"), &s, &BudgetUsage::default()).unwrap_err();
-    assert_eq!(b.reason, "UnknownPolicy");
+    assert_eq!(b.reason, Reason::UnknownPolicy);
     assert!(
         b.message.contains("spec.policy") && b.message.contains("paper-train") && b.message.contains("smoke"),
         "{}",
@@ -58,16 +66,16 @@ fn unknown_policies_list_the_known_ones_and_spot_is_refused() {
     let mut spot = spec("smoke");
     spot.gpu.interruptible = true;
     let b = admit("ns", &spot, &s, &BudgetUsage::default()).unwrap_err();
-    assert_eq!((b.reason, b.fatal), ("SpotUnavailable", true));
+    assert_eq!((b.reason, b.reason.is_fatal()), (Reason::SpotUnavailable, true));
 }
 
 #[test]
 fn budgets_stop_spending_before_it_happens() {
     let s = settings(); // default budget: 2 GPUs, $50 a day
     let full = BudgetUsage { active_gpus: 2, spent_last_day: 0.0 };
-    assert_eq!(admit("ns", &spec("smoke"), &s, &full).unwrap_err().reason, "BudgetExceeded");
+    assert_eq!(admit("ns", &spec("smoke"), &s, &full).unwrap_err().reason, Reason::BudgetExceeded);
     let spent = BudgetUsage { active_gpus: 0, spent_last_day: 50.0 };
-    assert_eq!(admit("ns", &spec("smoke"), &s, &spent).unwrap_err().reason, "BudgetExceeded");
+    assert_eq!(admit("ns", &spec("smoke"), &s, &spent).unwrap_err().reason, Reason::BudgetExceeded);
     let ok = BudgetUsage { active_gpus: 1, spent_last_day: 49.0 };
     let a = admit("ns", &spec("smoke"), &s, &ok).unwrap();
     assert_eq!(a.max_price, Some(1.0), "the policy's price ceiling applies");
@@ -93,13 +101,13 @@ fn gpu_choices_are_checked_against_the_live_catalog_in_the_authors_order() {
     // Above the ceiling: skipped.
     assert_eq!(choose_gpus(&["a100-80g".into(), "l4".into()], &s, &offers, Some(1.0)).unwrap(), ["NVIDIA L4"]);
     let b = choose_gpus(&["a100-80g".into()], &s, &offers, Some(1.0)).unwrap_err();
-    assert_eq!(b.reason, "OverPriceLimit");
+    assert_eq!(b.reason, Reason::OverPriceLimit);
     // Never a hard-coded list: an id the catalog lacks is refused, naming the aliases.
     let b = choose_gpus(&["NVIDIA H200".into()], &s, &offers, None).unwrap_err();
-    assert_eq!(b.reason, "UnknownGpuType");
+    assert_eq!(b.reason, Reason::UnknownGpuType);
     assert!(b.message.contains("NVIDIA H200") && b.message.contains("rtx-pro-4500"), "{}", b.message);
     let b = choose_gpus(&["l4".into()], &s, &[offer("NVIDIA L4", 0.39, Stock::None)], None).unwrap_err();
-    assert_eq!(b.reason, "NoStock");
+    assert_eq!(b.reason, Reason::NoStock);
 }
 
 fn t(secs: i64) -> DateTime<Utc> {
@@ -151,7 +159,7 @@ fn view<'a>(pod: Option<&'a Pod>, heartbeat: Option<&'a Heartbeat>, online: Opti
         start_deadline: Duration::from_secs(600),
         max_runtime: Some(Duration::from_secs(3600)),
         max_lifetime: Duration::from_secs(7200),
-        accrued_usd: 0.0,
+        spent_usd: 0.0,
         max_cost_usd: Some(10.0),
     }
 }
@@ -160,9 +168,9 @@ fn view<'a>(pod: Option<&'a Pod>, heartbeat: Option<&'a Heartbeat>, online: Opti
 fn a_pod_is_online_only_with_a_runtime_and_a_heartbeat() {
     let (with, without) = (pod(true), pod(false));
     let beat = hb(5, 7);
-    assert_eq!(watch(&view(Some(&without), None, None), t(10)), Verdict::Starting("WaitingForRuntime"));
-    assert_eq!(watch(&view(Some(&with), None, None), t(10)), Verdict::Starting("WaitingForHeartbeat"));
-    assert_eq!(watch(&view(Some(&without), Some(&beat), None), t(10)), Verdict::Starting("WaitingForRuntime"));
+    assert_eq!(watch(&view(Some(&without), None, None), t(10)), Verdict::Starting(Reason::WaitingForRuntime));
+    assert_eq!(watch(&view(Some(&with), None, None), t(10)), Verdict::Starting(Reason::WaitingForHeartbeat));
+    assert_eq!(watch(&view(Some(&without), Some(&beat), None), t(10)), Verdict::Starting(Reason::WaitingForRuntime));
     assert_eq!(watch(&view(Some(&with), Some(&beat), None), t(10)), Verdict::Online);
     assert_eq!(watch(&view(Some(&with), Some(&beat), Some(6)), t(10)), Verdict::Healthy);
 }
@@ -170,8 +178,8 @@ fn a_pod_is_online_only_with_a_runtime_and_a_heartbeat() {
 #[test]
 fn a_runtime_that_never_appears_ends_the_attempt_at_the_deadline() {
     let p = pod(false);
-    assert_eq!(watch(&view(Some(&p), None, None), t(599)), Verdict::Starting("WaitingForRuntime"));
-    assert_eq!(watch(&view(Some(&p), None, None), t(600)), Verdict::Drain("RuntimeNeverAppeared"));
+    assert_eq!(watch(&view(Some(&p), None, None), t(599)), Verdict::Starting(Reason::WaitingForRuntime));
+    assert_eq!(watch(&view(Some(&p), None, None), t(600)), Verdict::Drain(Reason::RuntimeNeverAppeared));
 }
 
 #[test]
@@ -179,23 +187,23 @@ fn lost_heartbeats_and_vanished_pods_drain() {
     let p = pod(true);
     let beat = hb(100, 7);
     assert_eq!(watch(&view(Some(&p), Some(&beat), Some(10)), t(160)), Verdict::Healthy);
-    assert_eq!(watch(&view(Some(&p), Some(&beat), Some(10)), t(161)), Verdict::Drain("HeartbeatLost"));
+    assert_eq!(watch(&view(Some(&p), Some(&beat), Some(10)), t(161)), Verdict::Drain(Reason::HeartbeatLost));
     assert_eq!(
         watch(&view(None, Some(&beat), Some(10)), t(101)),
-        Verdict::Drain("HeartbeatLost"),
-        "pod gone from RunPod's list"
+        Verdict::Drain(Reason::PodVanished),
+        "pod gone from RunPod's list after the runner was online: not a lost heartbeat"
     );
-    assert_eq!(watch(&view(None, None, None), t(5)), Verdict::Drain("PodGone"));
+    assert_eq!(watch(&view(None, None, None), t(5)), Verdict::Drain(Reason::PodGone));
     let mut exited = pod(true);
     exited.status = PodStatus::Exited;
-    assert_eq!(watch(&view(Some(&exited), Some(&beat), Some(10)), t(101)), Verdict::Drain("PodExited"));
+    assert_eq!(watch(&view(Some(&exited), Some(&beat), Some(10)), t(101)), Verdict::Drain(Reason::PodExited));
 }
 
 #[test]
 fn a_heartbeat_from_another_claim_is_a_split_brain() {
     let p = pod(true);
     let stale = hb(100, 6);
-    assert_eq!(watch(&view(Some(&p), Some(&stale), Some(10)), t(101)), Verdict::Drain("FencingTokenMismatch"));
+    assert_eq!(watch(&view(Some(&p), Some(&stale), Some(10)), t(101)), Verdict::Drain(Reason::FencingTokenMismatch));
 }
 
 #[test]
@@ -203,15 +211,15 @@ fn stop_delete_finish_and_limits_drain_in_that_order() {
     let p = pod(true);
     let beat = hb(100, 7);
     let mut v = view(Some(&p), Some(&beat), Some(10));
-    v.accrued_usd = 10.0;
-    assert_eq!(watch(&v, t(101)), Verdict::Drain("CostLimitReached"));
-    assert_eq!(watch(&v, t(3610)), Verdict::Drain("LifetimeReached"), "max runtime counts from online");
+    v.spent_usd = 10.0;
+    assert_eq!(watch(&v, t(101)), Verdict::Drain(Reason::CostLimitReached));
+    assert_eq!(watch(&v, t(3610)), Verdict::Drain(Reason::LifetimeReached), "max runtime counts from online");
     v.terminal_present = true;
-    assert_eq!(watch(&v, t(101)), Verdict::Drain("RunFinished"));
+    assert_eq!(watch(&v, t(101)), Verdict::Drain(Reason::RunFinished));
     v.stop_requested = true;
-    assert_eq!(watch(&v, t(101)), Verdict::Drain("StopRequested"));
+    assert_eq!(watch(&v, t(101)), Verdict::Drain(Reason::StopRequested));
     v.deleting = true;
-    assert_eq!(watch(&v, t(101)), Verdict::Drain("OrderDeleted"));
+    assert_eq!(watch(&v, t(101)), Verdict::Drain(Reason::OrderDeleted));
 }
 
 #[test]
@@ -222,30 +230,63 @@ fn outcomes_follow_the_verified_evidence() {
         exit_code: Some(0),
         metrics: BTreeMap::new(),
     };
-    assert_eq!(outcome("RunFinished", &ok).0, "Succeeded");
+    assert_eq!(outcome(Reason::RunFinished, &ok).0, OutcomeState::Succeeded);
     let failed = Evidence::Verified {
         state: TerminalState::Failed,
         reason: "exit 3".into(),
         exit_code: Some(3),
         metrics: BTreeMap::new(),
     };
-    assert_eq!(outcome("RunFinished", &failed).1, "NonZeroExit");
+    assert_eq!(outcome(Reason::RunFinished, &failed).1, Reason::NonZeroExit);
     let stopped = Evidence::Verified {
         state: TerminalState::Stopped,
         reason: "SIGTERM".into(),
         exit_code: None,
         metrics: BTreeMap::new(),
     };
-    assert_eq!(outcome("OrderDeleted", &stopped).0, "Stopped");
+    assert_eq!(outcome(Reason::OrderDeleted, &stopped).0, OutcomeState::Stopped);
     assert_eq!(
-        outcome("HeartbeatLost", &Evidence::NoTerminal),
+        outcome(Reason::HeartbeatLost, &Evidence::NoTerminal),
         (
-            "Failed",
-            "HeartbeatLost".to_owned(),
+            OutcomeState::Failed,
+            Reason::HeartbeatLost,
             Some("the runner left no terminal.json: the run did not finish".to_owned())
         )
     );
     let (state, reason, _) =
-        outcome("RunFinished", &Evidence::Untrusted("terminal.json carries fencing token 1".into()));
-    assert_eq!((state, reason.as_str()), ("FailedStatusDivergence", "TerminalDivergence"));
+        outcome(Reason::RunFinished, &Evidence::Untrusted("terminal.json carries fencing token 1".into()));
+    assert_eq!((state, reason), (OutcomeState::FailedStatusDivergence, Reason::TerminalDivergence));
+}
+
+#[test]
+fn a_capacity_error_moves_to_the_next_choice_and_every_other_failure_is_classified() {
+    let choices = ["a".to_owned(), "b".to_owned()];
+    let capacity = Err(RunPodError::Capacity { message: "no longer any instances available".into() });
+    assert_eq!(after_create(&capacity, 0, &choices), CreateStep::TryNext(1));
+    match after_create(&capacity, 1, &choices) {
+        CreateStep::Block(b) => assert_eq!(b.reason, Reason::NoCapacity),
+        s => panic!("{s:?}"),
+    }
+    let lost = Err(RunPodError::Transient { message: "timeout".into(), may_have_applied: true });
+    assert_eq!(after_create(&lost, 0, &choices), CreateStep::OutcomeUnknown, "never retried blind: adopt first");
+    let before = Err(RunPodError::Transient { message: "connect".into(), may_have_applied: false });
+    assert_eq!(after_create(&before, 0, &choices), CreateStep::Retry);
+    let broke = Err(RunPodError::InsufficientBalance { message: "balance is too low".into() });
+    assert!(
+        matches!(after_create(&broke, 0, &choices), CreateStep::Block(b) if b.reason == Reason::InsufficientBalance)
+    );
+    let bad = Err(RunPodError::InvalidRequest { message: "unknown field".into() });
+    assert!(matches!(after_create(&bad, 0, &choices), CreateStep::Block(b) if b.reason.is_fatal()));
+}
+
+#[test]
+fn retention_keeps_all_the_newest_or_nothing() {
+    let arts = ["checkpoints/e1.pt", "checkpoints/e3.pt", "checkpoints/e2.pt", "results.json"].map(String::from);
+    let (_, keep) = retention(ep_api::experiment::RetentionClass::Keep, "checkpoints/", &arts);
+    assert!(keep.is_empty());
+    let (summary, last) = retention(ep_api::experiment::RetentionClass::KeepLast, "checkpoints/", &arts);
+    assert_eq!(last, ["checkpoints/e2.pt", "checkpoints/e1.pt"]);
+    assert_eq!(summary, "KeepLast: kept 1, deleted 2");
+    let (_, all) = retention(ep_api::experiment::RetentionClass::Discard, "/checkpoints", &arts);
+    assert_eq!(all.len(), 3, "results are never checkpoints");
 }

@@ -1,0 +1,162 @@
+//! One reconcile pass over one order: the status being built, the phase changes it records and
+//! the Events it will publish.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ep_api::order::{OrderPhase, PhaseTransition, RunTemplate};
+use ep_api::{CONDITION_READY, RunPodOrder, RunPodOrderStatus, find_condition, set_condition};
+use kube::{Resource, ResourceExt};
+
+use super::world::World;
+use crate::error::Error;
+use crate::reason::{Blocked, Reason};
+use crate::time;
+
+const MAX_TRANSITIONS: usize = 32;
+
+/// The wire name of a phase (`RUNNER_ONLINE`).
+pub fn phase_name(p: OrderPhase) -> &'static str {
+    match p {
+        OrderPhase::Requested => "REQUESTED",
+        OrderPhase::Provisioned => "PROVISIONED",
+        OrderPhase::Synced => "SYNCED",
+        OrderPhase::Verified => "VERIFIED",
+        OrderPhase::RunnerOnline => "RUNNER_ONLINE",
+        OrderPhase::Draining => "DRAINING",
+        OrderPhase::Deleted => "DELETED",
+        OrderPhase::Failed => "FAILED",
+    }
+}
+
+/// Whether the order is over (nothing more will happen to it).
+pub fn is_terminal(p: Option<OrderPhase>) -> bool {
+    matches!(p, Some(OrderPhase::Deleted | OrderPhase::Failed))
+}
+
+/// Whether a pod could exist for this order (a create was asked for and no drain confirmed it gone).
+pub fn pod_may_exist(st: &RunPodOrderStatus) -> bool {
+    st.pod_requested_at.is_some() && !is_terminal(st.phase)
+}
+
+/// The status being built in one pass.
+pub struct Pass<'a> {
+    pub order: &'a RunPodOrder,
+    pub ns: String,
+    pub name: String,
+    pub uid: String,
+    pub st: RunPodOrderStatus,
+    pub now: DateTime<Utc>,
+    pub poll: Duration,
+    /// Events to publish once the pass is over: (reason, note).
+    pub events: Vec<(Reason, String)>,
+    /// The status as last written (what the API server holds).
+    saved: Option<RunPodOrderStatus>,
+    /// The order's resourceVersion this pass decides on: a write on a changed order fails.
+    resource_version: Option<String>,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(order: &'a RunPodOrder, now: DateTime<Utc>, poll: Duration) -> Self {
+        Self {
+            order,
+            ns: order.namespace().unwrap_or_default(),
+            name: order.name_any(),
+            uid: order.uid().unwrap_or_default(),
+            st: order.status.clone().unwrap_or_default(),
+            now,
+            poll,
+            events: Vec::new(),
+            saved: order.status.clone(),
+            resource_version: order.resource_version(),
+        }
+    }
+
+    pub fn phase(&self) -> Option<OrderPhase> {
+        self.st.phase
+    }
+
+    /// The attempt this order runs, if it is bound to one.
+    pub fn template(&self) -> Option<&'a RunTemplate> {
+        self.order.spec.template(self.order.status.as_ref())
+    }
+
+    /// Enters `phase`, recording the transition and an Event.
+    pub fn enter(&mut self, phase: OrderPhase, reason: Reason, message: &str) {
+        if self.st.phase == Some(phase) {
+            return;
+        }
+        self.st.phase = Some(phase);
+        self.st.transitions.push(PhaseTransition {
+            phase,
+            at: time::to_micro(self.now),
+            reason: Some(reason.as_str().to_owned()),
+        });
+        if self.st.transitions.len() > MAX_TRANSITIONS {
+            let extra = self.st.transitions.len() - MAX_TRANSITIONS;
+            self.st.transitions.drain(..extra);
+        }
+        let to = phase_name(phase);
+        let note = if message.is_empty() { format!("entered {to}") } else { format!("entered {to}: {message}") };
+        self.events.push((reason, note));
+        if phase == OrderPhase::Failed {
+            self.st.reason = Some(reason.as_str().to_owned());
+            self.st.message = Some(message.to_owned());
+            self.ready(false, reason, message);
+        }
+    }
+
+    /// Sets the Ready condition; a new wait reason on a not-ready order is also an Event.
+    pub fn ready(&mut self, ready: bool, reason: Reason, message: &str) {
+        let prev = find_condition(&self.st.conditions, CONDITION_READY).map(|c| c.reason.clone());
+        let generation = self.order.meta().generation;
+        let now = time::to_k8s(self.now);
+        set_condition(&mut self.st.conditions, CONDITION_READY, ready, reason.as_str(), message, generation, now);
+        let new_wait = prev.as_deref() != Some(reason.as_str()) && reason.is_warning();
+        if !ready && new_wait && self.st.phase != Some(OrderPhase::Failed) {
+            self.events.push((reason, message.to_owned()));
+        }
+    }
+
+    /// Records a gate that blocks: waits (Ready False with the reason) or, when fatal, fails.
+    /// Returns when to look again.
+    pub fn block(&mut self, b: Blocked) -> Option<Duration> {
+        tracing::info!(order = %self.name, reason = %b.reason, message = %b.message, "order blocked");
+        if b.reason.is_fatal() {
+            self.enter(OrderPhase::Failed, b.reason, &b.message);
+            return None;
+        }
+        self.st.reason = Some(b.reason.as_str().to_owned());
+        self.ready(false, b.reason, &b.message);
+        self.st.message = Some(b.message);
+        b.reason.requeue().after(self.poll)
+    }
+
+    /// Clears a wait reason once the gate passes.
+    pub fn unblock(&mut self) {
+        self.st.reason = None;
+        self.st.message = None;
+    }
+
+    /// An Event to publish.
+    pub fn notice(&mut self, reason: Reason, note: String) {
+        self.events.push((reason, note));
+    }
+
+    /// Writes status now (a durable step: before a paid call or an irreversible one).
+    pub async fn save<W: World>(&mut self, w: &W) -> Result<(), Error> {
+        self.st.observed_generation = self.order.meta().generation;
+        self.resource_version = w.save_status(self.order, self.resource_version.as_deref(), &self.st).await?;
+        self.saved = Some(self.st.clone());
+        Ok(())
+    }
+
+    /// Saves status if it changed.
+    pub async fn finish<W: World>(&mut self, w: &W) -> Result<(), Error> {
+        self.st.observed_generation = self.order.meta().generation;
+        if Some(&self.st) != self.saved.as_ref() {
+            self.save(w).await?;
+        }
+        Ok(())
+    }
+}

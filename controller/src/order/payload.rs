@@ -1,0 +1,186 @@
+//! PROVISIONED -> SYNCED: the runner binary and the attempt's payload on the volume, every file
+//! verified by head_object; nothing is paid for while this waits.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ep_api::RunPodOrderSpec;
+use ep_api::experiment::PayloadSource as PayloadSpec;
+use ep_api::order::OrderPhase;
+use ep_api::volume::{self, PayloadManifest, keys};
+use ep_volume::sync::{SyncError, SyncOptions, push};
+use ep_volume::{Payload, PayloadSource, StoreError, VolumeStore};
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::pass::Pass;
+use super::world::{World, staging_dir};
+use crate::error::Error;
+use crate::pool::Conn;
+use crate::reason::{Blocked, Reason};
+
+/// Why an order has no attempt to run: made by hand and not bound yet, or bound to nothing.
+pub fn unbound(spec: &RunPodOrderSpec) -> Blocked {
+    match &spec.experiment_ref {
+        None => Blocked::new(
+            Reason::NothingRunnable,
+            "spec.run is empty and spec.experimentRef names no experiment: there is nothing to run",
+        ),
+        Some(e) => Blocked::new(
+            Reason::NotBound,
+            format!("waiting for experiment {} to bind this order to an attempt (status.binding)", e.name),
+        ),
+    }
+}
+
+/// A volume failure a person should see as a wait (volume full, S3 down), rather than a retry
+/// that only the log shows.
+pub fn store_block(e: &StoreError) -> Option<Blocked> {
+    match e.status() {
+        Some(507) => Some(Blocked::new(
+            Reason::VolumeFull,
+            format!("the network volume is full (HTTP 507): free space on it or grow it; {e}"),
+        )),
+        Some(s) if s >= 500 => Some(Blocked::new(Reason::S3Unavailable, format!("the volume's S3 API failed: {e}"))),
+        None if matches!(e, StoreError::Request { .. }) => {
+            Some(Blocked::new(Reason::S3Unavailable, format!("the volume's S3 API did not answer: {e}")))
+        }
+        _ => None,
+    }
+}
+
+/// Turns a store failure into a wait when it is one, else into a reconcile error.
+fn store_result<T>(r: Result<T, StoreError>) -> Result<Result<T, Blocked>, Error> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) => store_block(&e).map(Err).ok_or(Error::Store(e)),
+    }
+}
+
+/// Checks a pushed payload: its manifest is sealed and hashes to its id, and every file it names
+/// is on the volume with the right size and sha256.
+async fn verify_sealed<S: VolumeStore>(store: &S, id: &str) -> Result<Result<(), Blocked>, StoreError> {
+    let missing = |m: String| Ok(Err(Blocked::new(Reason::PayloadMissing, m)));
+    let Some(bytes) = store.get(&keys::payload_manifest(id)).await? else {
+        return missing(format!(
+            "spec.payload.digest sha256:{id} is not sealed on the volume: run `kubectl ep push DIR` against this provider"
+        ));
+    };
+    if hex::encode(Sha256::digest(&bytes)) != id {
+        return missing(format!("the sealed manifest of payload sha256:{id} does not hash to its id"));
+    }
+    let manifest: PayloadManifest = match volume::parse(keys::PAYLOAD_DIR, &bytes) {
+        Ok(m) => m,
+        Err(e) => return missing(format!("the manifest of payload sha256:{id} does not parse: {e}")),
+    };
+    let heads: Vec<_> = manifest.files.iter().map(|f| blob_missing(store, f)).collect();
+    let checks: Vec<Option<String>> = futures::stream::iter(heads).buffer_unordered(16).try_collect().await?;
+    let bad: Vec<String> = checks.into_iter().flatten().collect();
+    if !bad.is_empty() {
+        return missing(format!("payload sha256:{id}: the volume lacks or holds a different {}", bad.join(", ")));
+    }
+    Ok(Ok(()))
+}
+
+/// The file's path when the volume lacks its blob or holds another content under its key.
+async fn blob_missing<S: VolumeStore>(
+    store: &S,
+    f: &ep_api::volume::ManifestEntry,
+) -> Result<Option<String>, StoreError> {
+    let info = store.head(&keys::payload_blob(&f.sha256)).await?;
+    let ok = info.is_some_and(|i| i.size == f.size && i.sha256.as_deref().is_none_or(|s| s == f.sha256));
+    Ok((!ok).then(|| f.path.clone()))
+}
+
+/// Builds a ConfigMap payload (locations and excludes honoured) and pushes it.
+async fn push_config_map<W: World>(
+    w: &W,
+    pass: &Pass<'_>,
+    conn: &Conn<W::Api, W::Store>,
+    spec: &PayloadSpec,
+    cm_name: &str,
+) -> Result<Result<String, Blocked>, Error> {
+    let Some(cm) = w.config_map(&pass.ns, cm_name).await? else {
+        return Ok(Err(Blocked::new(
+            Reason::PayloadMissing,
+            format!("spec.payload.configMap: ConfigMap {}/{cm_name} does not exist", pass.ns),
+        )));
+    };
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for (k, v) in cm.data.clone().unwrap_or_default() {
+        files.insert(k, v.into_bytes());
+    }
+    for (k, v) in cm.binary_data.clone().unwrap_or_default() {
+        files.insert(k, v.0);
+    }
+    let dir = staging_dir(w.staging(), &pass.ns, &pass.name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(Error::io("staging", &dir))?;
+    let raw = dir.join("files");
+    let staged = Payload::from_memory(&files, &raw).and_then(|_| {
+        Payload::build(&PayloadSource {
+            root: raw.clone(),
+            locations: spec.locations.clone(),
+            excludes: spec.excludes.clone(),
+            cache_dir: None,
+        })
+    });
+    let payload = match staged {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok(Err(Blocked::new(Reason::InvalidPayload, format!("spec.payload (ConfigMap {cm_name}): {e}"))));
+        }
+    };
+    let _permit = w.sync_slots().acquire().await.map_err(|_| Error::ShuttingDown)?;
+    let pushed = push(&conn.store, &payload, &SyncOptions::default(), &|_| {}).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match pushed {
+        Ok(report) => {
+            tracing::info!(order = %pass.name, payload = %report.payload_id, uploaded = report.uploaded_files, "payload synced");
+            Ok(Ok(report.payload_id))
+        }
+        Err(SyncError::Store(e)) => store_result(Err(e)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// PROVISIONED -> SYNCED.
+pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration>, Error> {
+    let Some(t) = pass.template() else { return Ok(pass.block(unbound(&pass.order.spec))) };
+    let conn = match w.provider(&pass.order.spec.provider_ref).await {
+        Ok(c) => c,
+        Err(b) => return Ok(pass.block(b)),
+    };
+    match store_result(w.runner().ensure_on(&conn.store).await)? {
+        Ok(true) => {
+            let note = format!("uploaded {} to volume {}", w.runner().key(), conn.volume_id);
+            pass.notice(Reason::RunnerUploaded, note);
+        }
+        Ok(false) => {}
+        Err(b) => return Ok(pass.block(b)),
+    }
+    let payload = &t.payload;
+    let id = match (&payload.digest, &payload.config_map) {
+        (Some(d), _) => {
+            let id = d.trim_start_matches("sha256:");
+            match store_result(verify_sealed(&conn.store, id).await)? {
+                Ok(Ok(())) => id.to_owned(),
+                Ok(Err(b)) | Err(b) => return Ok(pass.block(b)),
+            }
+        }
+        (None, Some(cm)) => match push_config_map(w, pass, &conn, payload, &cm.name).await? {
+            Ok(id) => id,
+            Err(b) => return Ok(pass.block(b)),
+        },
+        (None, None) => {
+            let b = Blocked::new(Reason::InvalidPayload, "spec.run.payload names neither digest nor configMap");
+            return Ok(pass.block(b));
+        }
+    };
+    pass.unblock();
+    let msg = format!("payload sha256:{id} and runner {} verified on volume {}", w.runner().version, conn.volume_id);
+    pass.st.payload_id = Some(id);
+    pass.enter(OrderPhase::Synced, Reason::Synced, &msg);
+    Ok(Some(Duration::ZERO))
+}

@@ -1,0 +1,248 @@
+//! Reconcile-level tests: the order reconciler against in-memory fakes of RunPod, the volume and
+//! the cluster, pass by pass, one row per failure mode (crossplane's table style, milliseconds each).
+
+use ep_api::order::{OrderPhase, OutcomeState, StopRequest};
+use ep_api::volume::{FORMAT_VERSION, TerminalState, keys};
+
+use super::fakes::{Create, GPU_A, GPU_B, Sim, world_and_order};
+use crate::order::pod::CREATE_SETTLE;
+use crate::runpod::PodStatus;
+
+fn sim() -> Sim {
+    let (world, order) = world_and_order();
+    Sim::new(world, order)
+}
+
+/// Drives a fresh order to VERIFIED (nothing paid yet).
+async fn claimed(s: &mut Sim) {
+    s.until(OrderPhase::Verified, 10).await;
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty(), "nothing is paid for before VERIFIED");
+}
+
+/// Drives an order to RUNNER_ONLINE: the pod is created, starts, and the runner heartbeats.
+async fn online(s: &mut Sim) {
+    claimed(s).await;
+    for _ in 0..3 {
+        if s.status().pod_id.is_some() {
+            break;
+        }
+        s.pass().await.unwrap();
+    }
+    let pod = s.status().pod_id.expect("the pod was created");
+    s.world.runpod().start(&pod);
+    s.heartbeat(s.token());
+    s.until(OrderPhase::RunnerOnline, 5).await;
+}
+
+#[tokio::test]
+async fn a_run_goes_through_every_phase_and_its_results_are_recorded_before_the_pod_ends() {
+    let mut s = sim();
+    online(&mut s).await;
+    s.finish(TerminalState::Succeeded, 0);
+    s.until(OrderPhase::Deleted, 8).await;
+    let st = s.status();
+    let phases: Vec<OrderPhase> = st.transitions.iter().map(|t| t.phase).collect();
+    use OrderPhase::*;
+    assert_eq!(phases, [Requested, Provisioned, Synced, Verified, RunnerOnline, Draining, Deleted]);
+    let out = st.outcome.unwrap();
+    assert_eq!((out.state, out.metrics["f1"]), (OutcomeState::Succeeded, 0.8));
+    assert!(s.world.runpod().live().is_empty(), "the pod is gone");
+    // The verdict was written before the terminate call: some saved status holds the outcome
+    // while the pod was still listed (phase DRAINING).
+    let saved = s.world.saved.lock().unwrap().clone();
+    assert!(saved.iter().any(|st| st.phase == Some(Draining) && st.outcome.is_some()));
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn every_create_carries_a_dead_mans_switch() {
+    let mut s = sim();
+    s.world.runpod().script.lock().unwrap().push_back(Create::Capacity);
+    online(&mut s).await;
+    let creates = s.world.runpod().creates.lock().unwrap().clone();
+    assert_eq!(creates.len(), 2);
+    for c in &creates {
+        let after = c.terminate_after.expect("terminateAfter set on every create");
+        // The smoke policy: 1h lifetime plus the 15 min grace, from the create.
+        let minutes = (after - super::fakes::t(0.0)).num_minutes();
+        assert!((75..=76).contains(&minutes), "{after}");
+        assert!(c.name.starts_with("ep-") && c.env.contains_key(crate::names::ENV_OWNER_UID));
+    }
+}
+
+#[tokio::test]
+async fn a_capacity_error_on_the_first_choice_uses_the_second() {
+    let mut s = sim();
+    s.world.runpod().script.lock().unwrap().push_back(Create::Capacity);
+    online(&mut s).await;
+    let creates = s.world.runpod().creates.lock().unwrap().clone();
+    assert_eq!(creates.iter().map(|c| c.gpu_type_id.as_str()).collect::<Vec<_>>(), [GPU_A, GPU_B]);
+    assert_eq!(s.status().gpu_choice, Some(1));
+    assert!(s.events().contains(&"TryingNextGpu".to_owned()), "{:?}", s.events());
+}
+
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_adopted_not_repeated() {
+    let mut s = sim();
+    s.world.runpod().script.lock().unwrap().push_back(Create::AnswerLost);
+    claimed(&mut s).await;
+    s.pass().await.unwrap();
+    assert!(s.status().pod_requested_at.is_some() && s.status().pod_id.is_none());
+    s.now += 1.0;
+    s.pass().await.unwrap();
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1, "one create only");
+    let live = s.world.runpod().live();
+    assert_eq!(s.status().pod_id.as_deref(), Some(live[0].id.as_str()), "the pod RunPod made was adopted");
+}
+
+#[tokio::test]
+async fn a_pod_not_listed_yet_is_waited_for_then_a_create_never_seen_is_made_again() {
+    let mut s = sim();
+    *s.world.runpod().list_lag.lock().unwrap() = 3;
+    s.world.runpod().script.lock().unwrap().push_back(Create::AnswerLost);
+    claimed(&mut s).await;
+    for _ in 0..6 {
+        s.pass().await.unwrap();
+        s.now += 1.0;
+    }
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1, "pending creates are not repeated");
+    assert!(s.status().pod_id.is_some(), "adopted once listed");
+    // A create that never reached RunPod: after the settle time it is made again, once.
+    let mut s = sim();
+    claimed(&mut s).await;
+    s.world.runpod().script.lock().unwrap().push_back(Create::AnswerLost);
+    *s.world.runpod().list_lag.lock().unwrap() = 1000;
+    s.pass().await.unwrap();
+    s.world.runpod().pods.lock().unwrap().clear();
+    s.now += CREATE_SETTLE.as_secs_f64() - 1.0;
+    s.pass().await.unwrap();
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1);
+    s.now += 1.0;
+    s.pass().await.unwrap();
+    assert!(s.events().contains(&"CreateLost".to_owned()), "{:?}", s.events());
+    s.pass().await.unwrap();
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_second_pod_for_one_run_is_terminated_and_the_recorded_one_kept() {
+    let mut s = sim();
+    online(&mut s).await;
+    let mine = s.world.runpod().live()[0].clone();
+    let mut twin = mine.clone();
+    twin.id = "twin0000000000".into();
+    s.world.runpod().add(twin);
+    s.now += 1.0;
+    s.heartbeat(s.token());
+    s.pass().await.unwrap();
+    assert_eq!(*s.world.runpod().terminated.lock().unwrap(), ["twin0000000000"]);
+    assert_eq!(s.status().pod_id, Some(mine.id));
+    assert!(s.events().contains(&"DuplicatePodTerminated".to_owned()));
+}
+
+#[tokio::test]
+async fn a_run_id_claimed_by_another_attempt_is_never_overwritten() {
+    let mut s = sim();
+    s.until(OrderPhase::Synced, 10).await;
+    let run = s.order.spec.run.clone().unwrap();
+    let mut other = crate::order::claim::run_spec("ep-quickstart", "quickstart", &run, "p", &s.world.settings);
+    other.fencing_token = 1;
+    let key = keys::run_file(&run.run_id, keys::SPEC);
+    let body = serde_json::to_vec(&other).unwrap();
+    s.world.store().put(&key, body.clone());
+    s.until(OrderPhase::Failed, 3).await;
+    assert_eq!(s.status().reason.as_deref(), Some("RunIdCollision"));
+    assert_eq!(s.world.store().objects.lock().unwrap()[&key], body, "the other claim's spec is untouched");
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty());
+    assert_eq!(other.version, FORMAT_VERSION);
+}
+
+#[tokio::test]
+async fn an_order_made_by_hand_waits_unbound_until_its_experiment_binds_it() {
+    let mut s = sim();
+    s.order.spec.run = None;
+    s.until(OrderPhase::Provisioned, 5).await;
+    for _ in 0..3 {
+        s.pass().await.unwrap();
+    }
+    assert_eq!(s.phase(), Some(OrderPhase::Provisioned));
+    assert_eq!(s.status().reason.as_deref(), Some("NotBound"));
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty());
+    // The experiment binds it (status.binding): it runs.
+    let bound = crate::fixtures::quickstart_order("quickstart-a1", 1).spec.run;
+    let mut st = s.status();
+    st.binding = bound;
+    s.order.status = Some(st);
+    s.until(OrderPhase::Verified, 5).await;
+    s.order.spec.experiment_ref = None;
+    s.order.status.as_mut().unwrap().binding = None;
+    s.order.status.as_mut().unwrap().phase = Some(OrderPhase::Provisioned);
+    s.pass().await.unwrap();
+    assert_eq!(s.status().reason.as_deref(), Some("NothingRunnable"));
+}
+
+#[tokio::test]
+async fn a_stop_before_launch_ends_the_order_without_a_pod() {
+    let mut s = sim();
+    s.until(OrderPhase::Synced, 10).await;
+    s.order.spec.stop = Some(StopRequest { reason: "wrong learning rate".into() });
+    s.pass().await.unwrap();
+    assert_eq!(s.phase(), Some(OrderPhase::Deleted));
+    assert_eq!(s.status().transitions.last().unwrap().reason.as_deref(), Some("StoppedBeforeLaunch"));
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_vanished_pod_drains_without_terminal_json_and_says_so() {
+    let mut s = sim();
+    online(&mut s).await;
+    let pod = s.status().pod_id.unwrap();
+    s.world.runpod().vanish(&pod);
+    s.now += 1.0;
+    s.until(OrderPhase::Deleted, 6).await;
+    let st = s.status();
+    assert_eq!(st.drain_reason.as_deref(), Some("PodVanished"));
+    let out = st.outcome.unwrap();
+    assert_eq!((out.state, out.reason.as_str()), (OutcomeState::Failed, "PodVanished"));
+    assert!(out.message.unwrap().contains("no terminal.json"));
+}
+
+#[tokio::test]
+async fn a_heartbeat_with_another_claims_token_drains_the_run() {
+    let mut s = sim();
+    online(&mut s).await;
+    s.now += 1.0;
+    s.heartbeat(s.token() + 1);
+    s.pass().await.unwrap();
+    assert_eq!(s.status().drain_reason.as_deref(), Some("FencingTokenMismatch"));
+}
+
+#[tokio::test]
+async fn deleting_a_running_order_stops_the_runner_collects_then_terminates() {
+    let mut s = sim();
+    online(&mut s).await;
+    let pod = s.status().pod_id.unwrap();
+    s.deleting = true;
+    s.now += 1.0;
+    s.pass().await.unwrap();
+    assert_eq!(s.phase(), Some(OrderPhase::Draining));
+    assert_eq!(*s.world.runpod().stopped.lock().unwrap(), std::slice::from_ref(&pod), "SIGTERM through RunPod's stop");
+    // The runner writes terminal.json within its grace; results are collected, then the pod ends.
+    s.finish(TerminalState::Stopped, 143);
+    s.until(OrderPhase::Deleted, 6).await;
+    assert_eq!(s.status().outcome.unwrap().state, OutcomeState::Stopped);
+    assert!(s.world.runpod().live().iter().all(|p| p.id != pod || p.status == PodStatus::Terminated));
+}
+
+#[tokio::test]
+async fn a_create_runpod_refuses_for_good_fails_the_order_in_runpods_words() {
+    let mut s = sim();
+    s.world.runpod().script.lock().unwrap().push_back(Create::Refused);
+    claimed(&mut s).await;
+    assert!(s.world.store().has(&keys::run_file(&s.run_id(), keys::SPEC)), "the claim is on the volume first");
+    s.pass().await.unwrap();
+    assert_eq!(s.phase(), Some(OrderPhase::Failed));
+    assert_eq!(s.status().reason.as_deref(), Some("CreateRejected"));
+    assert!(s.status().message.unwrap().contains("bad image"));
+    assert!(s.status().pod_requested_at.is_none(), "nothing was created, nothing to adopt");
+}

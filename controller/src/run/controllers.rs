@@ -1,0 +1,296 @@
+//! The three kube-runtime controllers, their caches, the shared pod poller, the projection's
+//! resync, and what every reconcile shares: per-object backoff, errors reported as Warning Events
+//! and metrics, and objects that do not decode skipped with an Event.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use ep_api::order::OrderPhase;
+use ep_api::{Experiment, RunPodOrder, RunPodProvider};
+use futures::{Stream, StreamExt};
+use kube::runtime::controller::{Action, Config as ControllerConfig};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use tokio::sync::{Semaphore, watch};
+
+use super::shutdown_future;
+use crate::context::{Context, RunnerBinary, Stores};
+use crate::error::Error;
+use crate::events::Events;
+use crate::lenient::Lenient;
+use crate::metrics::Metrics;
+use crate::pool::{ProviderPool, SeenPods};
+use crate::projection::Projector;
+use crate::reason::Reason;
+use crate::settings::SettingsHandle;
+use crate::{experiment, order, provider};
+
+/// What the controllers are built from.
+pub struct Parts {
+    pub client: kube::Client,
+    pub settings: SettingsHandle,
+    pub projector: Projector,
+    pub metrics: Arc<Metrics>,
+    pub events: Events,
+    pub runner: RunnerBinary,
+    pub staging: PathBuf,
+}
+
+/// Capped, jittered per-object backoff for transient errors.
+#[derive(Default)]
+struct Failures(Mutex<HashMap<String, (u32, Instant)>>);
+
+impl Failures {
+    fn next(&self, key: String) -> Duration {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = m.entry(key).or_insert((0, Instant::now()));
+        entry.0 = (entry.0 + 1).min(8);
+        let wait = (Duration::from_millis(500) * 2u32.pow(entry.0 - 1)).min(Duration::from_secs(120))
+            + Duration::from_millis(fastrand::u64(0..250));
+        entry.1 = Instant::now() + wait;
+        wait
+    }
+
+    fn reset(&self, key: &str) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+    }
+
+    /// Whether the object waits out a backoff now (a poll must not retry it early).
+    fn backing_off(&self, key: &str) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).get(key).is_some_and(|(_, until)| *until > Instant::now())
+    }
+}
+
+struct Shared {
+    ctx: Arc<Context>,
+    failures: Failures,
+    /// Objects already reported as undecodable, by uid and resourceVersion.
+    undecodable: Mutex<HashSet<String>>,
+}
+
+fn key<K: Resource>(kind: &str, o: &K) -> String {
+    format!("{kind}/{}/{}", o.meta().namespace.clone().unwrap_or_default(), o.meta().name.clone().unwrap_or_default())
+}
+
+/// Reports a failed reconcile where people look (a Warning Event on the object, the error metric)
+/// and backs off per object.
+fn on_error<K: Resource<DynamicType = ()>>(kind: &'static str, o: &K, e: &Error, s: &Shared) -> Action {
+    if let Some(wait) = e.is_wait() {
+        return Action::requeue(wait);
+    }
+    s.ctx.metrics.error(kind, e.category());
+    let k = key(kind, o);
+    let wait = s.failures.next(k.clone());
+    tracing::warn!(object = %k, error = %e, retry_in = ?wait, "reconcile failed");
+    let (events, reference, note) = (s.ctx.events.clone(), o.object_ref(&()), format!("{}: {e}", e.category()));
+    tokio::spawn(async move { events.publish(&reference, Reason::ReconcileError, "Reconcile", &note).await });
+    Action::requeue(wait)
+}
+
+/// Runs one reconcile of a decoded object; an object that does not decode is reported once per
+/// version and skipped. A success clears the object's error backoff.
+async fn reconcile_with<K, F, Fut>(
+    kind: &'static str,
+    obj: Arc<Lenient<K>>,
+    s: Arc<Shared>,
+    f: F,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()>,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>>,
+{
+    let k = key(kind, obj.as_ref());
+    let inner = match &obj.inner {
+        Ok(inner) => inner.clone(),
+        Err(why) => {
+            let version = format!(
+                "{}/{}",
+                obj.meta().uid.clone().unwrap_or_default(),
+                obj.resource_version().unwrap_or_default()
+            );
+            if s.undecodable.lock().unwrap_or_else(PoisonError::into_inner).insert(version) {
+                tracing::error!(object = %k, error = %why, "object does not decode; skipped");
+                let note = format!("{kind} {k} does not match the operator's schema and is skipped: {why}");
+                s.ctx.events.publish(&obj.object_ref(&()), Reason::Undecodable, "Decode", &note).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let start = Instant::now();
+    let r = f(inner, s.ctx.clone()).await;
+    s.ctx.metrics.reconcile_took(kind, start.elapsed());
+    if r.is_ok() {
+        s.failures.reset(&k);
+    }
+    r
+}
+
+/// Consumes a controller's results: a failure of the machinery itself is logged, never dropped.
+async fn drain_results<K: Resource, E: std::fmt::Display>(
+    kind: &'static str,
+    results: impl Stream<Item = Result<(ObjectRef<K>, Action), E>>,
+) {
+    results
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(kind, error = %e, "controller result");
+            }
+        })
+        .await;
+}
+
+/// Whether a poll of RunPod can change the order (a pod may exist for it).
+fn live(o: &RunPodOrder) -> bool {
+    matches!(
+        o.status.as_ref().and_then(|s| s.phase),
+        Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining)
+    )
+}
+
+/// One pod-list call per poll interval per provider, shared by every order; each refresh wakes
+/// the live orders that are not backing off.
+fn poller(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> impl Stream<Item = ObjectRef<Lenient<RunPodOrder>>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stop = stop;
+        loop {
+            let ctx = &shared.ctx;
+            let poll = ctx.poll();
+            tokio::select! {
+                () = tokio::time::sleep(poll) => {}
+                _ = stop.wait_for(|v| *v) => return,
+            }
+            for p in ctx.stores.providers.state().iter().filter_map(|l| l.get().cloned()) {
+                if let Ok(conn) = ctx.providers.get(&ctx.client, &p, &ctx.metrics).await
+                    && let Err(e) = conn.pods(poll / 2, 0).await
+                {
+                    tracing::warn!(provider = %p.name_any(), error = %e, "pod list failed");
+                }
+            }
+            for o in ctx.stores.all_orders().into_iter().filter(|o| live(o)) {
+                if !shared.failures.backing_off(&key(order::KIND, o.as_ref())) {
+                    let r = ObjectRef::new(&o.name_any()).within(&o.namespace().unwrap_or_default());
+                    let _ = tx.send(r);
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+}
+
+/// Re-projects every cached object now and then, so a registry changed or emptied by hand
+/// converges without a restart.
+fn resync(ctx: Arc<Context>, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            ctx.projector.resync();
+            for e in ctx.stores.all_experiments() {
+                ctx.projector.experiment(&e);
+            }
+            for o in ctx.stores.all_orders() {
+                ctx.projector.order(&o);
+            }
+        }
+    });
+}
+
+/// One watch of every order feeding one cache; the order and experiment controllers are woken from
+/// it only after the cache holds the change, so an experiment never reads an order older than the
+/// event that woke it.
+fn shared_orders(
+    client: &kube::Client,
+    wc: &watcher::Config,
+) -> Option<(
+    reflector::Store<Lenient<RunPodOrder>>,
+    [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
+    tokio::task::JoinHandle<()>,
+)> {
+    let (reader, writer) = reflector::store_shared(1024);
+    let handles = [writer.subscribe()?, writer.subscribe()?];
+    let watch = watcher(Api::<Lenient<RunPodOrder>>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect_shared(writer)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "order watch failed; retrying");
+            }
+        });
+    Some((reader, handles, tokio::spawn(watch)))
+}
+
+/// Builds the controllers and runs them until `stop`.
+pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
+    let client = p.client.clone();
+    let wc = watcher::Config::default();
+    let Some((order_store, [order_events, order_events_for_experiments], order_watch)) = shared_orders(&client, &wc)
+    else {
+        tracing::error!("a shared order cache has no subscribers");
+        return;
+    };
+    let providers = Controller::new(Api::<Lenient<RunPodProvider>>::all(client.clone()), wc.clone());
+    let experiments = Controller::new(Api::<Lenient<Experiment>>::all(client.clone()), wc.clone());
+    let orders = Controller::for_shared_stream(order_events, order_store.clone());
+    let stores = Stores { experiments: experiments.store(), orders: order_store, providers: providers.store() };
+    let settings = p.settings.current();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        stores,
+        settings: p.settings,
+        providers: ProviderPool::default(),
+        seen_pods: SeenPods::default(),
+        projector: p.projector,
+        metrics: p.metrics,
+        events: p.events,
+        runner: p.runner,
+        sync_slots: Semaphore::new(usize::from(settings.concurrency.syncs.max(1))),
+        staging: p.staging,
+    });
+    let shared = Arc::new(Shared { ctx: ctx.clone(), failures: Failures::default(), undecodable: Mutex::default() });
+    let config = ControllerConfig::default().concurrency(settings.concurrency.reconciles.max(1));
+    resync(ctx.clone(), Duration::from_secs(600));
+    let lag = ctx.projector.subscribe();
+    let lag_changes = futures::stream::unfold(lag, |mut l| async move { l.changed().await.ok().map(|()| ((), l)) });
+
+    let s = shared.clone();
+    let providers = providers.with_config(config.clone()).graceful_shutdown_on(shutdown_future(stop)).run(
+        |o, s| reconcile_with(provider::KIND, o, s, provider::reconcile),
+        |o, e, s| on_error(provider::KIND, o.as_ref(), e, &s),
+        s,
+    );
+    let s = shared.clone();
+    let experiments = experiments
+        .watches_shared_stream(order_events_for_experiments, |o: Arc<Lenient<RunPodOrder>>| {
+            let ns = o.namespace()?;
+            let name = o.get()?.spec.experiment_ref.as_ref()?.name.clone();
+            Some(ObjectRef::new(&name).within(&ns))
+        })
+        .reconcile_all_on(lag_changes)
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown_future(stop))
+        .run(
+            |o, s| reconcile_with(experiment::KIND, o, s, experiment::reconcile),
+            |o, e, s| on_error(experiment::KIND, o.as_ref(), e, &s),
+            s,
+        );
+    let s = shared.clone();
+    let orders = orders
+        .reconcile_on(poller(shared.clone(), stop.clone()))
+        .with_config(config)
+        .graceful_shutdown_on(shutdown_future(stop))
+        .run(
+            |o, s| reconcile_with(order::KIND, o, s, order::reconcile),
+            |o, e, s| on_error(order::KIND, o.as_ref(), e, &s),
+            s,
+        );
+    tokio::join!(
+        drain_results(provider::KIND, providers),
+        drain_results(experiment::KIND, experiments),
+        drain_results(order::KIND, orders)
+    );
+    order_watch.abort();
+}
