@@ -176,6 +176,22 @@ pub enum OrderPhase {
     Failed,
 }
 
+impl OrderPhase {
+    /// The wire name (`RUNNER_ONLINE`), as status and the registry show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "REQUESTED",
+            Self::Provisioned => "PROVISIONED",
+            Self::Synced => "SYNCED",
+            Self::Verified => "VERIFIED",
+            Self::RunnerOnline => "RUNNER_ONLINE",
+            Self::Draining => "DRAINING",
+            Self::Deleted => "DELETED",
+            Self::Failed => "FAILED",
+        }
+    }
+}
+
 /// Observed state of an order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

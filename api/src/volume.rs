@@ -303,8 +303,14 @@ pub struct GpuUsage {
 pub struct Results(pub BTreeMap<String, serde_json::Value>);
 
 impl Results {
-    /// Checks that every required metric is present as a finite number; returns them.
+    /// Checks that every required metric is present as a finite number; returns them. Text the
+    /// registry cannot store (U+0000, which PostgreSQL refuses in text and jsonb) is refused too.
     pub fn metrics(&self, required: &[String]) -> Result<BTreeMap<String, f64>, String> {
+        if let Some(at) = nul_in(&serde_json::Value::Object(self.0.clone().into_iter().collect()), "") {
+            return Err(format!(
+                "{at} holds a U+0000 (NUL) character, which the registry cannot store: remove it from the results"
+            ));
+        }
         let mut out = BTreeMap::new();
         for name in required {
             match self.0.get(name).and_then(serde_json::Value::as_f64) {
@@ -321,6 +327,19 @@ impl Results {
             }
         }
         Ok(out)
+    }
+}
+
+/// The path of the first key or string holding U+0000 in a JSON value, if any.
+fn nul_in(v: &serde_json::Value, at: &str) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => Some(format!("the value at {at:?}")),
+        serde_json::Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| nul_in(x, &format!("{at}[{i}]"))),
+        serde_json::Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let here = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+            if k.contains('\0') { Some(format!("the key {here:?}")) } else { nul_in(x, &here) }
+        }),
+        _ => None,
     }
 }
 

@@ -90,6 +90,21 @@ impl Requeue {
     }
 }
 
+impl Requeue {
+    /// For the docs table.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Now => "at once",
+            Self::Fast => "every 2 s",
+            Self::Poll => "every poll interval",
+            Self::Person => "on a change (60 s backstop)",
+            Self::Capacity => "after 30 s (or the poll interval)",
+            Self::Balance => "every 2 min",
+            Self::Never => "never",
+        }
+    }
+}
+
 /// How often a starting or draining pod is looked at.
 pub const FAST: Duration = Duration::from_secs(2);
 
@@ -253,13 +268,15 @@ impl Reason {
 
     /// The docs table of every reason (docs/operator.md holds it between markers; a test keeps it in sync).
     pub fn markdown_table() -> String {
-        let mut out = String::from("| reason | kind | domain | meaning |\n| --- | --- | --- | --- |\n");
+        let mut out =
+            String::from("| reason | kind | domain | looks again | meaning |\n| --- | --- | --- | --- | --- |\n");
         for r in Self::ALL {
             out.push_str(&format!(
-                "| `{}` | {:?} | {} | {} |\n",
+                "| `{}` | {:?} | {} | {} | {} |\n",
                 r.as_str(),
                 r.kind(),
                 r.domain().as_str(),
+                r.requeue().describe(),
                 r.meaning()
             ));
         }

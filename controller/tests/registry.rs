@@ -200,6 +200,7 @@ async fn every_table_takes_idempotent_writes() {
         cost_per_hr: Some(0.72),
         accrued_usd: Some(1.0),
         deleted_at: None,
+        created_at: None,
         extra: json!({"terminateAfter": "2026-11-30T20:00:00Z"}),
     };
     reg.upsert_order(&order).await.unwrap();
@@ -318,4 +319,33 @@ async fn registry_survives_a_database_restart() {
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM exp_registry.experiments").fetch_one(reg.pool()).await.unwrap();
     assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_batch_writes_every_row_postgres_accepts_and_reports_the_one_it_refuses() {
+    use ep_operator::registry::{Registry, Row};
+    let pg = TempPostgres::start().unwrap();
+    let reg = registry(&pg, "batch").await;
+    let mut poisoned = experiment("poisoned", status::COMPLETED);
+    poisoned.extra = json!({"results": {"f1\u{0}": 1.0}});
+    let rows = [
+        Row::Experiment(experiment("gnn-fraud-baseline", status::RUNNING)),
+        Row::Experiment(poisoned),
+        Row::Attempt(attempt("r-base-a2", 9, "RUNNING")),
+        Row::Attempt(attempt("r-orphan-a1", 9, "RUNNING")),
+        Row::Experiment(experiment("gnn-fraud-deep", status::READY)),
+    ];
+    let mut orphan = rows[3].clone();
+    if let Row::Attempt(a) = &mut orphan {
+        a.experiment = "never-mirrored".into();
+    }
+    let rows = [rows[..3].to_vec(), vec![orphan, rows[4].clone()]].concat();
+    let outcomes = reg.write_batch(&rows).await.unwrap();
+    let kinds: Vec<&str> = outcomes.iter().map(|o| o.as_ref().map_or_else(ep_operator::registry::RegistryError::category, |()| "ok")).collect();
+    assert_eq!(kinds, ["ok", "refused", "ok", "missing_parent", "ok"]);
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM exp_registry.experiments ORDER BY name").fetch_all(reg.pool()).await.unwrap();
+    assert_eq!(names, ["gnn-fraud-baseline", "gnn-fraud-deep"], "the refused row kept nothing else out");
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM exp_registry.attempts").fetch_one(reg.pool()).await.unwrap();
+    assert_eq!(attempts, 1);
 }

@@ -40,11 +40,14 @@ pub struct StackOptions {
     pub settings: String,
     /// runpod-sim world YAML (None: the default world).
     pub world: Option<String>,
+    /// The operator's `--lease-duration`: short, so a restarted operator leads again within
+    /// seconds of a crash (leader election is on, as in production).
+    pub lease_duration: String,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { clock_speed: 60.0, settings: FAST_SETTINGS.to_owned(), world: None }
+        Self { clock_speed: 60.0, settings: FAST_SETTINGS.to_owned(), world: None, lease_duration: "5s".into() }
     }
 }
 
@@ -101,6 +104,7 @@ pub struct Stack {
     pub operator: Option<OperatorProcess>,
     pub dir: tempfile::TempDir,
     operator_starts: u32,
+    lease_duration: String,
 }
 
 impl Stack {
@@ -113,7 +117,8 @@ impl Stack {
         let kube = KubeSimProcess::start(Some(&workspace_root().join("crds")))?;
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
         std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
-        let mut stack = Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0 };
+        let lease_duration = opts.lease_duration.clone();
+        let mut stack = Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0, lease_duration };
         stack.start_operator()?;
         Ok(stack)
     }
@@ -128,7 +133,12 @@ impl Stack {
 
     /// Starts (or restarts) the operator binary and waits until /readyz answers.
     pub fn start_operator(&mut self) -> Result<&OperatorProcess, HarnessError> {
-        let mut op = self.spawn_operator(&[])?;
+        self.start_operator_env(&[])
+    }
+
+    /// Starts the operator with extra environment (e.g. `EP_CRASH_AT`) and waits until /readyz answers.
+    pub fn start_operator_env(&mut self, env: &[(&str, &str)]) -> Result<&OperatorProcess, HarnessError> {
+        let mut op = self.spawn_operator_env(&[], env)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = op.child.try_wait() {
@@ -149,6 +159,11 @@ impl Stack {
 
     /// Spawns one more operator process with `extra` arguments, without waiting for it.
     pub fn spawn_operator(&mut self, extra: &[&str]) -> Result<OperatorProcess, HarnessError> {
+        self.spawn_operator_env(extra, &[])
+    }
+
+    /// Spawns one more operator process with `extra` arguments and environment, without waiting.
+    pub fn spawn_operator_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Result<OperatorProcess, HarnessError> {
         self.operator_starts += 1;
         let port = free_port().map_err(HarnessError::io("free port"))?;
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));
@@ -166,7 +181,10 @@ impl Stack {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--runner-binary")
             .arg(workspace_bin("ep-runner")?)
+            .arg("--lease-duration")
+            .arg(&self.lease_duration)
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,kube=warn".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::from(out))

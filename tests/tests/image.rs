@@ -37,7 +37,10 @@ fn the_image_is_static_non_root_and_labelled() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let archive = root.join("target/image/ep-operator.oci.tar");
+    // The script says where it wrote the archive (under CARGO_TARGET_DIR when that is set).
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let archive = std::path::PathBuf::from(stdout.lines().last().and_then(|l| l.split(' ').next()).unwrap());
+    assert!(archive.ends_with("image/ep-operator.oci.tar"), "{stdout}");
     let dir = tempfile::tempdir().unwrap();
     let st = Command::new("tar").arg("-xf").arg(&archive).arg("-C").arg(dir.path()).status().unwrap();
     assert!(st.success());

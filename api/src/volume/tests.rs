@@ -170,6 +170,16 @@ fn results_contract_checks_required_metrics() {
 }
 
 #[test]
+fn results_the_registry_cannot_store_are_refused_with_the_place() {
+    let r: Results = serde_json::from_str(r#"{"f1": 0.9, "auc": 0.9, "f1\u0000x": 1}"#).unwrap();
+    let err = r.metrics(&["f1".into()]).unwrap_err();
+    assert!(err.contains("U+0000") && err.contains(r#"key "f1\0x""#), "{err}");
+    let r: Results = serde_json::from_str(r#"{"f1": 0.9, "notes": {"run": ["a\u0000"]}}"#).unwrap();
+    let err = r.metrics(&["f1".into()]).unwrap_err();
+    assert!(err.contains("notes.run[0]"), "{err}");
+}
+
+#[test]
 fn key_layout_matches_design() {
     assert_eq!(keys::runner_binary("0.1.0"), "ep/bin/ep-runner-0.1.0");
     assert_eq!(keys::payload_blob("abc"), "ep/payloads/sha256/abc");

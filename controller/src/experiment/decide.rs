@@ -266,7 +266,8 @@ fn fold(
     let parse = |r: Option<&String>, default: Reason| r.and_then(|r| r.parse().ok()).unwrap_or(default);
     let (state, reason, message) = match &out {
         Some(x) => (x.state, parse(Some(&x.reason), Reason::RunFailed), x.message.clone().unwrap_or_default()),
-        None if order.spec.stop.is_some() || ost.phase == Some(OrderPhase::Deleted) => {
+        // An order that ended DELETED without an outcome was stopped before any pod ran.
+        None if ost.phase == Some(OrderPhase::Deleted) => {
             (OutcomeState::Stopped, parse(ost.reason.as_ref(), Reason::StoppedBeforeLaunch), String::new())
         }
         None => (

@@ -1,12 +1,12 @@
-//! VERIFIED -> RUNNER_ONLINE -> DRAINING: the paid pod created (or adopted), then watched until
-//! the run finishes, is stopped, or a limit or a loss ends it.
+//! VERIFIED -> RUNNER_ONLINE: the paid pod created (or adopted) with its dead-man's switch; the
+//! running pod is then watched by [`super::supervise`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ep_api::order::{HeartbeatStatus, ObtainedGpu, OrderPhase, ProgressStatus, RunTemplate};
-use ep_api::volume::{self, Heartbeat, Progress, keys};
+use ep_api::order::{ObtainedGpu, OrderPhase, RunTemplate};
+use ep_api::volume::{self, Heartbeat, keys};
 use ep_volume::VolumeStore;
 
 use super::pass::Pass;
@@ -16,91 +16,9 @@ use crate::error::Error;
 use crate::names::{ENV_ORDER, ENV_OWNER_UID, ENV_RUN_ID};
 use crate::pool::Conn;
 use crate::reason::{Blocked, FAST, Reason};
-use crate::runpod::{Pod, PodSpec, PodStatus, RunPodApi, RunPodError};
-use crate::settings::{Policy, Settings};
+use crate::runpod::{Pod, PodSpec, RunPodApi, RunPodError};
+use crate::settings::Policy;
 use crate::time;
-
-/// What is known about a launched run at one poll.
-#[derive(Clone, Debug)]
-pub struct RunView<'a> {
-    /// The run's pod in a list fetched after the create returned (None: RunPod does not list it).
-    pub pod: Option<&'a Pod>,
-    pub heartbeat: Option<&'a Heartbeat>,
-    pub terminal_present: bool,
-    pub fencing_token: u64,
-    pub pod_requested_at: DateTime<Utc>,
-    pub online_at: Option<DateTime<Utc>>,
-    pub stop_requested: bool,
-    pub deleting: bool,
-    pub heartbeat_timeout: Duration,
-    pub start_deadline: Duration,
-    pub max_runtime: Option<Duration>,
-    pub max_lifetime: Duration,
-    /// USD this attempt has cost so far plus what earlier attempts cost.
-    pub spent_usd: f64,
-    pub max_cost_usd: Option<f64>,
-}
-
-/// The verdict on a launched run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not online yet; the reason says what it waits for.
-    Starting(Reason),
-    /// The first heartbeat arrived with the pod's runtime up.
-    Online,
-    /// Online and heartbeating.
-    Healthy,
-    /// Collect results and end the pod, for this reason.
-    Drain(Reason),
-}
-
-fn elapsed(from: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
-    (now - from).to_std().unwrap_or_default()
-}
-
-/// Decides what a poll means for a launched run.
-pub fn watch(v: &RunView<'_>, now: DateTime<Utc>) -> Verdict {
-    if v.deleting {
-        return Verdict::Drain(Reason::OrderDeleted);
-    }
-    if v.stop_requested {
-        return Verdict::Drain(Reason::StopRequested);
-    }
-    if v.terminal_present {
-        return Verdict::Drain(Reason::RunFinished);
-    }
-    let Some(pod) = v.pod else {
-        return Verdict::Drain(if v.online_at.is_some() { Reason::PodVanished } else { Reason::PodGone });
-    };
-    if matches!(pod.status, PodStatus::Exited | PodStatus::Terminated) {
-        return Verdict::Drain(Reason::PodExited);
-    }
-    if let Some(hb) = v.heartbeat
-        && hb.fencing_token != v.fencing_token
-    {
-        return Verdict::Drain(Reason::FencingTokenMismatch);
-    }
-    if elapsed(v.pod_requested_at, now) >= v.max_lifetime
-        || v.online_at.zip(v.max_runtime).is_some_and(|(t, max)| elapsed(t, now) >= max)
-    {
-        return Verdict::Drain(Reason::LifetimeReached);
-    }
-    if v.max_cost_usd.is_some_and(|max| v.spent_usd >= max) {
-        return Verdict::Drain(Reason::CostLimitReached);
-    }
-    match (v.online_at, v.heartbeat) {
-        (None, Some(_)) if pod.runtime.is_some() => Verdict::Online,
-        (None, _) if elapsed(v.pod_requested_at, now) >= v.start_deadline => {
-            Verdict::Drain(Reason::RuntimeNeverAppeared)
-        }
-        (None, _) if pod.runtime.is_none() => Verdict::Starting(Reason::WaitingForRuntime),
-        (None, _) => Verdict::Starting(Reason::WaitingForHeartbeat),
-        (Some(_), Some(hb)) if elapsed(hb.time, now) > v.heartbeat_timeout => Verdict::Drain(Reason::HeartbeatLost),
-        (Some(_), Some(_)) => Verdict::Healthy,
-        (Some(t), None) if elapsed(t, now) > v.heartbeat_timeout => Verdict::Drain(Reason::HeartbeatLost),
-        (Some(_), None) => Verdict::Healthy,
-    }
-}
 
 /// The longest this order's pod may live: the order's own maxLifetime, else its policy's.
 pub fn max_lifetime(spec: &ep_api::RunPodOrderSpec, policy: &Policy) -> Duration {
@@ -314,7 +232,7 @@ async fn create<W: World>(
     }
 }
 
-async fn read<T, S>(store: &S, run_id: &str, file: &str) -> Result<Option<T>, Error>
+pub(super) async fn read<T, S>(store: &S, run_id: &str, file: &str) -> Result<Option<T>, Error>
 where
     T: serde::de::DeserializeOwned + volume::Versioned,
     S: VolumeStore,
@@ -336,7 +254,7 @@ pub fn accrued(rate: Option<f64>, since: Option<DateTime<Utc>>, now: DateTime<Ut
     (rate * hours * 10_000.0).round() / 10_000.0
 }
 
-fn gpu_ids(hb: &Heartbeat) -> Option<String> {
+pub(super) fn gpu_ids(hb: &Heartbeat) -> Option<String> {
     (!hb.gpus.is_empty()).then(|| hb.gpus.iter().map(|g| g.id.clone()).collect::<Vec<_>>().join(","))
 }
 
@@ -395,134 +313,6 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>, deleting: bool) -> Result
         }
         record_pod(pass, p);
     }
-    supervise(w, pass, &conn, run, pod.as_ref(), deleting).await
+    super::supervise::run(w, pass, &conn, run, pod.as_ref(), deleting).await
 }
 
-/// Watches a launched run: heartbeat, terminal file, progress, limits.
-async fn supervise<W: World>(
-    w: &W,
-    pass: &mut Pass<'_>,
-    conn: &Conn<W::Api, W::Store>,
-    run: &RunTemplate,
-    pod: Option<&Pod>,
-    deleting: bool,
-) -> Result<Option<Duration>, Error> {
-    let settings = w.settings();
-    let hb: Option<Heartbeat> = read(&conn.store, &run.run_id, keys::HEARTBEAT).await?;
-    let terminal_present = conn.store.head(&keys::run_file(&run.run_id, keys::TERMINAL)).await?.is_some();
-    let requested = pass.st.pod_requested_at.as_ref().map_or(pass.now, time::from_k8s);
-    let cost = accrued(pass.st.cost_per_hour, Some(requested), pass.now, pass.st.accrued_cost_usd);
-    pass.st.accrued_cost_usd = Some(cost);
-    if let Some(h) = &hb {
-        pass.st.heartbeat = Some(HeartbeatStatus {
-            time: time::to_k8s(h.time),
-            seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
-            pid: h.pid.map(i64::from),
-            gpu_ids: gpu_ids(h),
-        });
-    }
-    let view = run_view(pass, &settings, run, pod, hb.as_ref(), terminal_present, deleting);
-    match watch(&view, pass.now) {
-        Verdict::Starting(reason) => {
-            let msg = format!("pod {} is starting", pass.st.pod_id.clone().unwrap_or_default());
-            pass.ready(false, reason, &msg);
-            Ok(Some(FAST))
-        }
-        Verdict::Online => {
-            pass.st.online_at = Some(time::to_k8s(pass.now));
-            let msg = format!("runner heartbeating in pod {}", pass.st.pod_id.clone().unwrap_or_default());
-            pass.enter(OrderPhase::RunnerOnline, Reason::RunnerOnline, &msg);
-            pass.ready(true, Reason::RunnerOnline, &msg);
-            Ok(Some(backstop(pass.poll)))
-        }
-        Verdict::Healthy => {
-            let bytes = conn.store.get(&keys::run_file(&run.run_id, keys::PROGRESS)).await.ok().flatten();
-            if let Some(p) = bytes.and_then(|b| serde_json::from_slice::<Progress>(&b).ok()) {
-                pass.st.progress = Some(progress_status(&p, pass.now));
-            }
-            Ok(Some(backstop(pass.poll)))
-        }
-        Verdict::Drain(reason) => {
-            start_drain(pass, conn, pod, hb.as_ref(), terminal_present, reason).await;
-            Ok(Some(Duration::ZERO))
-        }
-    }
-}
-
-fn run_view<'a>(
-    pass: &Pass<'_>,
-    settings: &Settings,
-    run: &RunTemplate,
-    pod: Option<&'a Pod>,
-    hb: Option<&'a Heartbeat>,
-    terminal_present: bool,
-    deleting: bool,
-) -> RunView<'a> {
-    let lifetime = settings
-        .policy(&pass.order.spec.policy)
-        .map_or(Duration::from_secs(12 * 3600), |(_, p)| max_lifetime(&pass.order.spec, p));
-    let limits = run.limits.as_ref();
-    RunView {
-        pod,
-        heartbeat: hb,
-        terminal_present,
-        fencing_token: u64::try_from(run.fencing_token).unwrap_or(0),
-        pod_requested_at: pass.st.pod_requested_at.as_ref().map_or(pass.now, time::from_k8s),
-        online_at: pass.st.online_at.as_ref().map(time::from_k8s),
-        stop_requested: pass.order.spec.stop.is_some(),
-        deleting,
-        heartbeat_timeout: settings.heartbeat_timeout.get(),
-        start_deadline: settings.runtime_start_deadline.get(),
-        max_runtime: limits.and_then(|l| l.max_runtime.as_ref()).map(ep_api::GoDuration::get),
-        max_lifetime: lifetime,
-        spent_usd: pass.st.accrued_cost_usd.unwrap_or(0.0) + run.spent_before_usd.unwrap_or(0.0),
-        max_cost_usd: limits.and_then(|l| l.max_cost_usd),
-    }
-}
-
-fn progress_status(p: &Progress, now: DateTime<Utc>) -> ProgressStatus {
-    ProgressStatus {
-        step: i64::try_from(p.step).unwrap_or(i64::MAX),
-        total: p.total.and_then(|t| i64::try_from(t).ok()),
-        metrics: p.metrics.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect(),
-        reported_at: time::to_k8s(now),
-    }
-}
-
-/// Requeue of a running order: the shared pod-list refresh wakes every order each poll interval,
-/// so its own timer is only a backstop (a second wake-up per interval would double the S3 reads).
-fn backstop(poll: Duration) -> Duration {
-    poll * 5
-}
-
-/// Asks the runner to stop (SIGTERM through RunPod's stop) unless it finished, and enters DRAINING.
-async fn start_drain<A: RunPodApi, S>(
-    pass: &mut Pass<'_>,
-    conn: &Conn<A, S>,
-    pod: Option<&Pod>,
-    hb: Option<&Heartbeat>,
-    terminal_present: bool,
-    reason: Reason,
-) {
-    pass.st.drain_reason = Some(reason.as_str().to_owned());
-    pass.st.drain_started_at = Some(time::to_k8s(pass.now));
-    if let Some(p) = pod.filter(|p| p.status == PodStatus::Running && !terminal_present) {
-        if let Err(e) = conn.api.stop_pod(&p.id).await {
-            tracing::warn!(order = %pass.name, pod = %p.id, error = %e, "stop before drain failed");
-        }
-        conn.invalidate().await;
-    }
-    let token = pass.st.fencing_token.and_then(|t| u64::try_from(t).ok());
-    if pass.st.online_at.is_none()
-        && let Some(h) = hb.filter(|h| Some(h.fencing_token) == token)
-    {
-        // A short run can finish between two polls: its heartbeats prove it came online.
-        pass.st.online_at = Some(time::to_k8s(h.time.min(pass.now)));
-        let msg = format!("runner heartbeated in pod {}", pass.st.pod_id.clone().unwrap_or_default());
-        pass.enter(OrderPhase::RunnerOnline, Reason::RunnerOnline, &msg);
-    }
-    let run_id = pass.st.run_id.clone().unwrap_or_default();
-    let msg = format!("draining run {run_id}: {reason}");
-    pass.enter(OrderPhase::Draining, reason, &msg);
-    pass.ready(false, Reason::Draining, &msg);
-}

@@ -13,6 +13,7 @@ pub mod launch;
 pub mod pass;
 pub mod payload;
 pub mod pod;
+pub mod supervise;
 pub mod provision;
 pub mod world;
 
@@ -29,7 +30,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
 
-use self::pass::{Pass, phase_name, pod_may_exist};
+use self::pass::{Pass, pod_may_exist};
 use self::world::{KubeWorld, World};
 use crate::context::Context;
 use crate::error::Error;
@@ -117,7 +118,7 @@ async fn report(ctx: &Context, order: &RunPodOrder, done: &mut Done) {
         ctx.events.publish(&reference, reason, "Reconcile", &note).await;
     }
     for phase in &done.entered {
-        ctx.metrics.transition(KIND, phase_name(*phase));
+        ctx.metrics.transition(KIND, phase.as_str());
         if let Some(point) = crash_point(*phase) {
             crate::failpoint::hit(point);
         }

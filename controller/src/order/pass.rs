@@ -15,20 +15,6 @@ use crate::time;
 
 const MAX_TRANSITIONS: usize = 32;
 
-/// The wire name of a phase (`RUNNER_ONLINE`).
-pub fn phase_name(p: OrderPhase) -> &'static str {
-    match p {
-        OrderPhase::Requested => "REQUESTED",
-        OrderPhase::Provisioned => "PROVISIONED",
-        OrderPhase::Synced => "SYNCED",
-        OrderPhase::Verified => "VERIFIED",
-        OrderPhase::RunnerOnline => "RUNNER_ONLINE",
-        OrderPhase::Draining => "DRAINING",
-        OrderPhase::Deleted => "DELETED",
-        OrderPhase::Failed => "FAILED",
-    }
-}
-
 /// Whether the order is over (nothing more will happen to it).
 pub fn is_terminal(p: Option<OrderPhase>) -> bool {
     matches!(p, Some(OrderPhase::Deleted | OrderPhase::Failed))
@@ -96,7 +82,7 @@ impl<'a> Pass<'a> {
             let extra = self.st.transitions.len() - MAX_TRANSITIONS;
             self.st.transitions.drain(..extra);
         }
-        let to = phase_name(phase);
+        let to = phase.as_str();
         let note = if message.is_empty() { format!("entered {to}") } else { format!("entered {to}: {message}") };
         self.events.push((reason, note));
         if phase == OrderPhase::Failed {

@@ -5,11 +5,10 @@
 use chrono::{DateTime, Utc};
 use ep_api::experiment::ExperimentPhase;
 use ep_api::order::{OrderPhase, OutcomeState};
-use ep_api::{Experiment, RunPodOrder};
+use ep_api::{Experiment, RunPodOrder, RunPodOrderStatus};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 
-use crate::order::pass::phase_name;
 use crate::reason::Reason;
 use crate::registry::{
     AttemptRow, AttemptState, ExperimentRow, OrderRow, PhaseChange, ProgressRow, RegistryStatus, Row, SessionRow,
@@ -77,6 +76,7 @@ pub fn experiment(exp: &Experiment, deleted_at: Option<DateTime<Utc>>) -> Vec<Ro
         } else {
             None
         },
+        created_at: exp.metadata.creation_timestamp.as_ref().map(time::from_k8s),
         extra: clean_json(json!({"results": results, "receipt": st.artifacts.as_ref().map(|a| a.receipt.clone())})),
     };
     let mut rows = Vec::new();
@@ -134,31 +134,27 @@ fn attempt_state(phase: Option<OrderPhase>, outcome: Option<OutcomeState>) -> Op
     })
 }
 
-/// The order's rows: the order, its attempt (once claimed), the worker's session, the latest
-/// progress and the phase log; plus what it says about its worker's heartbeat.
-pub fn order(o: &RunPodOrder) -> (Vec<Row>, Option<WorkerBeat>) {
-    let st = o.status.clone().unwrap_or_default();
-    let spec = &o.spec;
-    let ns = o.namespace().unwrap_or_default();
-    let name = o.name_any();
-    let uid = o.uid().unwrap_or_default();
-    let experiment = spec.experiment_ref.as_ref().map(|e| e.name.clone());
-    let gpu = st.gpu.as_ref();
-    let outcome = st.outcome.as_ref();
-    let deleted_at = o.metadata.deletion_timestamp.as_ref().map(time::from_k8s).or_else(|| {
+/// When the order's pod was confirmed gone (or the order was deleted).
+fn order_deleted_at(o: &RunPodOrder, st: &RunPodOrderStatus) -> Option<DateTime<Utc>> {
+    o.metadata.deletion_timestamp.as_ref().map(time::from_k8s).or_else(|| {
         st.transitions.iter().rev().find(|t| t.phase == OrderPhase::Deleted).map(|t| time::from_micro(&t.at))
-    });
-    let mut rows = vec![Row::Order(OrderRow {
-        namespace: ns.clone(),
-        name: name.clone(),
-        uid: uid.clone(),
-        experiment: experiment.clone(),
+    })
+}
+
+fn order_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> OrderRow {
+    let spec = &o.spec;
+    let gpu = st.gpu.as_ref();
+    OrderRow {
+        namespace: o.namespace().unwrap_or_default(),
+        name: o.name_any(),
+        uid: o.uid().unwrap_or_default(),
+        experiment: spec.experiment_ref.as_ref().map(|e| e.name.clone()),
         run_id: st.run_id.clone(),
         attempt: spec.attempt,
         policy: spec.policy.clone(),
         worker_id: spec.worker_id.clone(),
         provider: spec.provider_ref.clone(),
-        phase: st.phase.map(phase_name).unwrap_or_default().to_owned(),
+        phase: st.phase.map(OrderPhase::as_str).unwrap_or_default().to_owned(),
         reason: st.reason.clone().or_else(|| st.drain_reason.clone()),
         approved: spec.approved == Some(true),
         pod_id: st.pod_id.clone(),
@@ -167,41 +163,51 @@ pub fn order(o: &RunPodOrder) -> (Vec<Row>, Option<WorkerBeat>) {
         data_center: st.data_center.clone(),
         cost_per_hr: st.cost_per_hour,
         accrued_usd: st.accrued_cost_usd,
-        deleted_at,
+        deleted_at: order_deleted_at(o, st),
+        created_at: o.metadata.creation_timestamp.as_ref().map(time::from_k8s),
         extra: json!({}),
-    })];
-    let claimed = st.transitions.iter().find(|t| t.phase == OrderPhase::Verified).map(|t| time::from_micro(&t.at));
-    let run_id = st.run_id.clone();
-    if let (Some(run_id), Some(claimed), Some(exp), Some(state)) =
-        (&run_id, claimed, &experiment, attempt_state(st.phase, outcome.map(|x| x.state)))
-    {
-        rows.push(Row::Attempt(AttemptRow {
-            namespace: ns.clone(),
-            experiment: exp.clone(),
-            run_id: run_id.clone(),
-            attempt: spec.template(o.status.as_ref()).map_or(spec.attempt.unwrap_or(1), |t| t.attempt),
-            fencing_token: st.fencing_token.unwrap_or(0),
-            status: state.as_str().to_owned(),
-            order_name: Some(name.clone()),
-            worker_id: Some(spec.worker_id.clone()),
-            pod_id: st.pod_id.clone(),
-            pid: st.heartbeat.as_ref().and_then(|h| h.pid).and_then(|p| i32::try_from(p).ok()),
-            gpu_id: st.heartbeat.as_ref().and_then(|h| h.gpu_ids.clone()),
-            lease_expires_at: None,
-            exit_code: outcome.and_then(|x| x.exit_code),
-            reason: outcome.map(|x| x.reason.clone()).or_else(|| st.drain_reason.clone()),
-            result_f1: outcome.and_then(|x| x.metrics.get("f1").copied()),
-            result_auc: outcome.and_then(|x| x.metrics.get("auc").copied()),
-            receipt: outcome.and_then(|x| x.artifacts.as_ref().map(|a| a.receipt.clone())),
-            cost_usd: st.accrued_cost_usd,
-            started_at: claimed,
-            finished_at: outcome.map(|x| time::from_k8s(&x.finished_at)),
-            extra: json!({}),
-        }));
     }
-    if let (Some(run_id), Some(online)) = (&run_id, &st.online_at) {
+}
+
+/// The attempt an order ran, once it was claimed (VERIFIED).
+fn attempt_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> Option<AttemptRow> {
+    let spec = &o.spec;
+    let outcome = st.outcome.as_ref();
+    let claimed = st.transitions.iter().find(|t| t.phase == OrderPhase::Verified).map(|t| time::from_micro(&t.at))?;
+    let state = attempt_state(st.phase, outcome.map(|x| x.state))?;
+    Some(AttemptRow {
+        namespace: o.namespace().unwrap_or_default(),
+        experiment: spec.experiment_ref.as_ref()?.name.clone(),
+        run_id: st.run_id.clone()?,
+        attempt: spec.template(o.status.as_ref()).map_or(spec.attempt.unwrap_or(1), |t| t.attempt),
+        fencing_token: st.fencing_token.unwrap_or(0),
+        status: state.as_str().to_owned(),
+        order_name: Some(o.name_any()),
+        worker_id: Some(spec.worker_id.clone()),
+        pod_id: st.pod_id.clone(),
+        pid: st.heartbeat.as_ref().and_then(|h| h.pid).and_then(|p| i32::try_from(p).ok()),
+        gpu_id: st.heartbeat.as_ref().and_then(|h| h.gpu_ids.clone()),
+        lease_expires_at: None,
+        exit_code: outcome.and_then(|x| x.exit_code),
+        reason: outcome.map(|x| x.reason.clone()).or_else(|| st.drain_reason.clone()),
+        result_f1: outcome.and_then(|x| x.metrics.get("f1").copied()),
+        result_auc: outcome.and_then(|x| x.metrics.get("auc").copied()),
+        receipt: outcome.and_then(|x| x.artifacts.as_ref().map(|a| a.receipt.clone())),
+        cost_usd: st.accrued_cost_usd,
+        started_at: claimed,
+        finished_at: outcome.map(|x| time::from_k8s(&x.finished_at)),
+        extra: json!({}),
+    })
+}
+
+/// The worker's session (once the runner came online) and the latest progress of the run.
+fn run_rows(o: &RunPodOrder, st: &RunPodOrderStatus) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let Some(run_id) = &st.run_id else { return rows };
+    let outcome = st.outcome.as_ref();
+    if let Some(online) = &st.online_at {
         rows.push(Row::Session(SessionRow {
-            worker_id: spec.worker_id.clone(),
+            worker_id: o.spec.worker_id.clone(),
             run_id: run_id.clone(),
             pod_id: st.pod_id.clone(),
             started_at: time::from_k8s(online),
@@ -209,7 +215,7 @@ pub fn order(o: &RunPodOrder) -> (Vec<Row>, Option<WorkerBeat>) {
             end_reason: outcome.map(|x| x.reason.clone()),
         }));
     }
-    if let (Some(run_id), Some(p), Some(_)) = (&run_id, &st.progress, claimed) {
+    if let Some(p) = &st.progress {
         rows.push(Row::Progress(ProgressRow {
             run_id: run_id.clone(),
             step: p.step,
@@ -218,31 +224,52 @@ pub fn order(o: &RunPodOrder) -> (Vec<Row>, Option<WorkerBeat>) {
             reported_at: time::from_k8s(&p.reported_at),
         }));
     }
+    rows
+}
+
+/// The order's phase log, from the transitions status keeps.
+fn order_phases(o: &RunPodOrder, st: &RunPodOrderStatus) -> Vec<Row> {
     let mut from = None;
-    for t in &st.transitions {
-        rows.push(Row::Phase(PhaseChange {
-            kind: "RunPodOrder".into(),
-            namespace: ns.clone(),
-            name: name.clone(),
-            uid: uid.clone(),
-            from_phase: from.map(|p| phase_name(p).to_owned()),
-            to_phase: phase_name(t.phase).to_owned(),
-            reason: t.reason.clone(),
-            message: None,
-            at: time::from_micro(&t.at),
-        }));
-        from = Some(t.phase);
+    st.transitions
+        .iter()
+        .map(|t| {
+            let row = Row::Phase(PhaseChange {
+                kind: "RunPodOrder".into(),
+                namespace: o.namespace().unwrap_or_default(),
+                name: o.name_any(),
+                uid: o.uid().unwrap_or_default(),
+                from_phase: from.map(|p: OrderPhase| p.as_str().to_owned()),
+                to_phase: t.phase.as_str().to_owned(),
+                reason: t.reason.clone(),
+                message: None,
+                at: time::from_micro(&t.at),
+            });
+            from = Some(t.phase);
+            row
+        })
+        .collect()
+}
+
+/// The order's rows: the order, its attempt (once claimed), the worker's session, the latest
+/// progress and the phase log; plus what it says about its worker's heartbeat.
+pub fn order(o: &RunPodOrder) -> (Vec<Row>, Option<WorkerBeat>) {
+    let st = o.status.clone().unwrap_or_default();
+    let mut rows = vec![Row::Order(order_row(o, &st))];
+    if let Some(a) = attempt_row(o, &st) {
+        rows.push(Row::Attempt(a));
+        rows.extend(run_rows(o, &st));
     }
+    rows.extend(order_phases(o, &st));
     let beat = st.heartbeat.as_ref().map(|h| WorkerBeat {
-        worker_id: spec.worker_id.clone(),
-        run_id: run_id.clone(),
+        worker_id: o.spec.worker_id.clone(),
+        run_id: st.run_id.clone(),
         pod_id: st.pod_id.clone(),
         last_seen: time::from_k8s(&h.time),
         seq: Some(h.seq),
         pid: h.pid.and_then(|p| i32::try_from(p).ok()),
         gpu_ids: h.gpu_ids.clone(),
         fencing_token: st.fencing_token,
-        running: st.phase == Some(OrderPhase::RunnerOnline) && deleted_at.is_none(),
+        running: st.phase == Some(OrderPhase::RunnerOnline) && order_deleted_at(o, &st).is_none(),
     });
     (rows.into_iter().map(clean_row).collect(), beat)
 }

@@ -142,6 +142,8 @@ pub struct ExperimentRow {
     pub cost_usd: Option<f64>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The object's creationTimestamp (a rebuilt registry holds the same).
+    pub created_at: Option<DateTime<Utc>>,
     pub extra: Value,
 }
 
@@ -194,6 +196,8 @@ pub struct OrderRow {
     pub cost_per_hr: Option<f64>,
     pub accrued_usd: Option<f64>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The object's creationTimestamp (a rebuilt registry holds the same).
+    pub created_at: Option<DateTime<Utc>>,
     pub extra: Value,
 }
 

@@ -181,8 +181,8 @@ impl PgRegistry {
     async fn experiment(&self, c: &mut PgConnection, r: &ExperimentRow) -> Result<(), RegistryError> {
         sqlx::query(
             "INSERT INTO exp_registry.experiments (namespace, name, uid, status, phase, worker_id, current_run_id, \
-               attempts, gpu, result_f1, result_auc, cost_usd, started_at, finished_at, extra, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now()) \
+               attempts, gpu, result_f1, result_auc, cost_usd, started_at, finished_at, extra, updated_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), COALESCE($16, now())) \
              ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, status = EXCLUDED.status, \
                phase = EXCLUDED.phase, worker_id = EXCLUDED.worker_id, current_run_id = EXCLUDED.current_run_id, \
                attempts = EXCLUDED.attempts, gpu = EXCLUDED.gpu, result_f1 = EXCLUDED.result_f1, \
@@ -204,6 +204,7 @@ impl PgRegistry {
         .bind(r.started_at)
         .bind(r.finished_at)
         .bind(&r.extra)
+        .bind(r.created_at)
         .execute(&mut *c)
         .await
         .map_err(RegistryError::classify)?;
@@ -274,8 +275,8 @@ impl PgRegistry {
         sqlx::query(
             "INSERT INTO exp_registry.orders (namespace, name, uid, experiment_id, run_id, attempt, policy, worker_id, \
                provider, phase, reason, approved, pod_id, gpu_type_id, gpu_display_name, data_center, cost_per_hr, \
-               accrued_usd, deleted_at, extra, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now()) \
+               accrued_usd, deleted_at, extra, updated_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now(), COALESCE($21, now())) \
              ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, experiment_id = EXCLUDED.experiment_id, \
                run_id = EXCLUDED.run_id, attempt = EXCLUDED.attempt, policy = EXCLUDED.policy, \
                worker_id = EXCLUDED.worker_id, provider = EXCLUDED.provider, phase = EXCLUDED.phase, \
@@ -305,6 +306,7 @@ impl PgRegistry {
         .bind(r.accrued_usd)
         .bind(r.deleted_at)
         .bind(&r.extra)
+        .bind(r.created_at)
         .execute(&mut *c)
         .await
         .map_err(RegistryError::classify)?;

@@ -199,17 +199,17 @@ fn resync(ctx: Arc<Context>, every: Duration) {
     });
 }
 
-/// One watch of every order feeding one cache; the order and experiment controllers are woken from
-/// it only after the cache holds the change, so an experiment never reads an order older than the
-/// event that woke it.
-fn shared_orders(
-    client: &kube::Client,
-    wc: &watcher::Config,
-) -> Option<(
+/// The orders' shared cache, a handle per controller woken from it, and the watch feeding it.
+type SharedOrders = (
     reflector::Store<Lenient<RunPodOrder>>,
     [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
     tokio::task::JoinHandle<()>,
-)> {
+);
+
+/// One watch of every order feeding one cache; the order and experiment controllers are woken from
+/// it only after the cache holds the change, so an experiment never reads an order older than the
+/// event that woke it.
+fn shared_orders(client: &kube::Client, wc: &watcher::Config) -> Option<SharedOrders> {
     let (reader, writer) = reflector::store_shared(1024);
     let handles = [writer.subscribe()?, writer.subscribe()?];
     let watch = watcher(Api::<Lenient<RunPodOrder>>::all(client.clone()), wc.clone())

@@ -51,6 +51,19 @@ impl ApiError {
         }
     }
 
+    /// 409 for a server-side apply that would take fields other managers own, worded as the API
+    /// server words it.
+    pub fn apply_conflicts(found: &[(String, String)]) -> Self {
+        let n = found.len();
+        let list: Vec<String> = found.iter().map(|(m, p)| format!("conflict with \"{m}\": {p}")).collect();
+        let message = if n == 1 {
+            format!("Apply failed with 1 conflict: {}", list[0])
+        } else {
+            format!("Apply failed with {n} conflicts: {}", list.join("\n"))
+        };
+        Self { code: 409, reason: "Conflict", message, details: None }
+    }
+
     /// 422 with one cause per field error, worded `Kind.group "name" is invalid: field: ...`.
     pub fn invalid(res: &Resource, name: &str, errors: &[FieldError]) -> Self {
         let joined = if errors.len() == 1 {

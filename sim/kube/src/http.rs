@@ -252,6 +252,7 @@ async fn handle(
         field_validation: q.get("fieldValidation").cloned(),
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
         applied: None,
+        force: q.get("force").is_some_and(|f| f == "true"),
     };
     let status_only = t.sub.is_some();
     match (method, &t.name) {

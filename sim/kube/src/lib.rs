@@ -7,6 +7,7 @@
 //! are. Production always runs on a real cluster; see README.md for what this does less of.
 
 pub mod errors;
+pub mod fields;
 pub mod http;
 pub mod registry;
 pub mod selectors;

@@ -54,6 +54,8 @@ pub struct WriteOptions {
     pub dry_run: bool,
     /// The configuration a server-side apply sent: recorded as an `Apply` entry owning its fields.
     pub applied: Option<Value>,
+    /// A server-side apply takes fields other managers own instead of failing with a conflict.
+    pub force: bool,
 }
 
 /// How an update arrived.
@@ -395,7 +397,7 @@ impl State {
         if let Some(m) = meta.as_object_mut() {
             m.remove("deletionTimestamp");
         }
-        record_manager(&mut body, opts);
+        record_manager(&mut body, &Value::Null, opts);
         match res.kind.as_str() {
             "Namespace" => body["status"] = json!({"phase": "Active"}),
             "CustomResourceDefinition" => self.register_crd(&mut body),
@@ -535,7 +537,7 @@ impl State {
             // event (controllers that patch the same status every pass must not wake themselves).
             return Ok(Written { object: with_version(&old, res), warnings, created: false });
         }
-        record_manager(&mut new, opts);
+        record_manager(&mut new, &old, opts);
         if deleting && finalizers(&new).is_empty() {
             self.remove(&key, new.clone());
             return Ok(Written { object: with_version(&new, res), warnings, created: false });
@@ -572,6 +574,12 @@ impl State {
             }
             return self.create(res, namespace, patch.clone(), &opts);
         };
+        if !opts.force {
+            let found = crate::fields::conflicts(&current, opts.field_manager.as_deref().unwrap_or_default(), patch);
+            if !found.is_empty() {
+                return Err(ApiError::apply_conflicts(&found));
+            }
+        }
         // A resourceVersion in the applied object is a precondition, as in the API server.
         if let Some(rv) = patch["metadata"]["resourceVersion"].as_str().filter(|rv| !rv.is_empty())
             && current["metadata"]["resourceVersion"].as_str() != Some(rv)
@@ -740,20 +748,10 @@ impl State {
     }
 }
 
-/// Records the writer in managedFields: `Apply` with the applied fields for server-side apply,
-/// `Update` with the object's fields otherwise; one entry per manager and operation.
-fn record_manager(obj: &mut Value, opts: &WriteOptions) {
+/// Records the writer in managedFields (field ownership, see [`crate::fields`]).
+fn record_manager(obj: &mut Value, before: &Value, opts: &WriteOptions) {
     let Some(manager) = opts.field_manager.clone() else { return };
-    let (operation, fields) = match &opts.applied {
-        Some(applied) => ("Apply", fields_v1(applied)),
-        None => ("Update", fields_v1(obj)),
-    };
-    let entry = json!({"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"], "time": now(), "fieldsType": "FieldsV1", "fieldsV1": fields});
-    let list = obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
-    let mut list: Vec<Value> =
-        list.into_iter().filter(|e| !(e["manager"] == manager && e["operation"] == operation)).collect();
-    list.push(entry);
-    obj["metadata"]["managedFields"] = json!(list);
+    crate::fields::record(obj, before, &manager, opts.applied.as_ref(), &now());
 }
 
 /// The object as served at `res`'s version.

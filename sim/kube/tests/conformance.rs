@@ -587,6 +587,33 @@ async fn apply_removes_fields_the_manager_no_longer_sets() {
     assert_eq!(o["spec"]["size"], 1, "fields the manager never applied stay");
 }
 
+/// Docs: Server-Side Apply › Conflicts: an apply that changes a field another manager owns fails
+/// with 409 naming the manager and the field, unless forced (the field then changes hands); the
+/// same value is shared without conflict; a resourceVersion in the applied object is a precondition.
+#[tokio::test]
+async fn apply_conflicts_between_managers() {
+    let h = Http::start(100).await;
+    let body = |holder: &str| json!({"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "l"}, "spec": {"size": 1, "color": holder}});
+    let apply = |who: &str, force: bool| format!("{W}/l?fieldManager={who}&force={force}");
+    let (code, _) = h.patch(&apply("a", false), "application/apply-patch+yaml", body("red")).await;
+    assert_eq!(code, 201);
+    let (code, err) = h.patch(&apply("b", false), "application/apply-patch+yaml", body("blue")).await;
+    assert_eq!(code, 409, "{err}");
+    assert_eq!(err["reason"], "Conflict");
+    assert_eq!(err["message"], "Apply failed with 1 conflict: conflict with \"a\": .spec.color");
+    let (code, _) = h.patch(&apply("b", false), "application/apply-patch+yaml", body("red")).await;
+    assert_eq!(code, 200, "the same value is shared");
+    let (code, o) = h.patch(&apply("b", true), "application/apply-patch+yaml", body("blue")).await;
+    assert_eq!((code, o["spec"]["color"].as_str()), (200, Some("blue")), "forced: the field changes hands");
+    let (code, _) = h.patch(&apply("a", false), "application/apply-patch+yaml", body("red")).await;
+    assert_eq!(code, 409, "now b owns it");
+    let mut stale = body("blue");
+    stale["metadata"]["resourceVersion"] = json!("1");
+    let (code, err) = h.patch(&apply("b", true), "application/apply-patch+yaml", stale).await;
+    assert_eq!(code, 409, "{err}");
+    assert!(err["message"].as_str().unwrap().contains("the object has been modified"));
+}
+
 /// Docs: Event v1 (events.k8s.io) › the API server stores one Event resource served in both
 /// groups: an event written through events.k8s.io/v1 is listed by `kubectl get events` (core/v1)
 /// with involvedObject, reason, message and type.

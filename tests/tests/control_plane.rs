@@ -1,0 +1,308 @@
+//! The control plane across real processes: the registry as a projection of cluster state (rebuilt
+//! into an empty database, unchanged by a crash in the middle of a drain, never blocked by one row
+//! PostgreSQL refuses) and one actor at a time (two operators started alike).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ep_testkit::e2e::{NS, exp, init_tls, phase, quickstart_stack, wait_until};
+use ep_testkit::stack::{Stack, StackOptions};
+use serde_json::Value;
+use sqlx::Row;
+
+const LONG: Duration = Duration::from_secs(180);
+
+/// Every column of a query's rows as text (NULL as "∅"), in order; nothing before the operator
+/// created the schema.
+async fn rows(url: &str, sql: &str) -> Vec<Vec<String>> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let sql = format!("SELECT to_jsonb(t) FROM ({sql}) t");
+    let out = match sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&pool).await {
+        Ok(rows) => rows,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => vec![],
+        Err(e) => panic!("{e}"),
+    };
+    pool.close().await;
+    out.iter()
+        .map(|r| {
+            let v: Value = r.get(0);
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k}={}", if v.is_null() { "∅".to_owned() } else { v.to_string() }))
+                .collect()
+        })
+        .collect()
+}
+
+/// The experiments, attempts and orders tables: every column but surrogate ids (experiment ids
+/// become names) and `updated_at` (when the row was last written, which a rebuild changes).
+async fn tables(url: &str) -> Vec<Vec<String>> {
+    let mut out = rows(
+        url,
+        "SELECT namespace, name, uid, status, phase, worker_id, current_run_id, attempts, gpu, result_f1, result_auc, \
+         cost_usd, started_at, finished_at, created_at, extra FROM exp_registry.experiments ORDER BY namespace, name",
+    )
+    .await;
+    out.extend(
+        rows(
+            url,
+            "SELECT e.name AS experiment, a.run_id, a.attempt, a.fencing_token, a.status, a.order_name, a.worker_id, \
+             a.pod_id, a.pid, a.gpu_id, a.exit_code, a.reason, a.result_f1, a.result_auc, a.receipt, a.cost_usd, \
+             a.started_at, a.finished_at, a.extra FROM exp_registry.attempts a \
+             JOIN exp_registry.experiments e ON e.id = a.experiment_id ORDER BY a.run_id",
+        )
+        .await,
+    );
+    out.extend(
+        rows(
+            url,
+            "SELECT o.namespace, o.name, o.uid, e.name AS experiment, o.run_id, o.attempt, o.policy, o.worker_id, \
+             o.provider, o.phase, o.reason, o.approved, o.pod_id, o.gpu_type_id, o.gpu_display_name, o.data_center, \
+             o.cost_per_hr, o.accrued_usd, o.created_at, o.deleted_at, o.extra FROM exp_registry.orders o \
+             LEFT JOIN exp_registry.experiments e ON e.id = o.experiment_id ORDER BY o.namespace, o.name",
+        )
+        .await,
+    );
+    out
+}
+
+async fn registry_status(url: &str, name: &str) -> Option<String> {
+    let r = rows(url, &format!("SELECT status FROM exp_registry.experiments WHERE name = '{name}'")).await;
+    r.first().map(|r| r[0].trim_start_matches("status=").trim_matches('"').to_owned())
+}
+
+async fn wait_registry(url: &str, name: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while registry_status(url, name).await.as_deref() != Some(want) {
+        assert!(Instant::now() < deadline, "registry never showed {name} {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_database_is_rebuilt_from_the_cluster_to_what_the_old_one_held() {
+    let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&exp("rebuilt-ok").epochs(3, 0.0).yaml()).unwrap();
+    let failing = exp("rebuilt-fail").yaml().replace("[python3, train.py]", "[python3, -c, 'import sys; sys.exit(3)']");
+    stack.apply(&failing).unwrap();
+    stack.wait_phase("exp", "rebuilt-ok", &["Succeeded"]).unwrap();
+    stack.wait_phase("exp", "rebuilt-fail", &["Failed"]).unwrap();
+    wait_registry(&stack.database_url, "rebuilt-ok", "COMPLETED").await;
+    wait_registry(&stack.database_url, "rebuilt-fail", "FAILED").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = tables(&stack.database_url).await;
+    assert!(before.len() >= 6, "{before:#?}");
+
+    // The same cluster, an empty database: the operator rebuilds every row.
+    stack.operator.take().unwrap().stop();
+    stack.database_url = stack.pg.create_database("fresh").await.unwrap();
+    stack.start_operator().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let after = tables(&stack.database_url).await;
+        if after == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rebuilt:\n{after:#?}\nexpected:\n{before:#?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The rows of one experiment, its attempts, order, worker session and phase log, with its own
+/// name, ids and every time taken out: what an uninterrupted run and an interrupted one share.
+async fn shape(url: &str, name: &str) -> Vec<Vec<String>> {
+    let strip = |mut v: Vec<Vec<String>>| {
+        for r in &mut v {
+            for c in r.iter_mut() {
+                *c = c.replace(name, "NAME");
+            }
+        }
+        v
+    };
+    let mut out = strip(
+        rows(url, &format!(
+            "SELECT status, phase, worker_id, attempts, gpu, result_f1, result_auc, extra->'results' AS results, \
+             finished_at IS NOT NULL AS finished FROM exp_registry.experiments WHERE name = '{name}'"
+        ))
+        .await,
+    );
+    out.extend(strip(
+        rows(url, &format!(
+            "SELECT a.attempt, a.status, a.worker_id, a.exit_code, a.reason, a.result_f1, a.result_auc, \
+             a.receipt IS NOT NULL AS receipt, a.finished_at IS NOT NULL AS finished FROM exp_registry.attempts a \
+             JOIN exp_registry.experiments e ON e.id = a.experiment_id WHERE e.name = '{name}' ORDER BY a.attempt"
+        ))
+        .await,
+    ));
+    out.extend(strip(
+        rows(url, &format!(
+            "SELECT phase, policy, worker_id, gpu_type_id, approved, reason, deleted_at IS NOT NULL AS deleted \
+             FROM exp_registry.orders WHERE name = '{name}-a1'"
+        ))
+        .await,
+    ));
+    out.extend(strip(
+        rows(url, &format!(
+            "SELECT s.end_reason, s.ended_at IS NOT NULL AS ended FROM exp_registry.worker_sessions s \
+             JOIN exp_registry.attempts a ON a.run_id = s.run_id JOIN exp_registry.experiments e \
+             ON e.id = a.experiment_id WHERE e.name = '{name}'"
+        ))
+        .await,
+    ));
+    out.extend(strip(
+        rows(url, &format!(
+            "SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log \
+             WHERE name IN ('{name}', '{name}-a1') ORDER BY at, id"
+        ))
+        .await,
+    ));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_each_instant_of_the_drain_leaves_the_registry_as_an_uninterrupted_run() {
+    let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&exp("steady").epochs(3, 0.0).yaml()).unwrap();
+    stack.wait_phase("exp", "steady", &["Succeeded"]).unwrap();
+    wait_registry(&stack.database_url, "steady", "COMPLETED").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let expected = shape(&stack.database_url, "steady").await;
+    for (n, point) in ["order.drain.judged", "order.drain.terminated", "order.create.after"].iter().enumerate() {
+        let name = format!("crash{n}");
+        stack.operator.take().unwrap().stop();
+        stack.start_operator_env(&[("EP_CRASH_AT", point)]).unwrap();
+        stack.apply(&exp(&name).epochs(3, 0.0).yaml()).unwrap();
+        let op = stack.operator.as_mut().unwrap();
+        wait_until(&format!("the operator dies at {point}"), LONG, || !op.running()).unwrap();
+        stack.start_operator().unwrap();
+        let e = stack.wait_phase("exp", &name, &["Succeeded", "Failed"]).unwrap();
+        assert_eq!(e["status"]["phase"], "Succeeded", "{point}: {}", e["status"]);
+        wait_registry(&stack.database_url, &name, "COMPLETED").await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = shape(&stack.database_url, &name).await;
+            if got == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "after a crash at {point}:\n{got:#?}\nuninterrupted:\n{expected:#?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(stack.live_pods().await.unwrap().is_empty(), "{point}: a pod was left billing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_results_key_postgres_cannot_store_fails_that_run_and_keeps_no_other_out() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    let script = r#"import json, os; json.dump({"f1": 0.5, "auc": 0.5, "f1\u0000": 1}, open(os.path.join(os.environ["EP_OUTPUT_DIR"], "results.json"), "w"))"#;
+    let poisoned = exp("poisoned").yaml().replace("[python3, train.py]", &format!("[python3, -c, {}]", serde_json::to_string(script).unwrap()));
+    stack.apply(&poisoned).unwrap();
+    stack.apply(&exp("clean").epochs(3, 0.0).yaml()).unwrap();
+    let bad = stack.wait_phase("exp", "poisoned", &["Failed", "Succeeded"]).unwrap();
+    assert_eq!(bad["status"]["phase"], "Failed", "{}", bad["status"]);
+    let order = stack.get("rpo", Some(NS), "poisoned-a1").unwrap().unwrap();
+    assert_eq!(order["status"]["outcome"]["reason"], "ResultsContractBroken", "{}", order["status"]);
+    assert!(order["status"]["outcome"]["message"].as_str().unwrap().contains("U+0000"), "{}", order["status"]);
+    stack.wait_phase("exp", "clean", &["Succeeded"]).unwrap();
+    wait_registry(&stack.database_url, "clean", "COMPLETED").await;
+    wait_registry(&stack.database_url, "poisoned", "FAILED").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_operators_started_alike_act_one_at_a_time_and_make_no_duplicate_pod() {
+    init_tls();
+    // The production lease (15 s): two replicas started with the very same arguments.
+    let opts = StackOptions { lease_duration: "15s".into(), ..StackOptions::default() };
+    let mut stack = Stack::start(&opts).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let first = stack.operator.take().unwrap();
+    let second = stack.spawn_operator(&[]).unwrap();
+    let leads = |op: &ep_testkit::stack::OperatorProcess| op.metric("ep_leader");
+    wait_until("one leads", Duration::from_secs(60), || leads(&first) == Some(1.0) || leads(&second) == Some(1.0))
+        .unwrap();
+    wait_until("both answer", Duration::from_secs(30), || leads(&first).is_some() && leads(&second).is_some()).unwrap();
+    assert_eq!(leads(&first).unwrap() + leads(&second).unwrap(), 1.0, "exactly one acts");
+    // Every pod id RunPod shows for a run, sampled every 50 ms while several experiments run.
+    let admin = stack.runpod.get("admin");
+    let seen = Arc::new(Mutex::new(BTreeSet::<(String, String)>::new()));
+    let sampler = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(r) = reqwest::get(format!("{admin}/world")).await
+                    && let Ok(w) = r.json::<Value>().await
+                {
+                    let mut pods: Vec<Value> = w["pods"].as_object().cloned().unwrap_or_default().into_values().collect();
+                    pods.extend(w["gone"].as_array().cloned().unwrap_or_default().into_iter().map(|g| g["pod"].clone()));
+                    let mut s = seen.lock().unwrap();
+                    for p in pods {
+                        s.insert((p["name"].as_str().unwrap_or_default().into(), p["id"].as_str().unwrap_or_default().into()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let names = ["pair-1", "pair-2", "pair-3", "pair-4"];
+    for n in names {
+        stack.apply(&exp(n).epochs(4, 0.2).yaml()).unwrap();
+    }
+    for n in names {
+        let e = stack.wait_for("exp", Some(NS), n, LONG, "Succeeded", |o| phase(o) == "Succeeded").unwrap().unwrap();
+        assert_eq!(e["status"]["attempts"], 1);
+    }
+    sampler.abort();
+    let seen = seen.lock().unwrap().clone();
+    let mut per_name = std::collections::BTreeMap::<String, usize>::new();
+    for (name, _) in &seen {
+        *per_name.entry(name.clone()).or_default() += 1;
+    }
+    assert_eq!(per_name.len(), names.len(), "{seen:?}");
+    assert!(per_name.values().all(|n| *n == 1), "a duplicate pod: {seen:?}");
+    assert_eq!(leads(&first).unwrap() + leads(&second).unwrap(), 1.0, "still exactly one");
+    let acted = |op: &ep_testkit::stack::OperatorProcess| {
+        op.metric("ep_reconciles_total{kind=\"RunPodOrder\"}").unwrap_or(0.0) > 0.0
+    };
+    assert!(acted(&first) != acted(&second), "only the leader reconciled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_object_that_does_not_decode_is_reported_and_every_other_one_still_runs() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    // A schema loosened (as a newer or hand-edited CRD might be) lets an object in that the
+    // operator's types cannot read.
+    let mut crd: Value =
+        serde_json::from_str(&stack.kubectl(&["get", "crd", "experiments.ep.dev", "-o", "json"]).unwrap()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+        serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+    let path = stack.dir.path().join("loose-crd.json");
+    std::fs::write(&path, crd.to_string()).unwrap();
+    stack.kubectl(&["replace", "-f", &path.display().to_string()]).unwrap();
+    stack
+        .apply(&format!(
+            "apiVersion: ep.dev/v1alpha1\nkind: Experiment\nmetadata: {{name: garbled, namespace: {NS}}}\nspec: {{entry: not-a-command, image: 7}}\n"
+        ))
+        .unwrap();
+    stack.apply(&exp("intact").epochs(3, 0.0).yaml()).unwrap();
+    let e = stack.wait_phase("exp", "intact", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let event = loop {
+        let list: Value = serde_json::from_str(
+            &stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=garbled", "-o", "json"]).unwrap(),
+        )
+        .unwrap();
+        if let Some(e) = list["items"].as_array().unwrap().iter().find(|e| e["reason"] == "Undecodable") {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no Undecodable event: {list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(event["type"], "Warning");
+    let msg = event["message"].as_str().unwrap();
+    assert!(msg.contains("spec.entry") || msg.contains("spec.image"), "names the field: {msg}");
+}
