@@ -57,7 +57,8 @@ fn functions(text: &str) -> Vec<(String, usize)> {
     for (i, l) in lines.iter().enumerate() {
         let trimmed = l.trim_start();
         let indent = &l[..l.len() - trimmed.len()];
-        let sig = trimmed.trim_start_matches("pub(crate) ").trim_start_matches("pub(super) ").trim_start_matches("pub ");
+        let sig =
+            trimmed.trim_start_matches("pub(crate) ").trim_start_matches("pub(super) ").trim_start_matches("pub ");
         let sig = sig.trim_start_matches("async ");
         if !sig.starts_with("fn ") || l.trim_end().ends_with(';') {
             continue;
@@ -140,10 +141,12 @@ fn no_reason_or_outcome_word_is_compared_as_a_string_in_the_controller() {
             }
             for w in &words {
                 let q = format!("\"{w}\"");
-                let compared = [format!("== {q}"), format!("!= {q}"), format!("{q} =>"), format!("| {q}"), format!("{q} |")]
-                    .iter()
-                    .any(|c| line.contains(c.as_str()))
-                    || (line.contains(&q) && (line.contains("==") || line.contains("!=") || line.contains("matches!")));
+                let compared =
+                    [format!("== {q}"), format!("!= {q}"), format!("{q} =>"), format!("| {q}"), format!("{q} |")]
+                        .iter()
+                        .any(|c| line.contains(c.as_str()))
+                        || (line.contains(&q)
+                            && (line.contains("==") || line.contains("!=") || line.contains("matches!")));
                 if compared {
                     found.push(format!("{}:{}: {}", short(p), n + 1, line.trim()));
                 }
@@ -160,5 +163,9 @@ fn every_reason_is_documented_in_the_operator_guide() {
     let end = "<!-- reasons:end -->";
     let start = guide.find(begin).expect("docs/operator.md has the reasons table") + begin.len();
     let stop = guide[start..].find(end).expect("the table ends") + start;
-    assert_eq!(guide[start..stop], Reason::markdown_table(), "run `ep-operator reasons` and paste it into docs/operator.md");
+    assert_eq!(
+        guide[start..stop],
+        Reason::markdown_table(),
+        "run `ep-operator reasons` and paste it into docs/operator.md"
+    );
 }

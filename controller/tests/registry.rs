@@ -341,11 +341,17 @@ async fn a_batch_writes_every_row_postgres_accepts_and_reports_the_one_it_refuse
     }
     let rows = [rows[..3].to_vec(), vec![orphan, rows[4].clone()]].concat();
     let outcomes = reg.write_batch(&rows).await.unwrap();
-    let kinds: Vec<&str> = outcomes.iter().map(|o| o.as_ref().map_or_else(ep_operator::registry::RegistryError::category, |()| "ok")).collect();
+    let kinds: Vec<&str> = outcomes
+        .iter()
+        .map(|o| o.as_ref().map_or_else(ep_operator::registry::RegistryError::category, |()| "ok"))
+        .collect();
     assert_eq!(kinds, ["ok", "refused", "ok", "missing_parent", "ok"]);
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM exp_registry.experiments ORDER BY name").fetch_all(reg.pool()).await.unwrap();
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM exp_registry.experiments ORDER BY name")
+        .fetch_all(reg.pool())
+        .await
+        .unwrap();
     assert_eq!(names, ["gnn-fraud-baseline", "gnn-fraud-deep"], "the refused row kept nothing else out");
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM exp_registry.attempts").fetch_one(reg.pool()).await.unwrap();
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM exp_registry.attempts").fetch_one(reg.pool()).await.unwrap();
     assert_eq!(attempts, 1);
 }

@@ -118,7 +118,8 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
         std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
         let lease_duration = opts.lease_duration.clone();
-        let mut stack = Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0, lease_duration };
+        let mut stack =
+            Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0, lease_duration };
         stack.start_operator()?;
         Ok(stack)
     }
@@ -163,7 +164,11 @@ impl Stack {
     }
 
     /// Spawns one more operator process with `extra` arguments and environment, without waiting.
-    pub fn spawn_operator_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Result<OperatorProcess, HarnessError> {
+    pub fn spawn_operator_env(
+        &mut self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<OperatorProcess, HarnessError> {
         self.operator_starts += 1;
         let port = free_port().map_err(HarnessError::io("free port"))?;
         let log = self.dir.path().join(format!("operator-{}.log", self.operator_starts));

@@ -124,40 +124,55 @@ async fn shape(url: &str, name: &str) -> Vec<Vec<String>> {
         v
     };
     let mut out = strip(
-        rows(url, &format!(
-            "SELECT status, phase, worker_id, attempts, gpu, result_f1, result_auc, extra->'results' AS results, \
+        rows(
+            url,
+            &format!(
+                "SELECT status, phase, worker_id, attempts, gpu, result_f1, result_auc, extra->'results' AS results, \
              finished_at IS NOT NULL AS finished FROM exp_registry.experiments WHERE name = '{name}'"
-        ))
+            ),
+        )
         .await,
     );
     out.extend(strip(
-        rows(url, &format!(
-            "SELECT a.attempt, a.status, a.worker_id, a.exit_code, a.reason, a.result_f1, a.result_auc, \
+        rows(
+            url,
+            &format!(
+                "SELECT a.attempt, a.status, a.worker_id, a.exit_code, a.reason, a.result_f1, a.result_auc, \
              a.receipt IS NOT NULL AS receipt, a.finished_at IS NOT NULL AS finished FROM exp_registry.attempts a \
              JOIN exp_registry.experiments e ON e.id = a.experiment_id WHERE e.name = '{name}' ORDER BY a.attempt"
-        ))
+            ),
+        )
         .await,
     ));
     out.extend(strip(
-        rows(url, &format!(
-            "SELECT phase, policy, worker_id, gpu_type_id, approved, reason, deleted_at IS NOT NULL AS deleted \
+        rows(
+            url,
+            &format!(
+                "SELECT phase, policy, worker_id, gpu_type_id, approved, reason, deleted_at IS NOT NULL AS deleted \
              FROM exp_registry.orders WHERE name = '{name}-a1'"
-        ))
+            ),
+        )
         .await,
     ));
     out.extend(strip(
-        rows(url, &format!(
-            "SELECT s.end_reason, s.ended_at IS NOT NULL AS ended FROM exp_registry.worker_sessions s \
+        rows(
+            url,
+            &format!(
+                "SELECT s.end_reason, s.ended_at IS NOT NULL AS ended FROM exp_registry.worker_sessions s \
              JOIN exp_registry.attempts a ON a.run_id = s.run_id JOIN exp_registry.experiments e \
              ON e.id = a.experiment_id WHERE e.name = '{name}'"
-        ))
+            ),
+        )
         .await,
     ));
     out.extend(strip(
-        rows(url, &format!(
-            "SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log \
+        rows(
+            url,
+            &format!(
+                "SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log \
              WHERE name IN ('{name}', '{name}-a1') ORDER BY at, id"
-        ))
+            ),
+        )
         .await,
     ));
     out
@@ -199,7 +214,9 @@ async fn a_crash_at_each_instant_of_the_drain_leaves_the_registry_as_an_uninterr
 async fn a_results_key_postgres_cannot_store_fails_that_run_and_keeps_no_other_out() {
     let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
     let script = r#"import json, os; json.dump({"f1": 0.5, "auc": 0.5, "f1\u0000": 1}, open(os.path.join(os.environ["EP_OUTPUT_DIR"], "results.json"), "w"))"#;
-    let poisoned = exp("poisoned").yaml().replace("[python3, train.py]", &format!("[python3, -c, {}]", serde_json::to_string(script).unwrap()));
+    let poisoned = exp("poisoned")
+        .yaml()
+        .replace("[python3, train.py]", &format!("[python3, -c, {}]", serde_json::to_string(script).unwrap()));
     stack.apply(&poisoned).unwrap();
     stack.apply(&exp("clean").epochs(3, 0.0).yaml()).unwrap();
     let bad = stack.wait_phase("exp", "poisoned", &["Failed", "Succeeded"]).unwrap();
@@ -225,6 +242,8 @@ async fn two_operators_started_alike_act_one_at_a_time_and_make_no_duplicate_pod
     wait_until("one leads", Duration::from_secs(60), || leads(&first) == Some(1.0) || leads(&second) == Some(1.0))
         .unwrap();
     wait_until("both answer", Duration::from_secs(30), || leads(&first).is_some() && leads(&second).is_some()).unwrap();
+    // Both replicas are past start-up: a second acting replica would say so by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(leads(&first).unwrap() + leads(&second).unwrap(), 1.0, "exactly one acts");
     // Every pod id RunPod shows for a run, sampled every 50 ms while several experiments run.
     let admin = stack.runpod.get("admin");
@@ -236,11 +255,17 @@ async fn two_operators_started_alike_act_one_at_a_time_and_make_no_duplicate_pod
                 if let Ok(r) = reqwest::get(format!("{admin}/world")).await
                     && let Ok(w) = r.json::<Value>().await
                 {
-                    let mut pods: Vec<Value> = w["pods"].as_object().cloned().unwrap_or_default().into_values().collect();
-                    pods.extend(w["gone"].as_array().cloned().unwrap_or_default().into_iter().map(|g| g["pod"].clone()));
+                    let mut pods: Vec<Value> =
+                        w["pods"].as_object().cloned().unwrap_or_default().into_values().collect();
+                    pods.extend(
+                        w["gone"].as_array().cloned().unwrap_or_default().into_iter().map(|g| g["pod"].clone()),
+                    );
                     let mut s = seen.lock().unwrap();
                     for p in pods {
-                        s.insert((p["name"].as_str().unwrap_or_default().into(), p["id"].as_str().unwrap_or_default().into()));
+                        s.insert((
+                            p["name"].as_str().unwrap_or_default().into(),
+                            p["id"].as_str().unwrap_or_default().into(),
+                        ));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -293,7 +318,9 @@ async fn one_object_that_does_not_decode_is_reported_and_every_other_one_still_r
     let deadline = Instant::now() + Duration::from_secs(30);
     let event = loop {
         let list: Value = serde_json::from_str(
-            &stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=garbled", "-o", "json"]).unwrap(),
+            &stack
+                .kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=garbled", "-o", "json"])
+                .unwrap(),
         )
         .unwrap();
         if let Some(e) = list["items"].as_array().unwrap().iter().find(|e| e["reason"] == "Undecodable") {

@@ -315,4 +315,3 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>, deleting: bool) -> Result
     }
     super::supervise::run(w, pass, &conn, run, pod.as_ref(), deleting).await
 }
-

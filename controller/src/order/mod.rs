@@ -13,8 +13,8 @@ pub mod launch;
 pub mod pass;
 pub mod payload;
 pub mod pod;
-pub mod supervise;
 pub mod provision;
+pub mod supervise;
 pub mod world;
 
 #[cfg(test)]

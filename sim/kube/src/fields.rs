@@ -13,7 +13,10 @@ fn unowned(path: &[String]) -> bool {
     match path {
         [a] => a == "apiVersion" || a == "kind",
         [m, f, ..] if m == "metadata" => {
-            matches!(f.as_str(), "resourceVersion" | "managedFields" | "uid" | "creationTimestamp" | "generation" | "name" | "namespace")
+            matches!(
+                f.as_str(),
+                "resourceVersion" | "managedFields" | "uid" | "creationTimestamp" | "generation" | "name" | "namespace"
+            )
         }
         _ => false,
     }
@@ -176,7 +179,8 @@ mod tests {
 
     #[test]
     fn an_apply_changing_a_field_another_manager_owns_conflicts_unless_the_value_is_the_same() {
-        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l"}, "spec": {}});
+        let lease =
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "l"}, "spec": {}});
         let a = json!({"spec": {"holderIdentity": "a", "renewTime": "1"}});
         let held = with_manager(lease, "lm-a", &a);
         let b = json!({"spec": {"holderIdentity": "b", "renewTime": "2"}});

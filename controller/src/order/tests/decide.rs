@@ -11,8 +11,8 @@ use ep_api::volume::{FORMAT_VERSION, Heartbeat, RunnerState, TerminalState};
 
 use crate::order::drain::{Evidence, outcome, retention};
 use crate::order::launch::{CreateStep, after_create};
-use crate::order::supervise::{RunView, Verdict, watch};
 use crate::order::provision::{BudgetUsage, admit, choose_gpus};
+use crate::order::supervise::{RunView, Verdict, watch};
 use crate::reason::Reason;
 use crate::runpod::{GpuOffer, Pod, PodStatus, RunPodError, Runtime, Stock};
 use crate::settings::Settings;

@@ -231,6 +231,8 @@ pub struct FakeWorld {
     pub others: Mutex<Vec<Arc<RunPodOrder>>>,
     pub config_maps: Mutex<HashMap<String, ConfigMap>>,
     pub saved: Mutex<Vec<RunPodOrderStatus>>,
+    /// How many pods RunPod had terminated when each status was saved.
+    pub terminated_at_save: Mutex<Vec<usize>>,
     runner: RunnerBinary,
     staging: tempfile::TempDir,
     slots: Semaphore,
@@ -256,6 +258,7 @@ impl FakeWorld {
             others: Mutex::default(),
             config_maps: Mutex::default(),
             saved: Mutex::default(),
+            terminated_at_save: Mutex::default(),
             runner,
             staging,
             slots: Semaphore::new(2),
@@ -305,6 +308,7 @@ impl World for FakeWorld {
             return Err(Error::Conflict);
         }
         saved.push(status.clone());
+        lock(&self.terminated_at_save).push(lock(&self.conn.api.terminated).len());
         Ok(Some(saved.len().to_string()))
     }
     fn runner(&self) -> &RunnerBinary {

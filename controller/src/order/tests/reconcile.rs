@@ -47,10 +47,11 @@ async fn a_run_goes_through_every_phase_and_its_results_are_recorded_before_the_
     let out = st.outcome.unwrap();
     assert_eq!((out.state, out.metrics["f1"]), (OutcomeState::Succeeded, 0.8));
     assert!(s.world.runpod().live().is_empty(), "the pod is gone");
-    // The verdict was written before the terminate call: some saved status holds the outcome
-    // while the pod was still listed (phase DRAINING).
+    // The verdict was durable before the terminate call: a status holding the outcome was saved
+    // while RunPod had terminated nothing yet.
     let saved = s.world.saved.lock().unwrap().clone();
-    assert!(saved.iter().any(|st| st.phase == Some(Draining) && st.outcome.is_some()));
+    let terminated = s.world.terminated_at_save.lock().unwrap().clone();
+    assert!(saved.iter().zip(&terminated).any(|(st, n)| st.outcome.is_some() && *n == 0), "{terminated:?}");
     assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1);
 }
 
