@@ -267,6 +267,10 @@ pub struct RunPodOrderStatus {
     /// When draining started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_started_at: Option<Time>,
+    /// Evidence that the run's files disagree, seen once while draining: the pod is kept and the
+    /// volume read again, and only the same evidence seen twice makes FailedStatusDivergence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_evidence: Option<String>,
     /// The run's outcome, verified on the volume before the pod was deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<RunOutcome>,

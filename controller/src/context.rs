@@ -34,6 +34,15 @@ fn decoded<K>(items: &[Arc<Lenient<K>>]) -> Vec<Arc<K>> {
 }
 
 impl Stores {
+    /// Waits until every cache holds its initial list.
+    pub async fn ready(&self) {
+        let _ = tokio::join!(
+            self.providers.wait_until_ready(),
+            self.experiments.wait_until_ready(),
+            self.orders.wait_until_ready()
+        );
+    }
+
     /// Every order of a namespace.
     pub fn orders_in(&self, namespace: &str) -> Vec<Arc<RunPodOrder>> {
         decoded(&self.orders.state_filter(|o| o.meta().namespace.as_deref() == Some(namespace)))

@@ -147,7 +147,6 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
             }
         }
     }
-    pass.unblock();
     pass.st.run_id = Some(t.run_id.clone());
     pass.st.fencing_token = Some(t.fencing_token);
     pass.st.pod_name = Some(crate::names::pod_name(&t.run_id));

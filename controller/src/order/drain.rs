@@ -24,6 +24,9 @@ use crate::time;
 /// Extra wait for terminal.json after the runner's own stop grace.
 pub const DRAIN_MARGIN: Duration = Duration::from_secs(15);
 
+/// How long the volume is left to settle before files that disagree are read again.
+pub const RECHECK: Duration = Duration::from_secs(3);
+
 /// What the volume showed at drain.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Evidence {
@@ -75,6 +78,16 @@ pub fn wait_for_terminal(
     grace: Duration,
 ) -> bool {
     !terminal_present && pod_listed && heard && waited < grace
+}
+
+/// Whether evidence that the run's files disagree is final: a file still being written or a
+/// listing not yet consistent reads differently the next time, so the pod is kept and the volume
+/// read again; only the same evidence twice is trusted.
+pub fn untrusted_is_final(evidence: &Evidence, seen_before: Option<&str>) -> bool {
+    match evidence {
+        Evidence::Untrusted(why) => seen_before == Some(why.as_str()),
+        _ => true,
+    }
 }
 
 /// The checkpoints to delete under a retention class (known keys from terminal.json: the volume
@@ -177,6 +190,13 @@ async fn judge<W: World>(
     }
     let token = u64::try_from(pass.st.fencing_token.unwrap_or(0)).unwrap_or(0);
     let (ev, collected) = evidence(store, &run_id, token, spec.as_ref(), terminal_present).await?;
+    if !untrusted_is_final(&ev, pass.st.suspect_evidence.as_deref()) {
+        if let Evidence::Untrusted(why) = &ev {
+            pass.st.suspect_evidence = Some(why.clone());
+            pass.ready(false, Reason::Draining, &format!("the run's files disagree ({why}); reading them again"));
+        }
+        return Ok(false);
+    }
     let (state, reason, message) = outcome(drain_reason, &ev);
     let mut out = RunOutcome {
         state,
@@ -192,9 +212,6 @@ async fn judge<W: World>(
     if let (Some(c), Some(s)) = (&collected, &spec) {
         let paths: Vec<String> = c.terminal.artifacts.iter().map(|a| a.path.clone()).collect();
         let (summary, delete) = retention(s.checkpoints.retention, &s.checkpoints.dir, &paths);
-        for p in &delete {
-            store.delete(&format!("{}{}/{p}", keys::run_prefix(&run_id), keys::ARTIFACTS_DIR)).await?;
-        }
         let (artifacts, usage) = verified(&run_id, c, &delete);
         (out.artifacts, out.usage, out.retention) = (Some(artifacts), Some(usage), Some(summary));
     }
@@ -208,10 +225,28 @@ async fn judge<W: World>(
     let event = if state == OutcomeState::Succeeded { Reason::Succeeded } else { reason };
     pass.notice(event, note);
     pass.st.outcome = Some(out);
-    // The verdict is durable before the pod is ended.
+    pass.st.suspect_evidence = None;
+    // The verdict is durable before the pod is ended and before any checkpoint is deleted: a pass
+    // that judges again after a lost write must find every file terminal.json names.
     pass.save(w).await?;
     crate::failpoint::hit("order.drain.judged");
+    apply_retention(store, &run_id).await?;
     Ok(true)
+}
+
+/// Deletes the checkpoints the run's retention class drops (known keys from terminal.json: the
+/// volume is never listed). Idempotent: run again before the order ends, it finishes what a crash
+/// interrupted.
+async fn apply_retention<S: VolumeStore>(store: &S, run_id: &str) -> Result<(), Error> {
+    let Some(spec) = read_spec(store, run_id).await? else { return Ok(()) };
+    let Some(bytes) = store.get(&keys::run_file(run_id, keys::TERMINAL)).await? else { return Ok(()) };
+    let Ok(t) = volume::parse::<volume::Terminal>(keys::TERMINAL, &bytes) else { return Ok(()) };
+    let paths: Vec<String> = t.artifacts.iter().map(|a| a.path.clone()).collect();
+    let (_, delete) = retention(spec.checkpoints.retention, &spec.checkpoints.dir, &paths);
+    for p in &delete {
+        store.delete(&format!("{}{}/{p}", keys::run_prefix(run_id), keys::ARTIFACTS_DIR)).await?;
+    }
+    Ok(())
 }
 
 /// The run's pod as listed now (duplicates terminated).
@@ -248,7 +283,7 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
     let started = pass.st.drain_started_at.as_ref().map_or(pass.now, time::from_k8s);
     let pod = listed(pass, &conn).await?;
     if pass.st.outcome.is_none() && !judge(w, pass, &conn.store, pod.is_some(), started).await? {
-        return Ok(Some(FAST));
+        return Ok(Some(if pass.st.suspect_evidence.is_some() { RECHECK } else { FAST }));
     }
     if let Some(p) = &pod {
         pod::delete(&conn.api, std::slice::from_ref(p)).await?;
@@ -262,6 +297,9 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
     };
     if !gone {
         return Ok(Some(FAST));
+    }
+    if pass.st.outcome.as_ref().is_some_and(|o| o.artifacts.is_some()) {
+        apply_retention(&conn.store, pass.st.run_id.as_deref().unwrap_or_default()).await?;
     }
     conn.sequence.forget(&pass.uid);
     let o = pass.st.outcome.clone();

@@ -199,7 +199,6 @@ async fn create<W: World>(
     match after_create(&result, choice, &pass.st.gpu_candidates) {
         CreateStep::Created => {
             let pod = result.map_err(Error::RunPod)?;
-            pass.unblock();
             record_pod(pass, &pod);
             pass.ready(
                 false,

@@ -44,12 +44,18 @@ pub struct Pass<'a> {
 
 impl<'a> Pass<'a> {
     pub fn new(order: &'a RunPodOrder, now: DateTime<Utc>, poll: Duration) -> Self {
+        let mut st = order.status.clone().unwrap_or_default();
+        // Why a live order waits is decided again every pass: a gate that still blocks says so again.
+        if !is_terminal(st.phase) {
+            st.reason = None;
+            st.message = None;
+        }
         Self {
             order,
             ns: order.namespace().unwrap_or_default(),
             name: order.name_any(),
             uid: order.uid().unwrap_or_default(),
-            st: order.status.clone().unwrap_or_default(),
+            st,
             now,
             poll,
             events: Vec::new(),
@@ -116,12 +122,6 @@ impl<'a> Pass<'a> {
         self.ready(false, b.reason, &b.message);
         self.st.message = Some(b.message);
         b.reason.requeue().after(self.poll)
-    }
-
-    /// Clears a wait reason once the gate passes.
-    pub fn unblock(&mut self) {
-        self.st.reason = None;
-        self.st.message = None;
     }
 
     /// An Event to publish.

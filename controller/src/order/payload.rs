@@ -178,7 +178,6 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
             return Ok(pass.block(b));
         }
     };
-    pass.unblock();
     let msg = format!("payload sha256:{id} and runner {} verified on volume {}", w.runner().version, conn.volume_id);
     pass.st.payload_id = Some(id);
     pass.enter(OrderPhase::Synced, Reason::Synced, &msg);

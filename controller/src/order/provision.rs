@@ -213,7 +213,6 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
         Ok(c) => c,
         Err(b) => return Ok(pass.block(b)),
     };
-    pass.unblock();
     let msg = format!(
         "policy {}; GPU choices {}; data center {}",
         admitted.policy_name,

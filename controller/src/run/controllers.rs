@@ -199,43 +199,87 @@ fn resync(ctx: Arc<Context>, every: Duration) {
     });
 }
 
-/// The orders' shared cache, a handle per controller woken from it, and the watch feeding it.
-type SharedOrders = (
-    reflector::Store<Lenient<RunPodOrder>>,
-    [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
-    tokio::task::JoinHandle<()>,
-);
+/// A shared cache, the handles of the controllers woken from it, and the watch feeding it.
+struct Cache<K: Resource + Clone + 'static>
+where
+    K::DynamicType: std::hash::Hash + Eq + Clone,
+{
+    store: reflector::Store<K>,
+    handles: Vec<reflector::ReflectHandle<K>>,
+    watch: tokio::task::JoinHandle<()>,
+}
 
-/// One watch of every order feeding one cache; the order and experiment controllers are woken from
-/// it only after the cache holds the change, so an experiment never reads an order older than the
-/// event that woke it.
-fn shared_orders(client: &kube::Client, wc: &watcher::Config) -> Option<SharedOrders> {
-    let (reader, writer) = reflector::store_shared(1024);
-    let handles = [writer.subscribe()?, writer.subscribe()?];
-    let watch = watcher(Api::<Lenient<RunPodOrder>>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "order watch failed; retrying");
+/// One watch of every object of a kind feeding one cache; each subscriber is woken only after the
+/// cache holds the change, so an experiment never reads an order older than the event that woke
+/// it. The watch runs on its own task: the caches fill whatever the controllers are doing, and the
+/// controllers start only once every cache holds its initial list (a pass before that would read
+/// "missing" for an object that exists and say so in status).
+fn shared<K>(client: &kube::Client, wc: &watcher::Config, subscribers: usize) -> Option<Cache<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store_shared(1024);
+    let handles = (0..subscribers).map(|_| writer.subscribe()).collect::<Option<Vec<_>>>()?;
+    let kind = K::kind(&()).to_string();
+    let watch = watcher(Api::<K>::all(client.clone()), wc.clone()).default_backoff().reflect_shared(writer).for_each(
+        move |r| {
+            let kind = kind.clone();
+            async move {
+                if let Err(e) = r {
+                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                }
             }
-        });
-    Some((reader, handles, tokio::spawn(watch)))
+        },
+    );
+    Some(Cache { store, handles, watch: tokio::spawn(watch) })
+}
+
+/// The three caches, filled, and the handles of the controllers woken from them.
+struct Caches {
+    stores: Stores,
+    providers: reflector::ReflectHandle<Lenient<RunPodProvider>>,
+    experiments: reflector::ReflectHandle<Lenient<Experiment>>,
+    orders: [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
+    watches: [tokio::task::JoinHandle<()>; 3],
+}
+
+/// Starts the watches and waits until every cache holds its initial list; None on shutdown.
+async fn caches(client: &kube::Client, stop: &watch::Receiver<bool>) -> Option<Caches> {
+    let wc = watcher::Config::default();
+    let orders = shared::<Lenient<RunPodOrder>>(client, &wc, 2)?;
+    let experiments = shared::<Lenient<Experiment>>(client, &wc, 1)?;
+    let providers = shared::<Lenient<RunPodProvider>>(client, &wc, 1)?;
+    let watches = [orders.watch, experiments.watch, providers.watch];
+    let stores = Stores { experiments: experiments.store, orders: orders.store, providers: providers.store };
+    let mut stopping = stop.clone();
+    tokio::select! {
+        () = stores.ready() => tracing::debug!("caches hold their initial lists"),
+        _ = stopping.wait_for(|v| *v) => {
+            watches.iter().for_each(tokio::task::JoinHandle::abort);
+            return None;
+        }
+    }
+    let mut order_handles = orders.handles.into_iter();
+    Some(Caches {
+        stores,
+        providers: providers.handles.into_iter().next()?,
+        experiments: experiments.handles.into_iter().next()?,
+        orders: [order_handles.next()?, order_handles.next()?],
+        watches,
+    })
 }
 
 /// Builds the controllers and runs them until `stop`.
 pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     let client = p.client.clone();
-    let wc = watcher::Config::default();
-    let Some((order_store, [order_events, order_events_for_experiments], order_watch)) = shared_orders(&client, &wc)
+    let Some(Caches { stores, providers, experiments, orders: [order_events, order_events_for_experiments], watches }) =
+        caches(&client, stop).await
     else {
-        tracing::error!("a shared order cache has no subscribers");
         return;
     };
-    let providers = Controller::new(Api::<Lenient<RunPodProvider>>::all(client.clone()), wc.clone());
-    let experiments = Controller::new(Api::<Lenient<Experiment>>::all(client.clone()), wc.clone());
-    let orders = Controller::for_shared_stream(order_events, order_store.clone());
-    let stores = Stores { experiments: experiments.store(), orders: order_store, providers: providers.store() };
+    let providers = Controller::for_shared_stream(providers, stores.providers.clone());
+    let experiments = Controller::for_shared_stream(experiments, stores.experiments.clone());
+    let orders = Controller::for_shared_stream(order_events, stores.orders.clone());
     let settings = p.settings.current();
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -292,5 +336,5 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         drain_results(experiment::KIND, experiments),
         drain_results(order::KIND, orders)
     );
-    order_watch.abort();
+    watches.iter().for_each(tokio::task::JoinHandle::abort);
 }

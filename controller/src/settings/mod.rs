@@ -207,9 +207,16 @@ pub struct UnknownPolicy {
 impl Settings {
     /// Parses and validates a settings document. `path` only names the file in errors.
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, SettingsError> {
-        let settings: Self =
-            if text.trim().is_empty() { serde_saphyr::from_str("{}") } else { serde_saphyr::from_str(text) }
-                .map_err(|e| SettingsError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        // An empty file is a mistake (a truncated ConfigMap, a wrong mount), never "no policies and
+        // no budgets": refusing it keeps the last good settings.
+        if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            return Err(SettingsError::Parse {
+                path: path.to_owned(),
+                message: "the file is empty; it needs at least `policies` (see docs/operator.md)".into(),
+            });
+        }
+        let settings: Self = serde_saphyr::from_str(text)
+            .map_err(|e| SettingsError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let errors = settings.validate();
         if errors.is_empty() { Ok(settings) } else { Err(SettingsError::Invalid { path: path.to_owned(), errors }) }
     }
@@ -227,7 +234,13 @@ impl Settings {
         for (field, d) in positive {
             if d.get() == Duration::ZERO {
                 err(field.into(), "must be greater than zero".into());
+            } else if d.get() < Duration::from_secs(1) {
+                // RunPod rate-limits its API; a sub-second poll or heartbeat only burns that budget.
+                err(field.into(), format!("{d} is below the floor of 1s"));
             }
+        }
+        if self.policies.is_empty() {
+            err("policies".into(), "no order policy is defined: every order would be refused".into());
         }
         if self.heartbeat_timeout.get() < self.heartbeat_interval.get() * 2 {
             err(

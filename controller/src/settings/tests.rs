@@ -19,6 +19,25 @@ fn invalid(text: &str) -> String {
 }
 
 #[test]
+fn an_empty_file_or_one_without_policies_is_refused() {
+    for text in ["", "  \n", "# nothing here\n"] {
+        let err = invalid(text);
+        assert!(err.contains("settings.yaml") && err.contains("empty"), "{text:?}: {err}");
+    }
+    let err = invalid("pollInterval: 10s\n");
+    assert!(err.contains("policies: no order policy is defined"), "{err}");
+}
+
+#[test]
+fn intervals_below_one_second_are_refused() {
+    for field in ["pollInterval", "heartbeatInterval", "runtimeStartDeadline"] {
+        let err = invalid(&format!("{field}: 1ms\npolicies: {{a: {{}}}}\n"));
+        assert!(err.contains(&format!("{field}: 1ms is below the floor of 1s")), "{err}");
+    }
+    assert!(Settings::from_yaml("s", "pollInterval: 1s\npolicies: {a: {}}\n").is_ok());
+}
+
+#[test]
 fn design_example_parses() {
     let s = Settings::from_yaml("settings.yaml", VALID).unwrap();
     assert_eq!(s.poll_interval.get(), Duration::from_secs(10));

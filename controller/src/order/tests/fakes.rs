@@ -233,6 +233,8 @@ pub struct FakeWorld {
     pub saved: Mutex<Vec<RunPodOrderStatus>>,
     /// How many pods RunPod had terminated when each status was saved.
     pub terminated_at_save: Mutex<Vec<usize>>,
+    /// Status writes still to lose (answered 409, as after a concurrent write).
+    pub lose_saves: Mutex<u32>,
     runner: RunnerBinary,
     staging: tempfile::TempDir,
     slots: Semaphore,
@@ -259,6 +261,7 @@ impl FakeWorld {
             config_maps: Mutex::default(),
             saved: Mutex::default(),
             terminated_at_save: Mutex::default(),
+            lose_saves: Mutex::default(),
             runner,
             staging,
             slots: Semaphore::new(2),
@@ -303,6 +306,9 @@ impl World for FakeWorld {
         status: &RunPodOrderStatus,
     ) -> Result<Option<String>, Error> {
         let mut saved = lock(&self.saved);
+        if std::mem::replace(&mut *lock(&self.lose_saves), 0) > 0 {
+            return Err(Error::Conflict);
+        }
         // The API server's precondition: a write decided on an older version is refused.
         if rv.is_some_and(|rv| rv != saved.len().to_string()) {
             return Err(Error::Conflict);
@@ -411,11 +417,38 @@ impl Sim {
 
     /// The runner finishes: results, usage and terminal.json (written last).
     pub fn finish(&self, state: TerminalState, exit: i32) {
+        self.finish_with(state, exit, &[]);
+    }
+
+    /// The key of an artifact of the run.
+    pub fn artifact_key(&self, path: &str) -> String {
+        format!("{}{}/{path}", keys::run_prefix(&self.run_id()), keys::ARTIFACTS_DIR)
+    }
+
+    /// As `finish`, with more artifacts (checkpoints, say) listed in terminal.json.
+    pub fn finish_with(&self, state: TerminalState, exit: i32, extra: &[(&str, &[u8])]) {
         let run = self.run_id();
         let results = br#"{"f1": 0.8, "auc": 0.95}"#.to_vec();
         let path = "results.json";
         let store = self.world.store();
-        store.put(&format!("{}{}/{path}", keys::run_prefix(&run), keys::ARTIFACTS_DIR), results.clone());
+        store.put(&self.artifact_key(path), results.clone());
+        let mut artifacts = vec![ManifestEntry {
+            path: path.into(),
+            size: results.len() as u64,
+            sha256: hex::encode(Sha256::digest(&results)),
+            mode: 0o644,
+            md5: None,
+        }];
+        for (p, body) in extra {
+            store.put(&self.artifact_key(p), body.to_vec());
+            artifacts.push(ManifestEntry {
+                path: (*p).into(),
+                size: body.len() as u64,
+                sha256: hex::encode(Sha256::digest(body)),
+                mode: 0o644,
+                md5: None,
+            });
+        }
         let usage = ResourceUsage {
             version: FORMAT_VERSION,
             run_id: run.clone(),
@@ -443,13 +476,7 @@ impl Sim {
             reason: format!("exit {exit}"),
             started_at: t(0.0),
             finished_at: t(self.now),
-            artifacts: vec![ManifestEntry {
-                path: path.into(),
-                size: results.len() as u64,
-                sha256: hex::encode(Sha256::digest(&results)),
-                mode: 0o644,
-                md5: None,
-            }],
+            artifacts,
             metrics,
         };
         store.put(&keys::run_file(&run, keys::TERMINAL), serde_json::to_vec(&terminal).unwrap_or_default());

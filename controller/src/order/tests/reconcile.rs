@@ -247,3 +247,71 @@ async fn a_create_runpod_refuses_for_good_fails_the_order_in_runpods_words() {
     assert!(s.status().message.unwrap().contains("bad image"));
     assert!(s.status().pod_requested_at.is_none(), "nothing was created, nothing to adopt");
 }
+
+#[tokio::test]
+async fn files_that_disagree_once_are_read_again_with_the_pod_kept() {
+    let mut s = sim();
+    online(&mut s).await;
+    let pod = s.status().pod_id.unwrap();
+    s.finish(TerminalState::Succeeded, 0);
+    let results = s.artifact_key("results.json");
+    let good = s.world.store().objects.lock().unwrap()[&results].clone();
+    // Read while the file is still settling: it disagrees with terminal.json.
+    s.world.store().put(&results, &b"{}"[..]);
+    s.now += 1.0;
+    s.pass().await.unwrap();
+    s.pass().await.unwrap();
+    let st = s.status();
+    assert_eq!(st.phase, Some(OrderPhase::Draining));
+    assert!(st.outcome.is_none() && st.suspect_evidence.is_some(), "{st:#?}");
+    assert!(s.world.runpod().live().iter().any(|p| p.id == pod), "the pod is kept for the next read");
+    // The volume settles: the run is judged on what it really wrote.
+    s.world.store().put(&results, good);
+    s.until(OrderPhase::Deleted, 6).await;
+    let st = s.status();
+    assert_eq!(st.outcome.unwrap().state, OutcomeState::Succeeded);
+    assert!(st.suspect_evidence.is_none());
+}
+
+#[tokio::test]
+async fn the_same_disagreement_twice_is_a_status_divergence() {
+    let mut s = sim();
+    online(&mut s).await;
+    s.finish(TerminalState::Succeeded, 0);
+    s.world.store().put(&s.artifact_key("results.json"), &b"{}"[..]);
+    s.now += 1.0;
+    s.until(OrderPhase::Deleted, 8).await;
+    let out = s.status().outcome.unwrap();
+    assert_eq!((out.state, out.reason.as_str()), (OutcomeState::FailedStatusDivergence, "TerminalDivergence"));
+}
+
+#[tokio::test]
+async fn a_lost_verdict_write_deletes_no_checkpoint_and_the_run_is_judged_again_alike() {
+    let mut s = sim();
+    online(&mut s).await;
+    // The run keeps only its last checkpoint.
+    let spec_key = keys::run_file(&s.run_id(), keys::SPEC);
+    let mut spec: ep_api::volume::RunSpec =
+        serde_json::from_slice(&s.world.store().objects.lock().unwrap()[&spec_key]).unwrap();
+    spec.checkpoints.retention = ep_api::experiment::RetentionClass::KeepLast;
+    s.world.store().put(&spec_key, serde_json::to_vec(&spec).unwrap());
+    s.finish_with(TerminalState::Succeeded, 0, &[("checkpoints/1.pt", b"one"), ("checkpoints/2.pt", b"two")]);
+    s.now += 1.0;
+    // The pass that judges loses its status write (another writer got there first).
+    *s.world.lose_saves.lock().unwrap() = 1;
+    for _ in 0..3 {
+        if s.phase() == Some(OrderPhase::Draining) && s.status().outcome.is_none() {
+            break;
+        }
+        let _ = s.pass().await;
+    }
+    *s.world.lose_saves.lock().unwrap() = 1;
+    assert!(s.pass().await.is_err(), "the verdict's write was lost");
+    assert!(s.world.store().has(&s.artifact_key("checkpoints/1.pt")), "nothing is deleted before the verdict is saved");
+    s.until(OrderPhase::Deleted, 6).await;
+    let out = s.status().outcome.unwrap();
+    assert_eq!(out.state, OutcomeState::Succeeded, "{out:?}");
+    assert_eq!(out.retention.as_deref(), Some("KeepLast: kept 1, deleted 1"));
+    assert!(!s.world.store().has(&s.artifact_key("checkpoints/1.pt")));
+    assert!(s.world.store().has(&s.artifact_key("checkpoints/2.pt")));
+}
