@@ -30,7 +30,9 @@ use crate::duration::GoDuration;
     printcolumn(name = "AUC", type_ = "number", json_path = ".status.results.auc"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("!has(self.spec.dependsOn) || !(self.metadata.name in self.spec.dependsOn)")
-        .message("spec.dependsOn must not name the experiment itself")
+        .message("spec.dependsOn must not name the experiment itself"),
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it labels the experiment's orders (ep.dev/experiment, a label value) and names its runs")
 )]
 #[x_kube(validation = Rule::new("has(self.checkpoints) && has(self.checkpoints.retention)")
     .message("spec.checkpoints.retention is required before any launch: choose Keep, KeepLast or Discard"))]

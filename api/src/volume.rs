@@ -204,6 +204,8 @@ pub enum RunnerState {
     Verifying,
     Running,
     Stopping,
+    /// The command ended; artifacts are being hashed and terminal.json written.
+    Finishing,
     Finished,
 }
 
@@ -297,12 +299,67 @@ pub struct GpuUsage {
     pub memory_peak_mib: f64,
 }
 
+/// Pod environment: when the pod must be gone (RFC 3339). The runner ends its own pod then where
+/// the transport has no terminateAfter.
+pub const ENV_POD_DEADLINE: &str = "EP_POD_DEADLINE";
+
+/// The bare words Python writes for non-finite floats.
+const NON_FINITE: [&str; 3] = ["NaN", "Infinity", "-Infinity"];
+
+/// Quotes the bare words NaN, Infinity and -Infinity outside strings; None when there are none.
+/// Written by hand: no JSON crate reads Python's extension, and this is one pass over the bytes.
+fn quote_non_finite(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let (mut i, mut in_string, mut changed) = (0, false, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            out.push(b);
+            if b == b'\\' && i + 1 < bytes.len() {
+                out.push(bytes[i + 1]);
+                i += 1;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+        } else if let Some(word) = NON_FINITE.iter().find(|w| bytes[i..].starts_with(w.as_bytes())) {
+            out.push(b'"');
+            out.extend_from_slice(word.as_bytes());
+            out.push(b'"');
+            i += word.len();
+            changed = true;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    changed.then_some(out)
+}
+
 /// The results file written by the training script: metric names to values, plus anything else.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Results(pub BTreeMap<String, serde_json::Value>);
 
 impl Results {
+    /// Parses a results file. Python's `json.dump` writes `NaN`, `Infinity` and `-Infinity` as bare
+    /// words, which JSON does not allow; they are read as the strings "NaN", "Infinity" and
+    /// "-Infinity", so one diverged optional metric does not lose the whole file, and a required
+    /// one is refused by name in `metrics`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        match serde_json::from_slice(bytes) {
+            Ok(r) => Ok(r),
+            Err(first) => {
+                let quoted = quote_non_finite(bytes).ok_or_else(|| first.to_string())?;
+                serde_json::from_slice(&quoted).map_err(|_| first.to_string())
+            }
+        }
+    }
+
     /// Checks that every required metric is present as a finite number; returns them. Text the
     /// registry cannot store (U+0000, which PostgreSQL refuses in text and jsonb) is refused too.
     pub fn metrics(&self, required: &[String]) -> Result<BTreeMap<String, f64>, String> {
@@ -313,12 +370,14 @@ impl Results {
         }
         let mut out = BTreeMap::new();
         for name in required {
-            match self.0.get(name).and_then(serde_json::Value::as_f64) {
-                Some(v) if v.is_finite() => {
-                    out.insert(name.clone(), v);
+            match self.0.get(name) {
+                Some(serde_json::Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
+                    out.insert(name.clone(), n.as_f64().unwrap_or_default());
                 }
-                Some(v) => return Err(format!("metric {name:?} is not finite ({v})")),
-                None => return Err(format!("metric {name:?} is missing or not a number")),
+                Some(serde_json::Value::String(w)) if NON_FINITE.contains(&w.as_str()) => {
+                    return Err(format!("metric {name:?} is not finite ({w})"));
+                }
+                _ => return Err(format!("metric {name:?} is missing or not a number")),
             }
         }
         for (name, v) in &self.0 {

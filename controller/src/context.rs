@@ -87,6 +87,8 @@ pub struct Context {
     pub runner: RunnerBinary,
     /// Payload syncs running at once (settings `concurrency.syncs` at start-up).
     pub sync_slots: Semaphore,
+    /// Pod creates in flight at once (one fewer than the reconcile slots).
+    pub create_slots: Semaphore,
     /// Where ConfigMap payloads are staged before upload.
     pub staging: PathBuf,
 }

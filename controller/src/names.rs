@@ -19,6 +19,8 @@ pub const ENV_OWNER_UID: &str = "EP_OWNER_UID";
 pub const ENV_RUN_ID: &str = "EP_RUN_ID";
 /// Pod env tag: `namespace/name` of the owning order, for people reading RunPod's console.
 pub const ENV_ORDER: &str = "EP_ORDER";
+/// When the pod must be gone (the runner's own dead-man's switch on REST v2).
+pub use ep_api::volume::ENV_POD_DEADLINE;
 
 /// Run id of attempt `attempt` of the experiment with `uid`: unique across namespaces and attempts
 /// (the uid hash), readable (the name), and short enough for a pod name.

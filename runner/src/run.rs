@@ -4,8 +4,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -42,10 +42,93 @@ fn err(what: impl std::fmt::Display) -> RunError {
     RunError(what.to_string())
 }
 
+/// The heartbeat: written on every change of state and, from its own thread, every interval
+/// whatever the runner is doing (verifying a large payload, hashing a large artifact), so a slow
+/// phase never reads as a dead runner.
+#[derive(Clone)]
+struct Beat {
+    path: PathBuf,
+    run_id: String,
+    fencing_token: u64,
+    last: Arc<Mutex<Heartbeat>>,
+    done: Arc<AtomicBool>,
+}
+
+impl Beat {
+    fn new(dir: &Path, spec: &RunSpec) -> Self {
+        let hb = Heartbeat {
+            version: FORMAT_VERSION,
+            run_id: spec.run_id.clone(),
+            seq: 0,
+            time: Utc::now(),
+            pid: None,
+            fencing_token: spec.fencing_token,
+            state: RunnerState::Verifying,
+            gpus: Vec::new(),
+        };
+        Self {
+            path: dir.join(keys::HEARTBEAT),
+            run_id: spec.run_id.clone(),
+            fencing_token: spec.fencing_token,
+            last: Arc::new(Mutex::new(hb)),
+            done: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Writes a heartbeat now with this state.
+    fn set(&self, pid: Option<u32>, state: RunnerState, gpus: Vec<volume::GpuSample>) {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        last.pid = pid;
+        last.state = state;
+        last.gpus = gpus;
+        self.write(&mut last);
+    }
+
+    fn write(&self, hb: &mut Heartbeat) {
+        hb.seq += 1;
+        hb.time = Utc::now();
+        debug_assert_eq!((hb.run_id.as_str(), hb.fencing_token), (self.run_id.as_str(), self.fencing_token));
+        if let Err(e) = write_json(&self.path, &*hb) {
+            eprintln!("ep-runner: heartbeat not written: {e}");
+        }
+    }
+
+    /// Beats every `interval` until `stop`.
+    fn start(&self, interval: Duration) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let tick = Duration::from_millis(50).min(interval);
+            let mut next = Instant::now() + interval;
+            while !me.done.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                if Instant::now() >= next {
+                    let mut last = me.last.lock().unwrap_or_else(PoisonError::into_inner);
+                    // A heartbeat written by a change of state counts as this interval's.
+                    let since = (Utc::now() - last.time).to_std().unwrap_or_default();
+                    if since + tick >= interval {
+                        if !me.done.load(Ordering::Relaxed) {
+                            me.write(&mut last);
+                        }
+                        next = Instant::now() + interval;
+                    } else {
+                        next = Instant::now() + (interval - since);
+                    }
+                }
+            }
+        })
+    }
+
+    /// The last heartbeat (Finished), after which the thread writes nothing.
+    fn stop(&self) {
+        self.done.store(true, Ordering::Relaxed);
+        self.set(None, RunnerState::Finished, Vec::new());
+    }
+}
+
 struct Run {
     dir: PathBuf,
     spec: RunSpec,
-    seq: u64,
+    beat: Beat,
     started: chrono::DateTime<Utc>,
 }
 
@@ -54,25 +137,12 @@ impl Run {
         self.dir.join(name)
     }
 
-    fn heartbeat(&mut self, pid: Option<u32>, state: RunnerState, gpus: Vec<volume::GpuSample>) {
-        self.seq += 1;
-        let hb = Heartbeat {
-            version: FORMAT_VERSION,
-            run_id: self.spec.run_id.clone(),
-            seq: self.seq,
-            time: Utc::now(),
-            pid,
-            fencing_token: self.spec.fencing_token,
-            state,
-            gpus,
-        };
-        if let Err(e) = write_json(&self.path(keys::HEARTBEAT), &hb) {
-            eprintln!("ep-runner: heartbeat not written: {e}");
-        }
+    fn heartbeat(&self, pid: Option<u32>, state: RunnerState, gpus: Vec<volume::GpuSample>) {
+        self.beat.set(pid, state, gpus);
     }
 
     /// Ends a run whose command never started: no usage, the terminal state, a last heartbeat.
-    fn end_unstarted(&mut self, state: TerminalState, reason: String) -> Result<Outcome, RunError> {
+    fn end_unstarted(&self, state: TerminalState, reason: String) -> Result<Outcome, RunError> {
         let usage = ResourceUsage {
             version: FORMAT_VERSION,
             run_id: self.spec.run_id.clone(),
@@ -85,9 +155,23 @@ impl Run {
         };
         write_json(&self.path(keys::RESOURCE_USAGE), &usage)
             .map_err(|e| err(format!("writing resource_usage.json: {e}")))?;
-        self.terminal(state, None, None, reason, Default::default())?;
-        self.heartbeat(None, RunnerState::Finished, Vec::new());
+        self.finish(state, None, None, reason, Default::default())?;
         Ok(Outcome::Ended(state))
+    }
+
+    /// Hashes the artifacts and writes terminal.json (still heartbeating), then the last heartbeat.
+    fn finish(
+        &self,
+        state: TerminalState,
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        reason: String,
+        metrics: std::collections::BTreeMap<String, f64>,
+    ) -> Result<(), RunError> {
+        self.heartbeat(None, RunnerState::Finishing, Vec::new());
+        let written = self.terminal(state, exit_code, signal, reason, metrics);
+        self.beat.stop();
+        written
     }
 
     fn terminal(
@@ -166,12 +250,23 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
     if spec.run_id != run_id {
         return Err(err(format!("spec.json names run {} instead", spec.run_id)));
     }
-    let mut run = Run { dir, spec, seq: 0, started: Utc::now() };
+    let beat = Beat::new(&dir, &spec);
+    let run = Run { dir, spec, beat, started: Utc::now() };
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()).map_err(err)?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone()).map_err(err)?;
     run.heartbeat(None, RunnerState::Verifying, gpus());
+    let interval = Duration::from_secs(u64::from(run.spec.heartbeat_interval_seconds.max(1)));
+    let beating = run.beat.start(interval);
+    let result = attempt(workspace, run_id, &run, &term);
+    // Whatever happened, the heartbeat thread ends with the run.
+    run.beat.done.store(true, Ordering::Relaxed);
+    let _ = beating.join();
+    result
+}
 
+/// Verifies the payload, runs the command and writes the run's files.
+fn attempt(workspace: &Path, run_id: &str, run: &Run, term: &AtomicBool) -> Result<Outcome, RunError> {
     // Verify and materialize the payload; refuse to run on any mismatch.
     let payload_dir = run.path(keys::PAYLOAD_DIR);
     let _ = std::fs::remove_dir_all(&payload_dir);
@@ -230,6 +325,7 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
     let pid = child.id();
     let group = Pid::from_raw(i32::try_from(pid).map_err(err)?);
     let interval = Duration::from_secs(u64::from(run.spec.heartbeat_interval_seconds.max(1)));
+    run.heartbeat(Some(pid), RunnerState::Running, gpus());
     let grace = Duration::from_secs(u64::from(run.spec.stop_grace_seconds));
     let deadline = run.spec.max_runtime_seconds.map(|s| started + Duration::from_secs(s));
     let mut gpu_stats = GpuStats::default();
@@ -300,10 +396,7 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
                 format!("exited 0 but {} is missing: {e}", run.spec.results.file),
                 Default::default(),
             ),
-            Ok(bytes) => match serde_json::from_slice::<Results>(&bytes)
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.metrics(&run.spec.results.metrics))
-            {
+            Ok(bytes) => match Results::parse(&bytes).and_then(|r| r.metrics(&run.spec.results.metrics)) {
                 Ok(m) => (TerminalState::Succeeded, "exited 0 and the results contract holds".into(), m),
                 Err(e) => (
                     TerminalState::Failed,
@@ -317,7 +410,6 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
             (TerminalState::Failed, format!("killed by signal {}", signal.unwrap_or(0)), Default::default())
         }
     };
-    run.heartbeat(None, RunnerState::Finished, Vec::new());
-    run.terminal(state, exit_code, signal, reason, metrics)?;
+    run.finish(state, exit_code, signal, reason, metrics)?;
     Ok(if state == TerminalState::Succeeded { Outcome::Succeeded } else { Outcome::Ended(state) })
 }

@@ -277,3 +277,51 @@ async fn a_broken_results_contract_and_a_timeout_fail_the_run() {
     let c = collect(&v.store, "r-slow", TOKEN, &contract()).await.unwrap();
     assert!(c.metrics.is_empty());
 }
+
+#[tokio::test]
+async fn the_runner_heartbeats_while_it_hashes_a_1_gib_artifact() {
+    let v = SimVolume::start(|_, _| {}).await.unwrap();
+    let p = payload(&v).await;
+    let mut s = spec("r-big", &p.id, &[]);
+    s.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "head -c 1073741824 /dev/zero > \"$EP_OUTPUT_DIR/big.bin\" && \
+         echo '{\"f1\": 0.5, \"auc\": 0.6}' > \"$EP_OUTPUT_DIR/results.json\""
+            .into(),
+    ];
+    prepare(&v, &s).await;
+    let dir = v.workspace.join(keys::run_prefix("r-big"));
+    let child = std::thread::spawn({
+        let ws = v.workspace.clone();
+        move || runner(&ws, "r-big")
+    });
+    // Watch the heartbeat as the operator does: the longest time it stood still, and what the
+    // runner said it was doing meanwhile.
+    let (mut last, mut longest, mut finishing) = (None::<Heartbeat>, Duration::ZERO, 0);
+    let mut since = Instant::now();
+    while !child.is_finished() {
+        if let Ok(hb) =
+            volume::parse::<Heartbeat>(keys::HEARTBEAT, &std::fs::read(dir.join(keys::HEARTBEAT)).unwrap_or_default())
+            && last.as_ref().is_none_or(|l| l.seq != hb.seq)
+        {
+            longest = longest.max(since.elapsed());
+            since = Instant::now();
+            finishing += usize::from(hb.state == RunnerState::Finishing);
+            last = Some(hb);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t: Terminal = read(&dir, keys::TERMINAL);
+    let big = t.artifacts.iter().find(|a| a.path == "big.bin").unwrap();
+    assert_eq!(big.size, 1 << 30);
+    assert!(finishing >= 2, "hashing took more than one heartbeat interval, and it heartbeat meanwhile: {finishing}");
+    // The operator's floor for a timeout is two intervals; a beat's own write (an fsync behind a
+    // gigabyte of dirty pages) may take a while, so allow one more.
+    assert!(longest < Duration::from_secs(3), "the heartbeat stood still for {longest:?}");
+    let hb: Heartbeat = read(&dir, keys::HEARTBEAT);
+    assert_eq!(hb.state, RunnerState::Finished, "terminal.json, then the last heartbeat");
+    std::fs::remove_file(dir.join("artifacts/big.bin")).unwrap();
+}

@@ -99,7 +99,7 @@ pub async fn collect<S: VolumeStore>(
                 found: format!("sha256 {sha}"),
             });
         }
-        let results: Results = serde_json::from_slice(&data)
+        let results = Results::parse(&data)
             .map_err(|e| divergent(format!("says SUCCEEDED but {} does not parse: {e}", contract.file)))?;
         metrics = results
             .metrics(&contract.metrics)

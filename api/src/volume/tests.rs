@@ -187,3 +187,25 @@ fn key_layout_matches_design() {
     assert_eq!(keys::run_file("r1", keys::TERMINAL), "ep/runs/r1/terminal.json");
     assert!(keys::run_file("r1", keys::HEARTBEAT).starts_with(&keys::run_prefix("r1")));
 }
+
+#[test]
+fn python_non_finite_words_lose_only_their_metric() {
+    // What Python's json.dump writes for float('nan') and float('inf').
+    let text =
+        br#"{"f1": 0.9, "auc": 0.8, "val_loss": NaN, "grad": -Infinity, "lr": Infinity, "note": "NaN stays text"}"#;
+    let r = Results::parse(text).unwrap();
+    let m = r.metrics(&["f1".into(), "auc".into()]).unwrap();
+    assert_eq!((m["f1"], m["auc"]), (0.9, 0.8));
+    assert!(!m.contains_key("val_loss") && !m.contains_key("grad") && !m.contains_key("lr"), "{m:?}");
+    assert_eq!(r.0["note"], "NaN stays text");
+    let err = r.metrics(&["val_loss".into()]).unwrap_err();
+    assert_eq!(err, "metric \"val_loss\" is not finite (NaN)");
+    let err = r.metrics(&["grad".into()]).unwrap_err();
+    assert_eq!(err, "metric \"grad\" is not finite (-Infinity)");
+    // A file that is broken for another reason still says where.
+    let err = Results::parse(br#"{"f1": 0.9,"#).unwrap_err();
+    assert!(err.contains("line 1"), "{err}");
+    // Escaped quotes inside strings do not confuse the quoting.
+    let r = Results::parse(br#"{"s": "a \" NaN", "x": NaN}"#).unwrap();
+    assert_eq!(r.0["s"], "a \" NaN");
+}

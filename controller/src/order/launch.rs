@@ -13,7 +13,7 @@ use super::pass::Pass;
 use super::pod::{self, Identity, Observed};
 use super::world::World;
 use crate::error::Error;
-use crate::names::{ENV_ORDER, ENV_OWNER_UID, ENV_RUN_ID};
+use crate::names::{ENV_ORDER, ENV_OWNER_UID, ENV_POD_DEADLINE, ENV_RUN_ID};
 use crate::pool::Conn;
 use crate::reason::{Blocked, FAST, Reason};
 use crate::runpod::{Pod, PodSpec, RunPodApi, RunPodError};
@@ -23,6 +23,33 @@ use crate::time;
 /// The longest this order's pod may live: the order's own maxLifetime, else its policy's.
 pub fn max_lifetime(spec: &ep_api::RunPodOrderSpec, policy: &Policy) -> Duration {
     spec.max_lifetime.as_ref().map_or(policy.max_lifetime.get(), ep_api::GoDuration::get)
+}
+
+/// How soon an order that found every create slot taken looks again.
+pub const CREATE_SLOT_WAIT: Duration = Duration::from_secs(1);
+
+/// The longest a reconcile waits for RunPod's answer to a create: a few polls, at least 5 s, at
+/// most 30 s. A create still unanswered then is treated as one whose answer was lost.
+pub fn create_bound(poll: Duration) -> Duration {
+    (poll * 3).clamp(Duration::from_secs(5), Duration::from_secs(30))
+}
+
+/// Time left to the operator, after a run's own deadline, to collect its results before RunPod's
+/// dead-man's switch ends the pod.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// How long after its create the pod may live before RunPod terminates it on its own: the pod's
+/// lifetime cap plus the policy's grace, or, when the run has a maxRuntime, the time to start
+/// (runtimeStartDeadline), the run, the runner's stop grace and the drain, whichever is sooner.
+pub fn pod_deadline(lifetime_cap: Duration, max_runtime: Option<Duration>, start_deadline: Duration) -> Duration {
+    let by_runtime = max_runtime.map(|r| {
+        start_deadline
+            + r
+            + Duration::from_secs(u64::from(super::claim::STOP_GRACE_SECONDS))
+            + super::drain::DRAIN_MARGIN
+            + DRAIN_GRACE
+    });
+    by_runtime.map_or(lifetime_cap, |r| r.min(lifetime_cap))
 }
 
 /// The pod's start command: copy the runner off the volume (S3 objects carry no exec bit) and run
@@ -48,6 +75,8 @@ pub struct PodPlan<'a> {
     pub runner_key: &'a str,
     pub env: BTreeMap<String, String>,
     pub terminate_after_supported: bool,
+    /// The settings' runtimeStartDeadline.
+    pub start_deadline: Duration,
 }
 
 /// The create request for a plan (pure: `now` is given).
@@ -57,9 +86,14 @@ pub fn pod_spec(p: PodPlan<'_>, now: DateTime<Utc>) -> PodSpec {
     env.insert(ENV_OWNER_UID.into(), p.owner_uid.to_owned());
     env.insert(ENV_RUN_ID.into(), p.run.run_id.clone());
     env.insert(ENV_ORDER.into(), p.order_key);
-    let lifetime = max_lifetime(p.order, p.policy) + p.policy.terminate_grace.get();
-    let terminate_after =
-        p.terminate_after_supported.then(|| now + chrono::Duration::from_std(lifetime).unwrap_or_default());
+    let cap = max_lifetime(p.order, p.policy) + p.policy.terminate_grace.get();
+    let max_runtime = p.run.limits.as_ref().and_then(|l| l.max_runtime.as_ref()).map(ep_api::GoDuration::get);
+    let deadline =
+        now + chrono::Duration::from_std(pod_deadline(cap, max_runtime, p.start_deadline)).unwrap_or_default();
+    // The runner reads the deadline too: where the transport has no terminateAfter (REST v2), it
+    // ends its own pod when the deadline passes.
+    env.insert(ENV_POD_DEADLINE.into(), deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let terminate_after = p.terminate_after_supported.then_some(deadline);
     PodSpec {
         name: crate::names::pod_name(&p.run.run_id),
         image: p.run.image.clone(),
@@ -187,12 +221,27 @@ async fn create<W: World>(
         runner_key: &runner_key,
         env,
         terminate_after_supported: conn.api.supports_terminate_after(),
+        start_deadline: settings.runtime_start_deadline.get(),
     };
     let spec = pod_spec(plan, pass.now);
+    let Ok(_slot) = w.create_slots().try_acquire() else {
+        // Every create slot is taken (RunPod answers slowly): look again soon without holding a
+        // reconcile slot.
+        pass.ready(false, Reason::WaitingForRuntime, "waiting for a free create slot: other pod creates are in flight");
+        return Ok(Some(CREATE_SLOT_WAIT));
+    };
     pass.st.pod_requested_at = Some(time::to_k8s(pass.now));
     pass.save(w).await?;
     crate::failpoint::hit("order.create.before");
-    let result = conn.api.create_pod(&spec).await;
+    let bound = create_bound(pass.poll);
+    let result = match tokio::time::timeout(bound, conn.api.create_pod(&spec)).await {
+        Ok(r) => r,
+        // The request may have reached RunPod: the next pass lists pods and adopts before any retry.
+        Err(_) => Err(RunPodError::Transient {
+            message: format!("no answer to the create within {}s", bound.as_secs()),
+            may_have_applied: true,
+        }),
+    };
     conn.sequence.created(&pass.uid);
     conn.invalidate().await;
     crate::failpoint::hit("order.create.after");

@@ -56,6 +56,9 @@ pub trait World: Send + Sync {
     fn staging(&self) -> &Path;
     /// Payload syncs running at once.
     fn sync_slots(&self) -> &Semaphore;
+    /// Pod creates in flight at once: fewer than the reconcile slots, so creates that hang never
+    /// hold every slot and supervision of running pods always has one.
+    fn create_slots(&self) -> &Semaphore;
     /// Counts what an ended order cost.
     fn record_spend(&self, namespace: &str, usd: f64);
 }
@@ -156,6 +159,9 @@ impl World for KubeWorld<'_> {
 
     fn sync_slots(&self) -> &Semaphore {
         &self.ctx.sync_slots
+    }
+    fn create_slots(&self) -> &Semaphore {
+        &self.ctx.create_slots
     }
 
     fn record_spend(&self, namespace: &str, usd: f64) {

@@ -292,6 +292,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         events: p.events,
         runner: p.runner,
         sync_slots: Semaphore::new(usize::from(settings.concurrency.syncs.max(1))),
+        create_slots: Semaphore::new(usize::from(settings.concurrency.reconciles.saturating_sub(1).max(1))),
         staging: p.staging,
     });
     let shared = Arc::new(Shared { ctx: ctx.clone(), failures: Failures::default(), undecodable: Mutex::default() });

@@ -135,6 +135,14 @@ async fn kubectl_applies_gets_patches_and_deletes() {
     std::fs::write(&bad, bad_count).unwrap();
     let err = String::from_utf8(k.run(&["apply", "-f", bad.to_str().unwrap()]).stderr).unwrap();
     assert!(err.contains("gpu count must be between 1 and 8"), "{err}");
+    // A name longer than the operator can serve (it becomes a label value) is refused with the limit.
+    let long = "x".repeat(64);
+    std::fs::write(&bad, EXPERIMENT.replace("gnn-fraud-baseline", &long)).unwrap();
+    let err = String::from_utf8(k.run(&["apply", "-f", bad.to_str().unwrap()]).stderr).unwrap();
+    assert!(err.contains("metadata.name must be at most 63 characters"), "{err}");
+    std::fs::write(&bad, EXPERIMENT.replace("gnn-fraud-baseline", &long[..63])).unwrap();
+    k.ok(&["apply", "-f", bad.to_str().unwrap()]);
+    k.ok(&["delete", "-f", bad.to_str().unwrap()]);
     // A misspelt field is refused by server-side field validation (kubectl's default).
     std::fs::write(&bad, EXPERIMENT.replace("gnn-fraud-baseline", "typo").replace("image:", "imagee: x\n  image:"))
         .unwrap();

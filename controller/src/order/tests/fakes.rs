@@ -41,6 +41,8 @@ pub enum Create {
     AnswerLost,
     /// RunPod refuses the request for good.
     Refused,
+    /// The pod is created and the answer never comes (a connection that hangs).
+    Hang,
 }
 
 /// RunPod, in memory.
@@ -128,6 +130,7 @@ impl RunPodApi for FakeRunPod {
             Some(Create::AnswerLost) => {
                 Err(RunPodError::Transient { message: "timed out".into(), may_have_applied: true })
             }
+            Some(Create::Hang) => std::future::pending().await,
             _ => Ok(pod),
         }
     }
@@ -238,6 +241,7 @@ pub struct FakeWorld {
     runner: RunnerBinary,
     staging: tempfile::TempDir,
     slots: Semaphore,
+    pub create_slots: Arc<Semaphore>,
 }
 
 impl FakeWorld {
@@ -265,6 +269,7 @@ impl FakeWorld {
             runner,
             staging,
             slots: Semaphore::new(2),
+            create_slots: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -325,6 +330,9 @@ impl World for FakeWorld {
     }
     fn sync_slots(&self) -> &Semaphore {
         &self.slots
+    }
+    fn create_slots(&self) -> &Semaphore {
+        &self.create_slots
     }
     fn record_spend(&self, _: &str, _: f64) {}
 }

@@ -64,11 +64,39 @@ async fn every_create_carries_a_dead_mans_switch() {
     assert_eq!(creates.len(), 2);
     for c in &creates {
         let after = c.terminate_after.expect("terminateAfter set on every create");
-        // The smoke policy: 1h lifetime plus the 15 min grace, from the create.
+        // The quickstart's maxRuntime (30m) with time to start and drain, well inside the smoke
+        // policy's 1h lifetime plus its 15 min grace.
         let minutes = (after - super::fakes::t(0.0)).num_minutes();
-        assert!((75..=76).contains(&minutes), "{after}");
+        assert!((55..=56).contains(&minutes), "{after}");
         assert!(c.name.starts_with("ep-") && c.env.contains_key(crate::names::ENV_OWNER_UID));
+        // The runner is told the same deadline (its own switch where the transport has none).
+        let told = c.env.get(crate::names::ENV_POD_DEADLINE).expect("the deadline is in the pod's env");
+        assert_eq!(*told, after.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     }
+}
+
+#[tokio::test]
+async fn the_dead_mans_switch_follows_the_runs_max_runtime_else_the_policys_lifetime() {
+    let deadline = |max_runtime: Option<&str>| {
+        let (world, mut order) = super::fakes::world_and_order();
+        order.spec.run.as_mut().unwrap().limits = Some(ep_api::experiment::Limits {
+            max_runtime: max_runtime.map(|r| r.parse().unwrap()),
+            max_cost_usd: None,
+        });
+        async move {
+            let mut s = Sim::new(world, order);
+            claimed(&mut s).await;
+            let at = s.now;
+            s.pass().await.unwrap();
+            let after = s.world.runpod().creates.lock().unwrap()[0].terminate_after.unwrap();
+            (after - super::fakes::t(at)).num_seconds()
+        }
+    };
+    // runtimeStartDeadline 20m + maxRuntime 30m + stop grace 20s + drain margin 15s + drain grace 5m.
+    assert_eq!(deadline(Some("30m")).await, 55 * 60 + 35);
+    // No maxRuntime, or one longer than the policy allows: the smoke policy's 1h plus its 15m grace.
+    assert_eq!(deadline(None).await, 75 * 60);
+    assert_eq!(deadline(Some("3h")).await, 75 * 60);
 }
 
 #[tokio::test]
@@ -314,4 +342,41 @@ async fn a_lost_verdict_write_deletes_no_checkpoint_and_the_run_is_judged_again_
     assert_eq!(out.retention.as_deref(), Some("KeepLast: kept 1, deleted 1"));
     assert!(!s.world.store().has(&s.artifact_key("checkpoints/1.pt")));
     assert!(s.world.store().has(&s.artifact_key("checkpoints/2.pt")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_that_hangs_is_given_up_within_its_bound_and_the_pod_adopted() {
+    let mut s = sim();
+    s.world.runpod().script.lock().unwrap().push_back(Create::Hang);
+    claimed(&mut s).await;
+    let started = tokio::time::Instant::now();
+    s.pass().await.unwrap();
+    // Given up within the bound (5 s to 30 s), not RunPod's 120 s request timeout.
+    let waited = started.elapsed();
+    assert!((5..=30).contains(&waited.as_secs()), "{waited:?}");
+    assert!(s.status().pod_id.is_none() && s.status().pod_requested_at.is_some());
+    s.now += 1.0;
+    for _ in 0..3 {
+        if s.status().pod_id.is_some() {
+            break;
+        }
+        s.pass().await.unwrap();
+    }
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1, "adopted, not created again");
+    assert!(s.status().pod_id.is_some());
+}
+
+#[tokio::test]
+async fn an_order_that_finds_every_create_slot_taken_waits_without_calling_runpod() {
+    let mut s = sim();
+    claimed(&mut s).await;
+    let held = s.world.create_slots.clone().try_acquire_owned().unwrap();
+    s.pass().await.unwrap();
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty());
+    assert!(s.status().pod_requested_at.is_none(), "nothing was requested");
+    let ready = s.status().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("create slot"), "{ready:?}");
+    drop(held);
+    s.pass().await.unwrap();
+    assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1);
 }
