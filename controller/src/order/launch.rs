@@ -188,6 +188,17 @@ fn record_pod(pass: &mut Pass<'_>, pod: &Pod) {
     }
 }
 
+/// One create call, given up after `bound`: the request may have reached RunPod, so the next
+/// pass lists pods and adopts before any retry.
+async fn bounded_create<A: RunPodApi>(api: &A, spec: &PodSpec, bound: Duration) -> Result<Pod, RunPodError> {
+    tokio::time::timeout(bound, api.create_pod(spec)).await.unwrap_or_else(|_| {
+        Err(RunPodError::Transient {
+            message: format!("no answer to the create within {}s", bound.as_secs()),
+            may_have_applied: true,
+        })
+    })
+}
+
 /// Creates the pod for the current GPU choice. The status write before the call is what makes a
 /// crash here safe: the next pass finds `podRequestedAt` and adopts by name.
 async fn create<W: World>(
@@ -233,18 +244,20 @@ async fn create<W: World>(
     pass.st.pod_requested_at = Some(time::to_k8s(pass.now));
     pass.save(w).await?;
     crate::failpoint::hit("order.create.before");
-    let bound = create_bound(pass.poll);
-    let result = match tokio::time::timeout(bound, conn.api.create_pod(&spec)).await {
-        Ok(r) => r,
-        // The request may have reached RunPod: the next pass lists pods and adopts before any retry.
-        Err(_) => Err(RunPodError::Transient {
-            message: format!("no answer to the create within {}s", bound.as_secs()),
-            may_have_applied: true,
-        }),
-    };
+    let result = bounded_create(&conn.api, &spec, create_bound(pass.poll)).await;
     conn.sequence.created(&pass.uid);
     conn.invalidate().await;
     crate::failpoint::hit("order.create.after");
+    after_create_call(pass, result, choice, &gpu)
+}
+
+/// Applies what a create call's result means to the order.
+fn after_create_call(
+    pass: &mut Pass<'_>,
+    result: Result<Pod, RunPodError>,
+    choice: usize,
+    gpu: &str,
+) -> Result<Option<Duration>, Error> {
     match after_create(&result, choice, &pass.st.gpu_candidates) {
         CreateStep::Created => {
             let pod = result.map_err(Error::RunPod)?;

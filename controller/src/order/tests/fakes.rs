@@ -5,14 +5,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use ep_api::order::OrderPhase;
 use ep_api::volume::{
     FORMAT_VERSION, Heartbeat, ManifestEntry, ResourceUsage, RunnerState, Terminal, TerminalState, keys,
 };
 use ep_api::{RunPodOrder, RunPodOrderStatus};
-use ep_volume::{ObjectInfo, StoreError, VolumeStore};
 use k8s_openapi::api::core::v1::ConfigMap;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -28,7 +26,9 @@ use crate::runpod::{
 };
 use crate::settings::Settings;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub use super::store::FakeStore;
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -178,51 +178,6 @@ impl RunPodApi for FakeRunPod {
     }
     fn supports_terminate_after(&self) -> bool {
         !self.no_terminate_after
-    }
-}
-
-/// The network volume, in memory: objects by key with their sha256.
-#[derive(Default)]
-pub struct FakeStore {
-    pub objects: Mutex<BTreeMap<String, Bytes>>,
-}
-
-impl FakeStore {
-    pub fn put(&self, key: &str, body: impl Into<Bytes>) {
-        lock(&self.objects).insert(key.to_owned(), body.into());
-    }
-    pub fn has(&self, key: &str) -> bool {
-        lock(&self.objects).contains_key(key)
-    }
-}
-
-impl VolumeStore for FakeStore {
-    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        Ok(lock(&self.objects).get(key).map(|b| ObjectInfo {
-            size: b.len() as u64,
-            etag: None,
-            sha256: Some(hex::encode(Sha256::digest(b))),
-        }))
-    }
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        Ok(lock(&self.objects).get(key).cloned())
-    }
-    async fn put_bytes(&self, key: &str, body: Bytes, _: &str) -> Result<(), StoreError> {
-        self.put(key, body);
-        Ok(())
-    }
-    async fn put_file(&self, key: &str, path: &Path, _: u64, _: &str) -> Result<(), StoreError> {
-        let body =
-            std::fs::read(path).map_err(|source| StoreError::Local { path: path.display().to_string(), source })?;
-        self.put(key, body);
-        Ok(())
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        lock(&self.objects).remove(key);
-        Ok(())
-    }
-    fn requests(&self) -> u64 {
-        0
     }
 }
 

@@ -3,3 +3,4 @@
 mod decide;
 mod fakes;
 mod reconcile;
+mod store;
