@@ -302,6 +302,9 @@ pub struct GpuUsage {
 /// Pod environment: when the pod must be gone (RFC 3339). The runner ends its own pod then where
 /// the transport has no terminateAfter.
 pub const ENV_POD_DEADLINE: &str = "EP_POD_DEADLINE";
+/// Pod environment, on transports without terminateAfter: the RunPod REST base the runner calls
+/// (`DELETE <base>/v2/pods/$RUNPOD_POD_ID` with the pod's own RUNPOD_API_KEY) at the deadline.
+pub const ENV_SELF_TERMINATE_URL: &str = "EP_RUNPOD_REST_URL";
 
 /// The bare words Python writes for non-finite floats.
 const NON_FINITE: [&str; 3] = ["NaN", "Infinity", "-Infinity"];

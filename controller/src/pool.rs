@@ -91,6 +91,9 @@ impl RunPodApi for Instrumented {
     fn supports_terminate_after(&self) -> bool {
         self.inner.supports_terminate_after()
     }
+    fn self_terminate_base(&self) -> Option<String> {
+        self.inner.self_terminate_base()
+    }
 }
 
 /// One process-wide sequence that orders pod-list fetches against creates: a list is trusted for

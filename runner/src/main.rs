@@ -1,13 +1,18 @@
 //! `ep-runner`: runs one attempt inside the pod. It reads `ep/runs/<run-id>/spec.json` under the
 //! workspace, verifies and materializes the payload, runs the command, heartbeats, and writes the
-//! terminal files. It talks to nothing but files under the workspace: no network is needed.
+//! terminal files. It talks to nothing but files under the workspace, except, on transports
+//! without terminateAfter, one call at the pod's deadline to end its own pod (see `deadline`).
 
+mod deadline;
 mod files;
 mod run;
 mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -31,10 +36,29 @@ enum Command {
     },
 }
 
+/// How long a run stopped at the pod's deadline has to write terminal.json before the pod ends.
+const DEADLINE_GRACE: Duration = Duration::from_secs(60);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run { run_id, workspace } => match run::run(&workspace, &run_id) {
+    let Command::Run { run_id, workspace } = cli.command;
+    let (stop, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let switch = deadline::Switch::from_env()
+        .map(|s| (s.deadline, deadline::arm(s, stop.clone(), ended.clone(), DEADLINE_GRACE)));
+    let code = outcome(&run_id, run::run(&workspace, &run_id, &stop));
+    ended.store(true, Ordering::Relaxed);
+    // The pod bills until someone ends it: the operator does after collecting the results; if it
+    // cannot, the switch does at the deadline, as terminateAfter would.
+    if let Some((at, armed)) = switch {
+        eprintln!("ep-runner: run {run_id} is over; the pod ends itself at {at} unless the operator ends it first");
+        let _ = armed.join();
+    }
+    code
+}
+
+fn outcome(run_id: &str, result: Result<run::Outcome, run::RunError>) -> ExitCode {
+    {
+        match result {
             Ok(run::Outcome::Succeeded) => ExitCode::SUCCESS,
             Ok(run::Outcome::AlreadyFinished) => {
                 eprintln!("ep-runner: run {run_id} has finished already (terminal.json exists); nothing to do");
@@ -48,6 +72,6 @@ fn main() -> ExitCode {
                 eprintln!("ep-runner: run {run_id}: {e}");
                 ExitCode::from(2)
             }
-        },
+        }
     }
 }

@@ -236,7 +236,7 @@ fn materialize(workspace: &Path, spec: &RunSpec, into: &Path) -> Result<u64, Mis
 }
 
 /// Runs the attempt `run_id` under `workspace`.
-pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
+pub fn run(workspace: &Path, run_id: &str, pod_deadline: &AtomicBool) -> Result<Outcome, RunError> {
     if run_id.is_empty() || run_id.contains('/') || run_id.contains("..") {
         return Err(err(format!("invalid run id {run_id:?}")));
     }
@@ -258,7 +258,7 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
     run.heartbeat(None, RunnerState::Verifying, gpus());
     let interval = Duration::from_secs(u64::from(run.spec.heartbeat_interval_seconds.max(1)));
     let beating = run.beat.start(interval);
-    let result = attempt(workspace, run_id, &run, &term);
+    let result = attempt(workspace, run_id, &run, &term, pod_deadline);
     // Whatever happened, the heartbeat thread ends with the run.
     run.beat.done.store(true, Ordering::Relaxed);
     let _ = beating.join();
@@ -266,7 +266,13 @@ pub fn run(workspace: &Path, run_id: &str) -> Result<Outcome, RunError> {
 }
 
 /// Verifies the payload, runs the command and writes the run's files.
-fn attempt(workspace: &Path, run_id: &str, run: &Run, term: &AtomicBool) -> Result<Outcome, RunError> {
+fn attempt(
+    workspace: &Path,
+    run_id: &str,
+    run: &Run,
+    term: &AtomicBool,
+    pod_deadline: &AtomicBool,
+) -> Result<Outcome, RunError> {
     // Verify and materialize the payload; refuse to run on any mismatch.
     let payload_dir = run.path(keys::PAYLOAD_DIR);
     let _ = std::fs::remove_dir_all(&payload_dir);
@@ -341,6 +347,9 @@ fn attempt(workspace: &Path, run_id: &str, run: &Run, term: &AtomicBool) -> Resu
         if stopping.is_none() {
             if term.load(Ordering::Relaxed) {
                 stopping = Some((now, TerminalState::Stopped, "stopped on request (SIGTERM)".into()));
+            } else if pod_deadline.load(Ordering::Relaxed) {
+                let why = "the pod reached its deadline (EP_POD_DEADLINE): the runner stops the run and ends its pod";
+                stopping = Some((now, TerminalState::TimedOut, why.into()));
             } else if deadline.is_some_and(|d| now >= d) {
                 stopping = Some((
                     now,

@@ -305,6 +305,18 @@ impl Stack {
         r.json().await.map_err(|e| HarnessError::Setup(format!("GET {url}: {e}")))
     }
 
+    /// Polls runpod-sim's world until `ok` holds; false after `within`.
+    pub async fn wait_for_world(&self, within: std::time::Duration, ok: impl Fn(&Value) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if self.world().await.is_ok_and(|w| ok(&w)) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        false
+    }
+
     /// Posts a fault set to runpod-sim (`/_sim/faults`), e.g. `{"capacityFailures": 1}`.
     pub async fn faults(&self, body: Value) -> Result<(), HarnessError> {
         self.admin_post("faults", body).await

@@ -178,38 +178,119 @@ async fn shape(url: &str, name: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// One case of the crash matrix.
+struct Case {
+    point: &'static str,
+    /// The operator reached the point and died there (a run that ends within one poll skips
+    /// RUNNER_ONLINE, say).
+    reached: bool,
+    succeeded: bool,
+    creates: u32,
+    leaked: usize,
+    registry_equal: bool,
+    /// The experiment's and the order's status at the end, for a failure message.
+    detail: String,
+}
+
+/// Pods runpod-sim created with this name, ever.
+async fn creates_of(stack: &Stack, pod_name: &str) -> u32 {
+    let world = stack.world().await.unwrap();
+    world["createdByName"][pod_name].as_u64().map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// Writes the crash matrix into docs/reliability.md between its markers.
+fn write_matrix(cases: &[Case], repeats: usize) {
+    let mut table = format!(
+        "Each crash point, {repeats} run(s) each: the operator SIGKILLed there, restarted, the run finished.\n\n\
+         | Crash point | Runs | Crashed there | Succeeded | Pods created per run | Leaked pods | Registry equal to an uninterrupted run |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
+    for point in ep_operator::failpoint::POINTS {
+        let of: Vec<&Case> = cases.iter().filter(|c| c.point == *point).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let creates: BTreeSet<u32> = of.iter().map(|c| c.creates).collect();
+        table.push_str(&format!(
+            "| `{point}` | {} | {} | {} | {} | {} | {} |\n",
+            of.len(),
+            of.iter().filter(|c| c.reached).count(),
+            of.iter().filter(|c| c.succeeded).count(),
+            creates.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            of.iter().map(|c| c.leaked).sum::<usize>(),
+            of.iter().filter(|c| c.registry_equal).count(),
+        ));
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = ("<!-- crash-matrix:begin -->\n", "<!-- crash-matrix:end -->");
+    let (i, j) = (doc.find(begin).unwrap() + begin.len(), doc.find(end).unwrap());
+    std::fs::write(&path, format!("{}{table}{}", &doc[..i], &doc[j..])).unwrap();
+}
+
+/// The crash matrix: the operator SIGKILLed at every crash point (each phase entered, before and
+/// after the pod create, after the verdict and after the terminate), `EP_CRASH_REPEATS` times each
+/// (2 by default), then restarted: every run succeeds with exactly one pod created, nothing is
+/// left billing, and the registry rows equal those of an uninterrupted run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_at_each_instant_of_the_drain_leaves_the_registry_as_an_uninterrupted_run() {
+async fn a_crash_at_every_point_leaves_no_duplicate_no_leak_and_the_registry_of_an_uninterrupted_run() {
+    let repeats: usize = std::env::var("EP_CRASH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
-    stack.apply(&exp("steady").epochs(3, 0.0).yaml()).unwrap();
+    // Runs long enough (3 epochs of 1 s) that every phase, RUNNER_ONLINE included, is seen.
+    stack.apply(&exp("steady").epochs(3, 1.0).yaml()).unwrap();
     stack.wait_phase("exp", "steady", &["Succeeded"]).unwrap();
     wait_registry(&stack.database_url, "steady", "COMPLETED").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let expected = shape(&stack.database_url, "steady").await;
-    for (n, point) in ["order.drain.judged", "order.drain.terminated", "order.create.after"].iter().enumerate() {
+    let only = std::env::var("EP_CRASH_POINTS").unwrap_or_default();
+    let points = ep_operator::failpoint::POINTS.iter().filter(|p| only.is_empty() || only.split(',').any(|o| o == **p));
+    let mut cases = Vec::new();
+    for (n, point) in points.flat_map(|p| std::iter::repeat_n(*p, repeats)).enumerate() {
         let name = format!("crash{n}");
         stack.operator.take().unwrap().stop();
         stack.start_operator_env(&[("EP_CRASH_AT", point)]).unwrap();
-        stack.apply(&exp(&name).epochs(3, 0.0).yaml()).unwrap();
-        let deadline = Instant::now() + LONG;
-        while stack.operator.as_mut().unwrap().running() {
-            assert!(Instant::now() < deadline, "the operator never died at {point}:\n{}", stack.operator_log(200));
+        stack.apply(&exp(&name).epochs(3, 1.0).yaml()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = |s: &Stack| phase(s.get("exp", Some(NS), &name).ok().flatten().as_ref()) == "Succeeded";
+        while stack.operator.as_mut().unwrap().running() && Instant::now() < deadline && !done(&stack) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let reached = !stack.operator.as_mut().unwrap().running();
+        stack.operator.take().unwrap().stop();
         stack.start_operator().unwrap();
         let e = stack.wait_phase("exp", &name, &["Succeeded", "Failed"]).unwrap();
-        assert_eq!(e["status"]["phase"], "Succeeded", "{point}: {}", e["status"]);
-        wait_registry(&stack.database_url, &name, "COMPLETED").await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let got = shape(&stack.database_url, &name).await;
-            if got == expected {
-                break;
+        let succeeded = e["status"]["phase"] == "Succeeded";
+        wait_registry(&stack.database_url, &name, if succeeded { "COMPLETED" } else { "FAILED" }).await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let registry_equal = loop {
+            if shape(&stack.database_url, &name).await == expected {
+                break true;
             }
-            assert!(Instant::now() < deadline, "after a crash at {point}:\n{got:#?}\nuninterrupted:\n{expected:#?}");
+            if Instant::now() > deadline {
+                break false;
+            }
             tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        assert!(stack.live_pods().await.unwrap().is_empty(), "{point}: a pod was left billing");
+        };
+        let order = stack.get("rpo", Some(NS), &format!("{name}-a1")).unwrap().unwrap();
+        let pod_name = order["status"]["podName"].as_str().unwrap_or_default().to_owned();
+        let creates = creates_of(&stack, &pod_name).await;
+        let leaked = stack.live_pods().await.unwrap().len();
+        let detail =
+            format!("experiment: {}\norder: {}\nlog:\n{}", e["status"], order["status"], stack.operator_log(40));
+        cases.push(Case { point, reached, succeeded, creates, leaked, registry_equal, detail });
+    }
+    write_matrix(&cases, repeats);
+    for c in &cases {
+        assert!(c.reached, "{}: the operator never reached the point", c.point);
+        assert!(c.succeeded, "{}: the run did not succeed\n{}", c.point, c.detail);
+        assert_eq!(c.creates, 1, "{}: pods created for one run\n{}", c.point, c.detail);
+        assert_eq!(c.leaked, 0, "{}: a pod was left billing", c.point);
+        assert!(
+            c.registry_equal,
+            "{}: the registry differs from an uninterrupted run:\n{:#?}",
+            c.point,
+            shape(&stack.database_url, "crash0").await
+        );
     }
 }
 

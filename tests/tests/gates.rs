@@ -328,3 +328,46 @@ async fn orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_nev
     assert_eq!(e["status"]["phase"], "Succeeded", "the experiment's own pod was left alone: {}", e["status"]);
     assert_eq!(e["status"]["attempts"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_v2_pod_whose_operator_is_gone_ends_itself_at_its_deadline() {
+    // A short deadline: 5 s to start, a 4 s maxRuntime, the runner's 20 s stop grace, the 15 s
+    // drain margin and a 1 s drain grace.
+    let settings = FAST_SETTINGS.replace("runtimeStartDeadline: 2m", "runtimeStartDeadline: 5s\ndrainGrace: 1s");
+    let mut stack = quickstart_stack(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    stack.merge_patch("rpp", None, "default", r#"{"spec":{"api":{"transport":"restV2"}}}"#).unwrap();
+    stack
+        .wait_for("rpp", None, "default", LONG, "Ready over REST v2", |o| {
+            o.is_some_and(|o| o["metadata"]["generation"] == o["status"]["observedGeneration"])
+                && cond(o, "Ready").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap();
+    stack.apply(&exp("orphan").epochs(600, 1.0).yaml().replace("maxRuntime: 30m", "maxRuntime: 4s")).unwrap();
+    let order = stack.wait_phase("rpo", "orphan-a1", &["RUNNER_ONLINE"]).unwrap();
+    // The operator is gone for good: nobody will drain this run or end its pod.
+    stack.operator.take().unwrap().kill();
+    let pod_id = order["status"]["podId"].as_str().unwrap().to_owned();
+    let world = stack.world().await.unwrap();
+    let pod = &world["pods"][&pod_id];
+    assert!(pod["terminateAfter"].is_null(), "REST v2 has no terminateAfter: {pod}");
+    let env: std::collections::BTreeMap<String, String> = serde_json::from_value(pod["env"].clone())
+        .or_else(|_| {
+            serde_json::from_value::<Vec<(String, String)>>(pod["env"].clone()).map(|v| v.into_iter().collect())
+        })
+        .unwrap();
+    let deadline: chrono::DateTime<chrono::Utc> = env["EP_POD_DEADLINE"].parse().unwrap();
+    assert!(env.contains_key("EP_RUNPOD_REST_URL"), "{env:?}");
+    let ended = stack
+        .wait_for_world(Duration::from_secs(120), |w| {
+            w["pods"].get(&pod_id).is_none_or(|p| p.is_null() || p["desiredStatus"] == "TERMINATED")
+        })
+        .await;
+    assert!(ended, "the pod still bills past its deadline {deadline}");
+    let now = chrono::Utc::now();
+    assert!(now >= deadline, "ended at {now}, before its deadline {deadline}");
+    let requests = stack.world().await.unwrap()["requests"].clone();
+    assert!(
+        requests.as_object().unwrap().keys().any(|k| k.contains("deletePod")),
+        "ended through the REST API with the pod's own key: {requests}"
+    );
+}

@@ -209,3 +209,15 @@ fn python_non_finite_words_lose_only_their_metric() {
     let r = Results::parse(br#"{"s": "a \" NaN", "x": NaN}"#).unwrap();
     assert_eq!(r.0["s"], "a \" NaN");
 }
+
+#[test]
+fn metrics_with_many_digits_read_back_exactly() {
+    // A long decimal a script may print (found by the parsers' fuzzing): read, written, read
+    // again, it must be the same number, or terminal.json and results.json disagree.
+    for text in ["0.918446744073709551616", "0.1000000000000000055511151231257827", "2.2250738585072011e-308"] {
+        let v: f64 = serde_json::from_str(text).unwrap();
+        let again: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(v.to_bits(), again.to_bits(), "{text}");
+        assert_eq!(v, text.parse::<f64>().unwrap(), "{text} is read as the nearest double");
+    }
+}

@@ -34,20 +34,22 @@ pub fn create_bound(poll: Duration) -> Duration {
     (poll * 3).clamp(Duration::from_secs(5), Duration::from_secs(30))
 }
 
-/// Time left to the operator, after a run's own deadline, to collect its results before RunPod's
-/// dead-man's switch ends the pod.
-pub const DRAIN_GRACE: Duration = Duration::from_secs(5 * 60);
-
 /// How long after its create the pod may live before RunPod terminates it on its own: the pod's
 /// lifetime cap plus the policy's grace, or, when the run has a maxRuntime, the time to start
-/// (runtimeStartDeadline), the run, the runner's stop grace and the drain, whichever is sooner.
-pub fn pod_deadline(lifetime_cap: Duration, max_runtime: Option<Duration>, start_deadline: Duration) -> Duration {
+/// (runtimeStartDeadline), the run, the runner's stop grace and the drain (drainGrace), whichever
+/// is sooner.
+pub fn pod_deadline(
+    lifetime_cap: Duration,
+    max_runtime: Option<Duration>,
+    start: Duration,
+    drain: Duration,
+) -> Duration {
     let by_runtime = max_runtime.map(|r| {
-        start_deadline
+        start
             + r
             + Duration::from_secs(u64::from(super::claim::STOP_GRACE_SECONDS))
             + super::drain::DRAIN_MARGIN
-            + DRAIN_GRACE
+            + drain
     });
     by_runtime.map_or(lifetime_cap, |r| r.min(lifetime_cap))
 }
@@ -75,8 +77,11 @@ pub struct PodPlan<'a> {
     pub runner_key: &'a str,
     pub env: BTreeMap<String, String>,
     pub terminate_after_supported: bool,
-    /// The settings' runtimeStartDeadline.
+    /// Where the runner ends its own pod at the deadline (transports without terminateAfter).
+    pub self_terminate_base: Option<String>,
+    /// The settings' runtimeStartDeadline and drainGrace.
     pub start_deadline: Duration,
+    pub drain_grace: Duration,
 }
 
 /// The create request for a plan (pure: `now` is given).
@@ -88,12 +93,16 @@ pub fn pod_spec(p: PodPlan<'_>, now: DateTime<Utc>) -> PodSpec {
     env.insert(ENV_ORDER.into(), p.order_key);
     let cap = max_lifetime(p.order, p.policy) + p.policy.terminate_grace.get();
     let max_runtime = p.run.limits.as_ref().and_then(|l| l.max_runtime.as_ref()).map(ep_api::GoDuration::get);
-    let deadline =
-        now + chrono::Duration::from_std(pod_deadline(cap, max_runtime, p.start_deadline)).unwrap_or_default();
+    let deadline = now
+        + chrono::Duration::from_std(pod_deadline(cap, max_runtime, p.start_deadline, p.drain_grace))
+            .unwrap_or_default();
     // The runner reads the deadline too: where the transport has no terminateAfter (REST v2), it
     // ends its own pod when the deadline passes.
     env.insert(ENV_POD_DEADLINE.into(), deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     let terminate_after = p.terminate_after_supported.then_some(deadline);
+    if let Some(base) = p.self_terminate_base.filter(|_| !p.terminate_after_supported) {
+        env.insert(ep_api::volume::ENV_SELF_TERMINATE_URL.into(), base);
+    }
     PodSpec {
         name: crate::names::pod_name(&p.run.run_id),
         image: p.run.image.clone(),
@@ -232,7 +241,9 @@ async fn create<W: World>(
         runner_key: &runner_key,
         env,
         terminate_after_supported: conn.api.supports_terminate_after(),
+        self_terminate_base: conn.api.self_terminate_base(),
         start_deadline: settings.runtime_start_deadline.get(),
+        drain_grace: settings.drain_grace.get(),
     };
     let spec = pod_spec(plan, pass.now);
     let Ok(_slot) = w.create_slots().try_acquire() else {
@@ -336,7 +347,9 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>, deleting: bool) -> Result
     let recorded = pass.st.pod_id.clone();
     let who =
         Identity { pod_name: &pod_name, run_id: &run.run_id, recorded: recorded.as_deref(), requested_at: requested };
-    let pod = match pod::observe(&list.pods, &who, pass.now) {
+    let observed = pod::observe(&list.pods, &who, pass.now);
+    tracing::debug!(list_seq = list.seq, mark = conn.sequence.mark(&pass.uid), fetched = %list.fetched_at, pods = list.pods.len(), ?recorded, observed = ?observed, "pod observed");
+    let pod = match observed {
         Observed::Absent if deleting || pass.order.spec.stop.is_some() => {
             pass.enter(OrderPhase::Deleted, Reason::StoppedBeforeLaunch, "ended before any pod was created");
             return Ok(None);

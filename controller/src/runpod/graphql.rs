@@ -374,6 +374,10 @@ impl RunPodApi for GraphqlTransport {
     fn supports_terminate_after(&self) -> bool {
         true
     }
+    fn self_terminate_base(&self) -> Option<String> {
+        // terminateAfter does it: RunPod ends the pod itself.
+        None
+    }
 }
 
 #[cfg(test)]

@@ -178,6 +178,9 @@ pub trait RunPodApi: Send + Sync {
     fn network_volumes(&self) -> impl Future<Output = Result<Vec<NetworkVolume>, RunPodError>> + Send;
     /// Whether a create can carry `terminateAfter` (REST v2 has no such field).
     fn supports_terminate_after(&self) -> bool;
+    /// Where a pod reaches this API to end itself with its own pod-scoped RUNPOD_API_KEY, on the
+    /// transports without terminateAfter (the REST base, e.g. `https://rest.runpod.io`).
+    fn self_terminate_base(&self) -> Option<String>;
 }
 
 /// The transport a provider speaks, chosen at run time.
@@ -238,6 +241,9 @@ impl RunPodApi for RunPodClient {
     }
     fn supports_terminate_after(&self) -> bool {
         delegate!(self, c => c.supports_terminate_after())
+    }
+    fn self_terminate_base(&self) -> Option<String> {
+        delegate!(self, c => c.self_terminate_base())
     }
 }
 

@@ -300,4 +300,7 @@ impl RunPodApi for RestTransport {
     fn supports_terminate_after(&self) -> bool {
         false
     }
+    fn self_terminate_base(&self) -> Option<String> {
+        Some(self.http.base.clone())
+    }
 }

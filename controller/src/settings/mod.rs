@@ -31,6 +31,10 @@ pub struct Settings {
     /// A pod whose runtime has not appeared by then is terminated.
     #[serde(default = "defaults::runtime_start_deadline")]
     pub runtime_start_deadline: GoDuration,
+    /// Time left, after a run's maxRuntime and stop grace, to collect its results before the pod's
+    /// dead-man's switch (terminateAfter, or the runner's own on REST v2) ends it.
+    #[serde(default = "defaults::drain_grace")]
+    pub drain_grace: GoDuration,
     /// How much work runs at once.
     #[serde(default)]
     pub concurrency: Concurrency,
@@ -61,6 +65,9 @@ mod defaults {
     }
     pub fn runtime_start_deadline() -> GoDuration {
         GoDuration::from_secs(20 * 60)
+    }
+    pub fn drain_grace() -> GoDuration {
+        GoDuration::from_secs(5 * 60)
     }
     pub fn max_lifetime() -> GoDuration {
         GoDuration::from_secs(12 * 3600)
@@ -230,6 +237,7 @@ impl Settings {
             ("heartbeatInterval", &self.heartbeat_interval),
             ("heartbeatTimeout", &self.heartbeat_timeout),
             ("runtimeStartDeadline", &self.runtime_start_deadline),
+            ("drainGrace", &self.drain_grace),
         ];
         for (field, d) in positive {
             if d.get() == Duration::ZERO {

@@ -391,7 +391,9 @@ impl MutationRoot {
 
 async fn deploy(ctx: &Context<'_>, input: PodFindAndDeployOnDemandInput, spot: bool) -> Result<Option<PodView>, Error> {
     let sim = sim(ctx);
-    let req = create_request(input, spot)?;
+    let mut req = create_request(input, spot)?;
+    req.terminate_after = req.terminate_after.map(|t| sim.clock.from_wall(t));
+    req.stop_after = req.stop_after.map(|t| sim.clock.from_wall(t));
     let (view, delay) = {
         let (mut w, now) = sim.world();
         let pod = w.create_pod(req, now).map_err(|e| business(&e))?;

@@ -161,6 +161,7 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
         cmd.env(k, v);
     }
     cmd.env("RUNPOD_POD_ID", &pod.id)
+        .env("RUNPOD_API_KEY", &pod.scoped_key)
         .env("RUNPOD_DC_ID", &pod.data_center_id)
         .env("RUNPOD_POD_HOSTNAME", &pod.pod_host_id)
         .env("RUNPOD_GPU_COUNT", pod.gpu_count.to_string())

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::server::{AppState, authorized, transport_fault};
+use crate::server::{AppState, authorized, authorized_for_pod, transport_fault};
 use crate::world::{CreatePod, Pod, PodStatus, SimError, StartCommand, World};
 
 pub(crate) fn routes() -> Router<AppState> {
@@ -41,10 +41,25 @@ fn sim_error(e: &SimError) -> Response {
 }
 
 async fn gate(state: &AppState, headers: &HeaderMap, query: &HashMap<String, String>, op: &str) -> Option<Response> {
+    gate_for(state, headers, query, op, None).await
+}
+
+/// As `gate`, for a route on one pod: that pod's own scoped key is accepted too.
+async fn gate_for(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    op: &str,
+    pod: Option<&str>,
+) -> Option<Response> {
     if !headers.contains_key(header::AUTHORIZATION) && !query.contains_key("api_key") {
         return Some(problem(401, "missing bearer token"));
     }
-    if !authorized(&state.sim, headers, query) {
+    let ok = match pod {
+        Some(id) => authorized_for_pod(&state.sim, headers, query, id),
+        None => authorized(&state.sim, headers, query),
+    };
+    if !ok {
         return Some(problem(403, "access denied"));
     }
     transport_fault(&state.sim, op).await
@@ -124,7 +139,7 @@ async fn get_pod(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&s, &h, &q, "rest.getPod").await {
+    if let Some(r) = gate_for(&s, &h, &q, "rest.getPod", Some(&id)).await {
         return r;
     }
     let (w, now) = s.sim.world();
@@ -257,7 +272,7 @@ async fn delete_pod(
     Query(q): Query<HashMap<String, String>>,
     h: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&s, &h, &q, "rest.deletePod").await {
+    if let Some(r) = gate_for(&s, &h, &q, "rest.deletePod", Some(&id)).await {
         return r;
     }
     let (mut w, now) = s.sim.world();
@@ -280,7 +295,7 @@ async fn action(
     h: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = gate(&s, &h, &q, "rest.podAction").await {
+    if let Some(r) = gate_for(&s, &h, &q, "rest.podAction", Some(&id)).await {
         return r;
     }
     let a: ActionBody = match serde_json::from_slice(&body) {

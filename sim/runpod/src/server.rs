@@ -118,12 +118,30 @@ pub async fn start(opts: SimOptions) -> std::io::Result<RunningSim> {
 
 /// Checks the API key the way RunPod takes it: `Authorization: Bearer` or the legacy `?api_key=`.
 pub(crate) fn authorized(sim: &Sim, headers: &HeaderMap, query: &std::collections::HashMap<String, String>) -> bool {
+    presented(headers, query) == Some(sim.api_key.as_str())
+}
+
+fn presented<'a>(headers: &'a HeaderMap, query: &'a std::collections::HashMap<String, String>) -> Option<&'a str> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    bearer.or(query.get("api_key").map(String::as_str)) == Some(sim.api_key.as_str())
+    bearer.or(query.get("api_key").map(String::as_str))
+}
+
+/// The account key, or the pod-scoped key of pod `id` itself (RunPod's RUNPOD_API_KEY in a pod).
+pub(crate) fn authorized_for_pod(
+    sim: &Sim,
+    headers: &HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+    id: &str,
+) -> bool {
+    let key = presented(headers, query);
+    key == Some(sim.api_key.as_str()) || {
+        let (w, _) = sim.world();
+        w.pods.get(id).is_some_and(|p| key == Some(p.scoped_key.as_str()))
+    }
 }
 
 /// Injected transport faults shared by GraphQL and REST: latency, 502, 429.

@@ -137,6 +137,9 @@ pub struct PortMapping {
 #[serde(rename_all = "camelCase")]
 pub struct Pod {
     pub id: String,
+    /// The pod-scoped API key RunPod puts in the pod's RUNPOD_API_KEY: it acts on this pod only.
+    #[serde(skip)]
+    pub scoped_key: String,
     pub name: String,
     pub image_name: String,
     pub env: Vec<(String, String)>,
@@ -237,6 +240,8 @@ pub struct World {
     pub faults: Faults,
     /// Requests served, by operation name.
     pub requests: BTreeMap<String, u64>,
+    /// Pods ever created, by pod name (a name created twice is a duplicate the client made).
+    pub created_by_name: BTreeMap<String, u32>,
     #[serde(skip)]
     pub state_dir: PathBuf,
 }
@@ -277,6 +282,7 @@ impl World {
             gone: Vec::new(),
             faults: config.faults.clone(),
             requests: BTreeMap::new(),
+            created_by_name: BTreeMap::new(),
             state_dir,
             config,
         }
@@ -418,8 +424,10 @@ impl World {
             exit_code: None,
             pid: None,
             process: None,
+            scoped_key: format!("rpa_pod_{}", random_id(32)),
             id: id.clone(),
         };
+        *self.created_by_name.entry(pod.name.clone()).or_default() += 1;
         self.pods.insert(id.clone(), pod);
         self.pods.get(&id).ok_or(SimError::Capacity)
     }

@@ -179,6 +179,9 @@ impl RunPodApi for FakeRunPod {
     fn supports_terminate_after(&self) -> bool {
         !self.no_terminate_after
     }
+    fn self_terminate_base(&self) -> Option<String> {
+        self.no_terminate_after.then(|| "http://rest.fake".to_owned())
+    }
 }
 
 /// The world around one order.

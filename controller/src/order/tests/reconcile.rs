@@ -380,3 +380,15 @@ async fn an_order_that_finds_every_create_slot_taken_waits_without_calling_runpo
     s.pass().await.unwrap();
     assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn without_terminate_after_the_runner_is_told_its_deadline_and_where_to_end_its_pod() {
+    let (mut world, order) = super::fakes::world_and_order();
+    std::sync::Arc::get_mut(&mut world.conn).unwrap().api.no_terminate_after = true;
+    let mut s = Sim::new(world, order);
+    online(&mut s).await;
+    let create = s.world.runpod().creates.lock().unwrap()[0].clone();
+    assert!(create.terminate_after.is_none(), "REST v2 has no such field");
+    assert_eq!(create.env.get(ep_api::volume::ENV_SELF_TERMINATE_URL).map(String::as_str), Some("http://rest.fake"));
+    assert!(create.env.contains_key(crate::names::ENV_POD_DEADLINE));
+}
