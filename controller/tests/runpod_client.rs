@@ -327,7 +327,9 @@ async fn terminate_after_billing_and_runtime_that_never_appears() {
     // One simulated hour per real second.
     let e = env(Transport::Graphql, |c| c.clock_speed = 3600.0).await;
     let mut spec = e.spec("ep-deadman");
-    spec.terminate_after = Some(chrono::Utc::now() + chrono::Duration::hours(3));
+    // terminateAfter is the wall-clock instant the client means: three real seconds from now,
+    // however fast the simulated clock bills (three simulated hours would be read as 3 h).
+    spec.terminate_after = Some(chrono::Utc::now() + chrono::Duration::seconds(3));
     let pod = e.client.create_pod(&spec).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let w = e.world().await;
