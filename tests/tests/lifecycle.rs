@@ -413,3 +413,30 @@ async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
     let progress = query(&stack.database_url, "SELECT count(*)::text FROM exp_registry.progress").await;
     assert_ne!(progress[0][0], "0", "progress rows were mirrored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_writes_a_1_gib_artifact_succeeds_at_the_default_heartbeat_timeout() {
+    // The operator's default heartbeat (every 10 s, lost after 60 s), not the fast test settings.
+    let settings = ep_testkit::stack::FAST_SETTINGS
+        .replace("heartbeatInterval: 1s", "heartbeatInterval: 10s")
+        .replace("heartbeatTimeout: 6s", "heartbeatTimeout: 60s");
+    let stack = quickstart_stack(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    let script = r#"import json, os
+out = os.environ["EP_OUTPUT_DIR"]
+with open(os.path.join(out, "model.bin"), "wb") as f:
+    for _ in range(16):
+        f.write(b"\x01" * (64 << 20))
+json.dump({"f1": 0.5, "auc": 0.6}, open(os.path.join(out, "results.json"), "w"))"#;
+    let big = exp("big")
+        .yaml()
+        .replace("[python3, train.py]", &format!("[python3, -c, {}]", serde_json::to_string(script).unwrap()));
+    stack.apply(&big).unwrap();
+    let e = stack.wait_phase("exp", "big", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let order = stack.get("rpo", Some(NS), "big-a1").unwrap().unwrap();
+    let items = order["status"]["outcome"]["artifacts"]["items"].as_array().unwrap().clone();
+    let model = items.iter().find(|a| a["key"].as_str().unwrap().ends_with("/model.bin")).unwrap();
+    assert_eq!(model["size"], 1u64 << 30, "the artifact was verified on the volume: {model}");
+    let run_id = order["status"]["runId"].as_str().unwrap();
+    let _ = std::fs::remove_file(stack.volume_dir(VOLUME).join(format!("ep/runs/{run_id}/artifacts/model.bin")));
+}
