@@ -392,3 +392,21 @@ async fn without_terminate_after_the_runner_is_told_its_deadline_and_where_to_en
     assert_eq!(create.env.get(ep_api::volume::ENV_SELF_TERMINATE_URL).map(String::as_str), Some("http://rest.fake"));
     assert!(create.env.contains_key(crate::names::ENV_POD_DEADLINE));
 }
+
+#[tokio::test]
+async fn a_full_or_failing_volume_shows_its_reason_in_status_and_the_sync_resumes_after() {
+    for (status, reason, words) in [(507, "VolumeFull", "volume is full"), (502, "S3Unavailable", "S3 API failed")] {
+        let mut s = sim();
+        *s.world.store().fail_writes.lock().unwrap() = Some(status);
+        s.until(OrderPhase::Provisioned, 4).await;
+        s.pass().await.unwrap();
+        let st = s.status();
+        assert_eq!(st.phase, Some(OrderPhase::Provisioned));
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.reason, reason, "{ready:?}");
+        assert!(ready.message.contains(words), "{ready:?}");
+        assert!(s.done.last().unwrap().requeue.is_some(), "looked at again");
+        *s.world.store().fail_writes.lock().unwrap() = None;
+        s.until(OrderPhase::Synced, 3).await;
+    }
+}

@@ -14,11 +14,24 @@ use super::fakes::lock;
 #[derive(Default)]
 pub struct FakeStore {
     pub objects: Mutex<BTreeMap<String, Bytes>>,
+    /// While set, every write answers this HTTP status (507: volume full, 502: S3 down).
+    pub fail_writes: Mutex<Option<u16>>,
 }
 
 impl FakeStore {
     pub fn put(&self, key: &str, body: impl Into<Bytes>) {
         lock(&self.objects).insert(key.to_owned(), body.into());
+    }
+    fn refuse(&self, key: &str) -> Result<(), StoreError> {
+        match *lock(&self.fail_writes) {
+            Some(status) => Err(StoreError::Request {
+                op: "PutObject",
+                key: key.into(),
+                status: Some(status),
+                message: format!("HTTP {status}"),
+            }),
+            None => Ok(()),
+        }
     }
     pub fn has(&self, key: &str) -> bool {
         lock(&self.objects).contains_key(key)
@@ -37,10 +50,12 @@ impl VolumeStore for FakeStore {
         Ok(lock(&self.objects).get(key).cloned())
     }
     async fn put_bytes(&self, key: &str, body: Bytes, _: &str) -> Result<(), StoreError> {
+        self.refuse(key)?;
         self.put(key, body);
         Ok(())
     }
     async fn put_file(&self, key: &str, path: &Path, _: u64, _: &str) -> Result<(), StoreError> {
+        self.refuse(key)?;
         let body =
             std::fs::read(path).map_err(|source| StoreError::Local { path: path.display().to_string(), source })?;
         self.put(key, body);
