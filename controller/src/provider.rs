@@ -55,6 +55,12 @@ async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Provid
             );
             return (not_ready(Reason::BadApiKey, msg), None);
         }
+        Err(e @ RunPodError::RateLimited { .. }) => {
+            return (
+                not_ready(Reason::RunPodRateLimited, format!("RunPod rate limits this account's API key: {e}")),
+                None,
+            );
+        }
         Err(e) => return (not_ready(Reason::RunPodUnavailable, format!("RunPod API did not answer: {e}")), None),
     };
     let Some(found) = volumes.iter().find(|v| v.id == vol.id) else {

@@ -178,6 +178,7 @@ reasons! {
     NoCapacity: Wait, Order, Capacity, "RunPod had no machine for any GPU choice; the order tries again from the first choice.";
     TryingNextGpu: Notice, Order, Now, "RunPod had no machine for one GPU choice; the next choice is tried.";
     CreateRejected: Fatal, Order, Never, "RunPod refused the pod for a reason retrying cannot fix; the message quotes RunPod.";
+    CreateOutcomeUnknown: Wait, Paid, Fast, "A create was not answered in time, or failed after it may have reached RunPod; the pod is looked for by name before any other create.";
     CreateLost: Notice, Paid, Now, "A create whose answer was lost never showed in RunPod's pod list; the pod is created again.";
     PodAdopted: Notice, Paid, Now, "A pod of this run already existed (a create whose answer was lost); it was adopted, not duplicated.";
     PodBound: Notice, Paid, Now, "The pod serving the run was recorded.";
@@ -229,7 +230,8 @@ reasons! {
     VolumeMissing: Wait, Order, Person, "The network volume is not one of the account's; the message lists those that exist.";
     S3Unauthorized: Wait, Order, Person, "The volume's S3 API refused the credentials in the provider's Secret.";
     S3Unreachable: Wait, Order, Poll, "The volume's S3 API did not answer.";
-    RunPodUnavailable: Wait, Order, Poll, "RunPod's API did not answer.";
+    RunPodUnavailable: Wait, Order, Poll, "RunPod's API did not answer or failed (5xx); the call is made again at the next poll.";
+    RunPodRateLimited: Wait, Order, Poll, "RunPod answered 429 (rate limited); the call waits for its Retry-After.";
     OrphanPod: Notice, Bypass, Never, "The account holds a pod no order owns (made by hand, or left by deletionPolicy Orphan).";
     // The operator itself.
     Mirrored: Progress, Claim, Never, "The registry holds this object's rows.";

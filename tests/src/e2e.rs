@@ -155,3 +155,106 @@ impl Stack {
         obj.ok_or_else(|| HarnessError::Setup(format!("{kind} {name} is gone")))
     }
 }
+
+/// `kubectl get KIND -n NS -w -o json` running in the background: every version of every object of
+/// the kind that the API server sends, so a reason written to status for a moment is still seen.
+pub struct Watch {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Watch {
+    /// Every version of the object `name` seen so far, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        serde_json::Deserializer::from_str(&text)
+            .into_iter::<Value>()
+            .map_while(Result::ok)
+            .filter(|o| o["metadata"]["name"] == name)
+            .collect()
+    }
+
+    /// Every reason the object's status carried: `status.reason` and each condition's reason.
+    pub fn reasons(&self, name: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for o in self.versions(name) {
+            for field in ["reason", "drainReason"] {
+                if let Some(r) = o["status"][field].as_str() {
+                    out.insert(r.to_owned());
+                }
+            }
+            for c in o["status"]["conditions"].as_array().cloned().unwrap_or_default() {
+                if let Some(r) = c["reason"].as_str() {
+                    out.insert(r.to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the object's status has carried one of `want`; returns it with its message.
+    pub fn wait_reason(&self, name: &str, want: &[&str], timeout: Duration) -> Result<(String, String), HarnessError> {
+        self.wait_reason_where(name, want, timeout, |_| true)
+    }
+
+    /// Like [`Watch::wait_reason`], for a reason whose message also satisfies `ok`.
+    pub fn wait_reason_where(
+        &self,
+        name: &str,
+        want: &[&str],
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> Result<(String, String), HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for o in self.versions(name) {
+                // Why a run drains is its own field; what it says is in the Ready condition.
+                if let Some(r) = o["status"]["drainReason"].as_str().filter(|r| want.contains(r)) {
+                    let message = o["status"]["message"].as_str().unwrap_or_default();
+                    if ok(message) {
+                        return Ok((r.to_owned(), message.to_owned()));
+                    }
+                }
+                let conditions = o["status"]["conditions"].as_array().cloned().unwrap_or_default();
+                for c in conditions {
+                    if let Some(r) = c["reason"].as_str().filter(|r| want.contains(r)) {
+                        let message = c["message"].as_str().unwrap_or_default();
+                        if ok(message) {
+                            return Ok((r.to_owned(), message.to_owned()));
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "{name}: none of {want:?} in status within {timeout:?}; seen {:?}",
+                    self.reasons(name)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Stack {
+    /// Starts watching `kind` in [`NS`] with kubectl.
+    pub fn watch(&self, kind: &str) -> Result<Watch, HarnessError> {
+        let file = self.dir.path().join(format!("watch-{kind}.json"));
+        let out = std::fs::File::create(&file).map_err(HarnessError::io("watch file"))?;
+        let child = std::process::Command::new(crate::tools::kubectl()?)
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(["get", kind, "-n", NS, "-w", "-o", "json"])
+            .stdout(out)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(HarnessError::io("kubectl get -w"))?;
+        Ok(Watch { child, file })
+    }
+}

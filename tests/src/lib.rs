@@ -5,6 +5,7 @@
 
 pub mod e2e;
 pub mod postgres;
+pub mod registry;
 pub mod sim;
 pub mod stack;
 pub mod tools;

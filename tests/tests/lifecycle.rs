@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ep_testkit::e2e::{NS, exp, init_tls, quickstart_stack};
+use ep_testkit::registry::{shape, wait_registry};
 use ep_testkit::stack::{Stack, StackOptions};
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -66,20 +67,6 @@ async fn query(url: &str, sql: &str) -> Vec<Vec<String>> {
                 .collect()
         })
         .collect()
-}
-
-/// Waits until the registry shows `status` for the experiment.
-async fn wait_registry(url: &str, name: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows =
-            query(url, &format!("SELECT name, status FROM exp_registry.experiments WHERE name = '{name}'")).await;
-        if rows.first().is_some_and(|r| r[1] == status) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "registry never showed {name} {status}: {rows:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,24 +327,6 @@ async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_end
     assert_eq!(deleted, [["true"]]);
 }
 
-/// The registry rows of one experiment, with names, ids and times taken out.
-async fn registry_shape(url: &str, name: &str) -> Vec<Vec<String>> {
-    let mut out = query(
-        url,
-        &format!("SELECT status, phase, worker_id, attempts::text, gpu, result_f1, result_auc FROM exp_registry.experiments WHERE name = '{name}'"),
-    )
-    .await;
-    out.extend(
-        query(url, &format!("SELECT a.attempt::text, a.status, a.worker_id, a.result_f1, a.result_auc, a.reason FROM exp_registry.attempts a JOIN exp_registry.experiments e ON e.id = a.experiment_id WHERE e.name = '{name}'"))
-            .await,
-    );
-    out.extend(query(url, &format!("SELECT phase, policy, worker_id, gpu_type_id, (deleted_at IS NOT NULL)::text FROM exp_registry.orders WHERE name = '{name}-a1'")).await);
-    out.extend(
-        query(url, &format!("SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log WHERE name IN ('{name}', '{name}-a1') ORDER BY at, id")).await,
-    );
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
     let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
@@ -365,7 +334,7 @@ async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
     stack.apply(&quick("steady", 8, 0.3)).unwrap();
     stack.wait_phase("exp", "steady", &["Succeeded"]).unwrap();
     wait_registry(&stack.database_url, "steady", "COMPLETED").await;
-    let expected = registry_shape(&stack.database_url, "steady").await;
+    let expected = shape(&stack.database_url, "steady").await;
 
     stack.apply(&quick("outage", 8, 0.3)).unwrap();
     stack.wait_phase("rpo", "outage-a1", &["VERIFIED", "RUNNER_ONLINE"]).unwrap();
@@ -408,7 +377,7 @@ async fn a_postgres_outage_mid_run_leaves_the_registry_as_without_it() {
                 .any(|c| c["type"] == "RegistrySynced" && c["status"] == "True")
         })
         .unwrap();
-    let got = registry_shape(&stack.database_url, "outage").await;
+    let got = shape(&stack.database_url, "outage").await;
     assert_eq!(got, expected);
     let progress = query(&stack.database_url, "SELECT count(*)::text FROM exp_registry.progress").await;
     assert_ne!(progress[0][0], "0", "progress rows were mirrored");

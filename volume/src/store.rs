@@ -1,4 +1,5 @@
-//! The object store the data plane needs (head, get, put; never list), and its S3 implementation.
+//! The object store the data plane needs (head, get, put; a listing only to explain a full volume),
+//! and its S3 implementation.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -44,7 +45,7 @@ impl StoreError {
     }
 }
 
-/// A network volume seen as an object store. Known keys only: no listing.
+/// A network volume seen as an object store. Known keys only: no listing but [`VolumeStore::usage`].
 pub trait VolumeStore: Send + Sync {
     fn head(&self, key: &str) -> impl Future<Output = Result<Option<ObjectInfo>, StoreError>> + Send;
     fn get(&self, key: &str) -> impl Future<Output = Result<Option<Bytes>, StoreError>> + Send;
@@ -61,7 +62,24 @@ pub trait VolumeStore: Send + Sync {
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Requests sent so far (for reports and benchmarks).
     fn requests(&self) -> u64;
+    /// What the volume holds, by listing it: the one listing the data plane makes, only to give
+    /// the figures of a full volume (HTTP 507). None when the store cannot tell.
+    fn usage(&self) -> impl Future<Output = Result<Option<Usage>, StoreError>> + Send {
+        async { Ok(None) }
+    }
 }
+
+/// What a listing of a whole volume found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub objects: u64,
+    /// False when the listing stopped at its page limit (bytes is then a lower bound).
+    pub complete: bool,
+}
+
+/// Pages of 1,000 keys a usage listing reads at most.
+const USAGE_PAGES: usize = 100;
 
 /// Settings of the S3 client for a RunPod volume.
 #[derive(Clone, Debug)]
@@ -282,5 +300,33 @@ impl VolumeStore for S3Volume {
 
     fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    async fn usage(&self) -> Result<Option<Usage>, StoreError> {
+        let mut usage = Usage { bytes: 0, objects: 0, complete: false };
+        let mut token: Option<String> = None;
+        for _ in 0..USAGE_PAGES {
+            self.count();
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.settings.bucket)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| req_err("ListObjectsV2", "", &e))?;
+            for o in page.contents() {
+                usage.objects += 1;
+                usage.bytes += u64::try_from(o.size().unwrap_or(0)).unwrap_or(0);
+            }
+            let next = page.next_continuation_token().filter(|_| page.is_truncated() == Some(true));
+            // A repeated token (RunPod's listings do this) ends the walk as incomplete.
+            if next.is_none() || next == token.as_deref() {
+                usage.complete = next.is_none();
+                return Ok(Some(usage));
+            }
+            token = next.map(str::to_owned);
+        }
+        Ok(Some(usage))
     }
 }

@@ -294,7 +294,12 @@ fn after_create_call(
             Ok(pass.block(b))
         }
         CreateStep::OutcomeUnknown => {
-            tracing::warn!(order = %pass.name, "create outcome unknown; the next pass adopts by name");
+            let why = result.err().map(|e| e.message().to_owned()).unwrap_or_default();
+            tracing::warn!(order = %pass.name, %why, "create outcome unknown; the next pass adopts by name");
+            let msg = format!(
+                "the create of a {gpu} pod got no usable answer ({why}); looking for the pod by name in RunPod's list before any other create"
+            );
+            pass.ready(false, Reason::CreateOutcomeUnknown, &msg);
             Ok(Some(FAST))
         }
         CreateStep::Retry => {

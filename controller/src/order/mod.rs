@@ -36,6 +36,7 @@ use crate::context::Context;
 use crate::error::Error;
 use crate::names::FINALIZER;
 use crate::reason::Reason;
+use crate::runpod::RunPodError;
 use crate::time;
 
 pub const KIND: &str = "RunPodOrder";
@@ -59,29 +60,48 @@ pub async fn step<W: World>(w: &W, order: &RunPodOrder, deleting: bool, now: Dat
     let before = pass.st.transitions.len();
     let stopping = deleting || order.spec.stop.is_some();
     tracing::debug!(phase = ?pass.phase(), deleting, "order pass");
-    let requeue = match pass.phase() {
+    let stepped = match pass.phase() {
         None => {
             pass.enter(OrderPhase::Requested, Reason::Accepted, "the order is durable; nothing is paid for yet");
             pass.ready(false, Reason::Requested, "checking the order against live RunPod state");
-            Some(Duration::ZERO)
+            Ok(Some(Duration::ZERO))
         }
         // No pod can exist before VERIFIED: a stop or a deletion ends the order at once.
         Some(OrderPhase::Requested | OrderPhase::Provisioned | OrderPhase::Synced) if stopping => {
             pass.enter(OrderPhase::Deleted, Reason::StoppedBeforeLaunch, "ended before any pod was created");
-            None
+            Ok(None)
         }
-        Some(OrderPhase::Requested) => provision::run(w, &mut pass).await?,
-        Some(OrderPhase::Provisioned) => payload::run(w, &mut pass).await?,
-        Some(OrderPhase::Synced) => claim::run(w, &mut pass).await?,
-        Some(OrderPhase::Verified | OrderPhase::RunnerOnline) => launch::run(w, &mut pass, deleting).await?,
-        Some(OrderPhase::Draining) => drain::run(w, &mut pass).await?,
-        Some(OrderPhase::Deleted | OrderPhase::Failed) => None,
+        Some(OrderPhase::Requested) => provision::run(w, &mut pass).await,
+        Some(OrderPhase::Provisioned) => payload::run(w, &mut pass).await,
+        Some(OrderPhase::Synced) => claim::run(w, &mut pass).await,
+        Some(OrderPhase::Verified | OrderPhase::RunnerOnline) => launch::run(w, &mut pass, deleting).await,
+        Some(OrderPhase::Draining) => drain::run(w, &mut pass).await,
+        Some(OrderPhase::Deleted | OrderPhase::Failed) => Ok(None),
+    };
+    let requeue = match stepped {
+        Ok(r) => r,
+        // RunPod down or rate limiting: the order says so in its status and looks again; a pod
+        // whose create may have applied is still found by name first (podRequestedAt is durable).
+        Err(Error::RunPod(e)) if e.is_retryable() => runpod_wait(&mut pass, &e),
+        Err(e) => return Err(e),
     };
     pass.finish(w).await?;
     let entered = pass.st.transitions.get(before..).unwrap_or_default().iter().map(|t| t.phase).collect();
     let terminal = pass::is_terminal(pass.st.phase);
     tracing::debug!(phase = ?pass.phase(), ?requeue, "order pass done");
     Ok(Done { requeue, events: std::mem::take(&mut pass.events), entered, terminal })
+}
+
+/// Records a RunPod outage or rate limit as the order's wait reason; looks again at the next poll,
+/// or after RunPod's Retry-After when that is later.
+fn runpod_wait(pass: &mut Pass<'_>, e: &RunPodError) -> Option<Duration> {
+    let (reason, after) = match e {
+        RunPodError::RateLimited { retry_after, .. } => (Reason::RunPodRateLimited, *retry_after),
+        _ => (Reason::RunPodUnavailable, None),
+    };
+    let b = crate::reason::Blocked::new(reason, format!("RunPod's API: {e}; trying again"));
+    let wait = pass.block(b);
+    wait.map(|w| w.max(after.unwrap_or_default()))
 }
 
 /// Deletion: drain until no pod can exist, then let the finalizer go.

@@ -8,6 +8,7 @@ use ep_api::RunPodOrderSpec;
 use ep_api::experiment::PayloadSource as PayloadSpec;
 use ep_api::order::OrderPhase;
 use ep_api::volume::{self, PayloadManifest, keys};
+use ep_volume::store::Usage;
 use ep_volume::sync::{SyncError, SyncOptions, push};
 use ep_volume::{Payload, PayloadSource, StoreError, VolumeStore};
 use futures::{StreamExt, TryStreamExt};
@@ -18,6 +19,7 @@ use super::world::{World, staging_dir};
 use crate::error::Error;
 use crate::pool::Conn;
 use crate::reason::{Blocked, Reason};
+use crate::runpod::RunPodApi;
 
 /// Why an order has no attempt to run: made by hand and not bound yet, or bound to nothing.
 pub fn unbound(spec: &RunPodOrderSpec) -> Blocked {
@@ -47,6 +49,51 @@ pub fn store_block(e: &StoreError) -> Option<Blocked> {
         }
         _ => None,
     }
+}
+
+/// How long the listing behind a full volume's figures may take.
+const USAGE_WITHIN: Duration = Duration::from_secs(10);
+
+/// A full volume's wait with its figures: the volume's size as RunPod reports it and what a
+/// listing finds on it (RunPod's 507 says neither).
+async fn with_figures<A: RunPodApi, S: VolumeStore>(conn: &Conn<A, S>, b: Blocked) -> Blocked {
+    if b.reason != Reason::VolumeFull {
+        return b;
+    }
+    let size = match conn.api.network_volumes().await {
+        Ok(v) => v.into_iter().find(|v| v.id == conn.volume_id).map(|v| v.size_gb),
+        Err(_) => None,
+    };
+    // RunPod's first listing of files written inside pods can take minutes (it computes their
+    // MD5s): the figures are worth a few seconds, not a stuck sync.
+    let usage = tokio::time::timeout(USAGE_WITHIN, conn.store.usage()).await.ok().and_then(Result::ok).flatten();
+    Blocked::new(Reason::VolumeFull, full_message(&conn.volume_id, size, usage))
+}
+
+/// The VolumeFull message: size, used and free in GB (10^9 bytes, as RunPod counts them).
+pub fn full_message(volume: &str, size_gb: Option<i64>, usage: Option<Usage>) -> String {
+    let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+    let at_least = |u: &Usage| if u.complete { "" } else { "at least " };
+    let figures = match (size_gb.and_then(|s| u64::try_from(s).ok()), usage) {
+        (Some(size), Some(u)) => {
+            let free = (size * 1_000_000_000).saturating_sub(u.bytes);
+            format!("{}{} of {size} GB used ({} objects), {} free", at_least(&u), gb(u.bytes), u.objects, gb(free))
+        }
+        (Some(size), None) => format!("size {size} GB, usage unknown (the listing failed or took over 10 s)"),
+        (None, Some(u)) => {
+            format!(
+                "{}{} used ({} objects), size unknown (RunPod did not list the volume)",
+                at_least(&u),
+                gb(u.bytes),
+                u.objects
+            )
+        }
+        (None, None) => "size and usage unknown".to_owned(),
+    };
+    format!(
+        "network volume {volume} is full (HTTP 507): {figures}; free space on it (finished runs under ep/runs/, \
+         unused payloads under ep/payloads/) or grow it in RunPod"
+    )
 }
 
 /// Turns a store failure into a wait when it is one, else into a reconcile error.
@@ -158,7 +205,7 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
             pass.notice(Reason::RunnerUploaded, note);
         }
         Ok(false) => {}
-        Err(b) => return Ok(pass.block(b)),
+        Err(b) => return Ok(pass.block(with_figures(&conn, b).await)),
     }
     let payload = &t.payload;
     let id = match (&payload.digest, &payload.config_map) {
@@ -171,7 +218,7 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
         }
         (None, Some(cm)) => match push_config_map(w, pass, &conn, payload, &cm.name).await? {
             Ok(id) => id,
-            Err(b) => return Ok(pass.block(b)),
+            Err(b) => return Ok(pass.block(with_figures(&conn, b).await)),
         },
         (None, None) => {
             let b = Blocked::new(Reason::InvalidPayload, "spec.run.payload names neither digest nor configMap");

@@ -138,6 +138,9 @@ pub async fn run<W: World>(
             Ok(Some(backstop(pass.poll)))
         }
         Verdict::Healthy => {
+            // Ready again after a wait the pod outlived (RunPod down, provider not ready).
+            let msg = format!("runner heartbeating in pod {}", pass.st.pod_id.clone().unwrap_or_default());
+            pass.ready(true, Reason::RunnerOnline, &msg);
             let bytes = conn.store.get(&keys::run_file(&run.run_id, keys::PROGRESS)).await.ok().flatten();
             if let Some(p) = bytes.and_then(|b| serde_json::from_slice::<Progress>(&b).ok()) {
                 pass.st.progress = Some(progress_status(&p, pass.now));

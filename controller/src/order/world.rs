@@ -107,6 +107,12 @@ impl World for KubeWorld<'_> {
         };
         let ready = p.status.as_ref().and_then(|s| find_condition(&s.conditions, CONDITION_READY));
         if let Some(c) = ready.filter(|c| c.status != "True") {
+            // RunPod itself down or rate limiting: say so, not only that the provider is not ready.
+            let outage =
+                [Reason::RunPodUnavailable, Reason::RunPodRateLimited].into_iter().find(|r| r.as_str() == c.reason);
+            if let Some(reason) = outage {
+                return Err(Blocked::new(reason, format!("RunPodProvider {name}: {}", c.message)));
+            }
             return Err(Blocked::new(
                 Reason::ProviderNotReady,
                 format!("RunPodProvider {name} is not ready ({}): {}", c.reason, c.message),

@@ -212,6 +212,10 @@ pub struct Faults {
     pub create_timeouts: u32,
     #[serde(default = "sixty")]
     pub create_timeout_seconds: u64,
+    /// Next N creates succeed on RunPod's side but their answer is lost: GraphQL answers
+    /// `INTERNAL_SERVER_ERROR`, REST v2 answers HTTP 502.
+    #[serde(default)]
+    pub create_lost_answers: u32,
     /// Next N creates fail with the capacity message even with stock (stock is advisory).
     #[serde(default)]
     pub capacity_failures: u32,

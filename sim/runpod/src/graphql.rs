@@ -398,6 +398,12 @@ async fn deploy(ctx: &Context<'_>, input: PodFindAndDeployOnDemandInput, spot: b
         let (mut w, now) = sim.world();
         let pod = w.create_pod(req, now).map_err(|e| business(&e))?;
         let id = pod.id.clone();
+        if w.faults.create_lost_answers > 0 {
+            // The pod exists on RunPod's side; the caller hears only an internal error.
+            w.faults.create_lost_answers -= 1;
+            return Err(Error::new(crate::world::messages::INTERNAL)
+                .extend_with(|_, ext| ext.set("code", "INTERNAL_SERVER_ERROR")));
+        }
         let view = w.pods.get(&id).map(|p| pod_view(p, &w, now));
         let delay = if w.faults.create_timeouts > 0 {
             w.faults.create_timeouts -= 1;

@@ -253,6 +253,11 @@ async fn create_pod(
             Ok(p) => (StatusCode::CREATED, axum::Json(pod_json(p, now))).into_response(),
             Err(e) => return sim_error(&e),
         };
+        if w.faults.create_lost_answers > 0 {
+            // The pod exists on RunPod's side; the caller hears only a bad gateway.
+            w.faults.create_lost_answers -= 1;
+            return (StatusCode::BAD_GATEWAY, "502 Bad Gateway").into_response();
+        }
         let delay = (w.faults.create_timeouts > 0).then(|| {
             w.faults.create_timeouts -= 1;
             w.faults.create_timeout_seconds

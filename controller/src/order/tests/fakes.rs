@@ -59,6 +59,8 @@ pub struct FakeRunPod {
     /// Lists to hide a new pod from.
     pub list_lag: Mutex<u32>,
     pub lists: Mutex<u32>,
+    /// Errors the next pod lists answer with (RunPod down, rate limiting).
+    pub list_errors: Mutex<VecDeque<RunPodError>>,
     pub no_terminate_after: bool,
 }
 
@@ -139,6 +141,9 @@ impl RunPodApi for FakeRunPod {
     }
     async fn list_pods(&self) -> Result<Vec<Pod>, RunPodError> {
         *lock(&self.lists) += 1;
+        if let Some(e) = lock(&self.list_errors).pop_front() {
+            return Err(e);
+        }
         let mut unlisted = lock(&self.unlisted);
         let pods = lock(&self.pods).iter().filter(|p| !unlisted.contains_key(&p.id)).cloned().collect();
         unlisted.retain(|_, n| {
@@ -174,7 +179,9 @@ impl RunPodApi for FakeRunPod {
         Ok(vec![offer(GPU_A, 0.72), offer(GPU_B, 0.39)])
     }
     async fn network_volumes(&self) -> Result<Vec<NetworkVolume>, RunPodError> {
-        Ok(vec![])
+        let vol =
+            NetworkVolume { id: "vol1".into(), name: "data".into(), size_gb: 1, data_center_id: "EU-RO-1".into() };
+        Ok(vec![vol])
     }
     fn supports_terminate_after(&self) -> bool {
         !self.no_terminate_after

@@ -6,7 +6,13 @@ use ep_api::volume::{FORMAT_VERSION, TerminalState, keys};
 
 use super::fakes::{Create, GPU_A, GPU_B, Sim, world_and_order};
 use crate::order::pod::CREATE_SETTLE;
-use crate::runpod::PodStatus;
+use std::time::Duration;
+
+use crate::runpod::{PodStatus, RunPodError};
+
+fn ready(s: &Sim) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.status().conditions.iter().find(|c| c.type_ == "Ready").cloned().expect("a Ready condition")
+}
 
 fn sim() -> Sim {
     let (world, order) = world_and_order();
@@ -117,6 +123,7 @@ async fn a_create_whose_answer_was_lost_is_adopted_not_repeated() {
     claimed(&mut s).await;
     s.pass().await.unwrap();
     assert!(s.status().pod_requested_at.is_some() && s.status().pod_id.is_none());
+    assert_eq!(ready(&s).reason, "CreateOutcomeUnknown", "the unknown outcome is in status");
     s.now += 1.0;
     s.pass().await.unwrap();
     assert_eq!(s.world.runpod().creates.lock().unwrap().len(), 1, "one create only");
@@ -395,7 +402,8 @@ async fn without_terminate_after_the_runner_is_told_its_deadline_and_where_to_en
 
 #[tokio::test]
 async fn a_full_or_failing_volume_shows_its_reason_in_status_and_the_sync_resumes_after() {
-    for (status, reason, words) in [(507, "VolumeFull", "volume is full"), (502, "S3Unavailable", "S3 API failed")] {
+    for (status, reason, words) in [(507, "VolumeFull", "is full (HTTP 507)"), (502, "S3Unavailable", "S3 API failed")]
+    {
         let mut s = sim();
         *s.world.store().fail_writes.lock().unwrap() = Some(status);
         s.until(OrderPhase::Provisioned, 4).await;
@@ -405,8 +413,48 @@ async fn a_full_or_failing_volume_shows_its_reason_in_status_and_the_sync_resume
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
         assert_eq!(ready.reason, reason, "{ready:?}");
         assert!(ready.message.contains(words), "{ready:?}");
+        if status == 507 {
+            // The figures: the volume's size from RunPod, what a listing finds on it.
+            let used = s.world.store().objects.lock().unwrap().values().map(|b| b.len()).sum::<usize>();
+            let free = 1.0 - used as f64 / 1e9;
+            let figures = format!("{:.2} GB of 1 GB used", used as f64 / 1e9);
+            assert!(
+                ready.message.contains(&figures) && ready.message.contains(&format!("{free:.2} GB free")),
+                "{ready:?}"
+            );
+        }
         assert!(s.done.last().unwrap().requeue.is_some(), "looked at again");
         *s.world.store().fail_writes.lock().unwrap() = None;
         s.until(OrderPhase::Synced, 3).await;
+    }
+}
+
+#[tokio::test]
+async fn runpod_down_or_rate_limiting_shows_in_status_and_supervision_resumes_after() {
+    let cases = [
+        (RunPodError::Transient { message: "HTTP 502".into(), may_have_applied: false }, "RunPodUnavailable", 0),
+        (
+            RunPodError::RateLimited { message: "HTTP 429".into(), retry_after: Some(Duration::from_secs(7)) },
+            "RunPodRateLimited",
+            7,
+        ),
+    ];
+    for (error, reason, retry_after) in cases {
+        let mut s = sim();
+        online(&mut s).await;
+        s.world.runpod().list_errors.lock().unwrap().push_back(error);
+        s.now += 2.0;
+        s.pass().await.unwrap();
+        assert_eq!(s.status().phase, Some(OrderPhase::RunnerOnline), "the run goes on");
+        let c = ready(&s);
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason), "{c:?}");
+        assert_eq!(s.status().reason.as_deref(), Some(reason));
+        let requeue = s.done.last().unwrap().requeue.unwrap();
+        assert!(requeue >= Duration::from_secs(retry_after.max(1)), "{requeue:?}");
+        s.heartbeat(s.token());
+        s.now += 2.0;
+        s.pass().await.unwrap();
+        assert_eq!(ready(&s).reason, "RunnerOnline", "supervision resumed");
+        assert_eq!(s.status().reason, None);
     }
 }

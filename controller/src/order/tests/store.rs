@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use ep_volume::store::Usage;
 use ep_volume::{ObjectInfo, StoreError, VolumeStore};
 use sha2::{Digest, Sha256};
 
@@ -67,5 +68,10 @@ impl VolumeStore for FakeStore {
     }
     fn requests(&self) -> u64 {
         0
+    }
+    async fn usage(&self) -> Result<Option<Usage>, StoreError> {
+        let objects = lock(&self.objects);
+        let bytes = objects.values().map(|b| b.len() as u64).sum();
+        Ok(Some(Usage { bytes, objects: objects.len() as u64, complete: true }))
     }
 }

@@ -188,6 +188,12 @@ impl Volumes {
         p
     }
 
+    fn etag_cache_path(root: &Path, key: &str) -> PathBuf {
+        let mut p = root.join(META);
+        p.push(format!("{}.etag", key.trim_end_matches('/')));
+        p
+    }
+
     /// The sidecar, if it still describes the file on disk (a pod may have rewritten it).
     async fn sidecar(root: &Path, key: &str, md: &std::fs::Metadata) -> Option<Sidecar> {
         let bytes = tokio::fs::read(Self::sidecar_path(root, key)).await.ok()?;
@@ -216,18 +222,38 @@ impl Volumes {
         if let Some(s) = Self::sidecar(root, key, &md).await {
             return Ok((md, s));
         }
-        let mut f = tokio::fs::File::open(path).await.map_err(io_err)?;
-        let mut h = Md5::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).await.map_err(io_err)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
+        // RunPod computes the MD5 of a file written in a pod once and caches it; the cache is not
+        // a sidecar, so such a file stays what it was for `s3HidePodFiles`.
+        let cache = Self::etag_cache_path(root, key);
+        if let Some(s) = tokio::fs::read(&cache)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Sidecar>(&b).ok())
+            .filter(|s| s.size == md.len() && s.mtime_ns == mtime_ns(&md))
+        {
+            return Ok((md, s));
         }
-        let s =
-            Sidecar { size: md.len(), mtime_ns: mtime_ns(&md), md5: hex::encode(h.finalize()), ..Sidecar::default() };
+        let file = path.to_path_buf();
+        let md5 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut f = std::fs::File::open(&file)?;
+            let mut h = Md5::new();
+            let mut buf = vec![0u8; 8 << 20];
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)?;
+                if n == 0 {
+                    return Ok(hex::encode(h.finalize()));
+                }
+                h.update(&buf[..n]);
+            }
+        })
+        .await
+        .map_err(S3Error::internal_error)?
+        .map_err(io_err)?;
+        let s = Sidecar { size: md.len(), mtime_ns: mtime_ns(&md), md5, ..Sidecar::default() };
+        if let Some(parent) = cache.parent() {
+            let _ = tokio::fs::create_dir_all(parent).await;
+        }
+        let _ = tokio::fs::write(&cache, serde_json::to_vec(&s).unwrap_or_default()).await;
         Ok((md, s))
     }
 
