@@ -415,7 +415,7 @@ async fn a_full_or_failing_volume_shows_its_reason_in_status_and_the_sync_resume
         assert!(ready.message.contains(words), "{ready:?}");
         if status == 507 {
             // The figures: the volume's size from RunPod, what a listing finds on it.
-            let used = s.world.store().objects.lock().unwrap().values().map(|b| b.len()).sum::<usize>();
+            let used = s.world.store().objects.lock().unwrap().values().map(bytes::Bytes::len).sum::<usize>();
             let free = 1.0 - used as f64 / 1e9;
             let figures = format!("{:.2} GB of 1 GB used", used as f64 / 1e9);
             assert!(
