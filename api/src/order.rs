@@ -267,6 +267,10 @@ pub struct RunPodOrderStatus {
     /// When draining started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_started_at: Option<Time>,
+    /// The last lines of the pod's container log (REST v2), read when the runner never came
+    /// online: why an image did not start, or why the runner died before writing to the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_log: Option<String>,
     /// Evidence that the run's files disagree, seen once while draining: the pod is kept and the
     /// volume read again, and only the same evidence seen twice makes FailedStatusDivergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]

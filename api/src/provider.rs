@@ -37,10 +37,10 @@ pub struct RunPodProviderSpec {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Transport {
-    /// `POST <endpoint>/graphql` (retiring early 2027).
-    #[default]
+    /// `POST <endpoint>/graphql`: rate-limited since 2026-09-17, retired by RunPod in early 2027.
     Graphql,
-    /// `<endpoint>/v2/...` (REST v2).
+    /// `<endpoint>/v2/...` (REST v2, the default).
+    #[default]
     RestV2,
 }
 
@@ -48,7 +48,7 @@ pub enum Transport {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiEndpoint {
-    /// graphql or restV2.
+    /// restV2 (the default) or graphql (retiring).
     #[serde(default)]
     pub transport: Transport,
     /// Base URL, e.g. `https://api.runpod.io`.

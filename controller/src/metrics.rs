@@ -53,6 +53,8 @@ pub struct Metrics {
     pub settings_rejections: Gauge,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// Requests left in each of RunPod's rate-limit windows, as the last answer said.
+    pub runpod_ratelimit_remaining: Family<Labels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -81,6 +83,7 @@ impl Metrics {
             orphan_pods: Gauge::default(),
             settings_rejections: Gauge::default(),
             leader: Gauge::default(),
+            runpod_ratelimit_remaining: Family::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -119,7 +122,20 @@ impl Metrics {
         registry.register("orphan_pods", "Pods of the account that no order owns", m.orphan_pods.clone());
         registry.register("settings_rejections", "Settings files refused by hot reload", m.settings_rejections.clone());
         registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
+        registry.register(
+            "runpod_ratelimit_remaining",
+            "Requests left in each RunPod rate-limit window, as RunPod's last answer said",
+            m.runpod_ratelimit_remaining.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Copies what RunPod's rate-limit headers last said into the gauges.
+    pub fn rate_limits(&self) {
+        for w in crate::runpod::pace::windows() {
+            let remaining = i64::try_from(w.remaining).unwrap_or(i64::MAX);
+            self.runpod_ratelimit_remaining.get_or_create(&vec![("window", w.name)]).set(remaining);
+        }
     }
 
     pub fn reconciled(&self, kind: &'static str) {

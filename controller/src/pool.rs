@@ -59,6 +59,7 @@ impl Instrumented {
         let start = std::time::Instant::now();
         let r = f.await;
         self.metrics.runpod_call(op, r.as_ref().map_or_else(RunPodError::category, |_| "ok"), start.elapsed());
+        self.metrics.rate_limits();
         r
     }
 }
@@ -93,6 +94,9 @@ impl RunPodApi for Instrumented {
     }
     fn self_terminate_base(&self) -> Option<String> {
         self.inner.self_terminate_base()
+    }
+    async fn container_logs(&self, id: &str) -> Result<Option<String>, RunPodError> {
+        self.call("container_logs", self.inner.container_logs(id)).await
     }
 }
 

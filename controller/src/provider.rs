@@ -6,6 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use ep_api::provider::Transport;
 use ep_api::{CONDITION_READY, RunPodProvider, RunPodProviderStatus, set_condition};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -102,6 +103,12 @@ async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<Provid
     (Verdict { ready: true, reason: Reason::Ready, message, size_gb: Some(found.size_gb) }, Some(conn))
 }
 
+/// The condition a provider on GraphQL carries (True while it stays on GraphQL).
+pub const CONDITION_GRAPHQL_RETIRING: &str = "GraphqlRetiring";
+
+const GRAPHQL_RETIRING: &str = "RunPod rate-limits its GraphQL API since 2026-09-17 and retires it in early 2027: \
+     set spec.api.transport to restV2 (the default) on this provider; nothing else changes";
+
 /// One pass of the provider reconciler.
 #[tracing::instrument(skip_all, fields(kind = KIND, name = p.name_any()))]
 pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -123,6 +130,21 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
         generation,
         time::to_k8s(now),
     );
+    let retiring_before = ep_api::find_condition(&st.conditions, CONDITION_GRAPHQL_RETIRING).is_some();
+    let retiring = p.spec.api.transport == Transport::Graphql;
+    st.conditions.retain(|c| c.type_ != CONDITION_GRAPHQL_RETIRING);
+    if retiring {
+        let (r, at) = (Reason::GraphqlRetiring, time::to_k8s(now));
+        set_condition(
+            &mut st.conditions,
+            CONDITION_GRAPHQL_RETIRING,
+            true,
+            r.as_str(),
+            GRAPHQL_RETIRING,
+            generation,
+            at,
+        );
+    }
     st.observed_generation = generation;
     if verdict.size_gb.is_some() {
         st.volume_size_gb = verdict.size_gb;
@@ -136,6 +158,9 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
     }
     if was_ready != Some(verdict.ready) {
         ctx.events.publish(&p.object_ref(&()), verdict.reason, "Check", &verdict.message).await;
+    }
+    if retiring && !retiring_before {
+        ctx.events.publish(&p.object_ref(&()), Reason::GraphqlRetiring, "Check", GRAPHQL_RETIRING).await;
     }
     Ok(Action::requeue(ctx.poll()))
 }

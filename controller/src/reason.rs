@@ -232,6 +232,7 @@ reasons! {
     S3Unreachable: Wait, Order, Poll, "The volume's S3 API did not answer.";
     RunPodUnavailable: Wait, Order, Poll, "RunPod's API did not answer or failed (5xx); the call is made again at the next poll.";
     RunPodRateLimited: Wait, Order, Poll, "RunPod answered 429 (rate limited); the call waits for its Retry-After.";
+    GraphqlRetiring: Notice, Order, Never, "The provider speaks RunPod's GraphQL API, which RunPod retires in early 2027: set spec.api.transport to restV2.";
     OrphanPod: Notice, Bypass, Never, "The account holds a pod no order owns (made by hand, or left by deletionPolicy Orphan).";
     // The operator itself.
     Mirrored: Progress, Claim, Never, "The registry holds this object's rows.";
@@ -257,6 +258,7 @@ impl Reason {
             Kind::Notice => matches!(
                 self,
                 Self::DuplicatePodTerminated
+                    | Self::GraphqlRetiring
                     | Self::CreateLost
                     | Self::OrphanPod
                     | Self::RowRefused

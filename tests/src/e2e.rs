@@ -258,3 +258,21 @@ impl Stack {
         Ok(Watch { child, file })
     }
 }
+
+/// Runs an end-to-end test body `async fn NAME(transport: &'static str)` once per RunPod transport,
+/// as the tests `NAME::rest_v2` and `NAME::graphql`.
+#[macro_export]
+macro_rules! on_both_transports {
+    ($body:ident) => {
+        mod $body {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rest_v2() {
+                super::$body("restV2").await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn graphql() {
+                super::$body("graphql").await;
+            }
+        }
+    };
+}

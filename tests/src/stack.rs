@@ -43,11 +43,19 @@ pub struct StackOptions {
     /// The operator's `--lease-duration`: short, so a restarted operator leads again within
     /// seconds of a crash (leader election is on, as in production).
     pub lease_duration: String,
+    /// The quickstart provider's `spec.api.transport`: restV2 (the default) or graphql.
+    pub transport: &'static str,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { clock_speed: 60.0, settings: FAST_SETTINGS.to_owned(), world: None, lease_duration: "5s".into() }
+        Self {
+            clock_speed: 60.0,
+            settings: FAST_SETTINGS.to_owned(),
+            world: None,
+            lease_duration: "5s".into(),
+            transport: "restV2",
+        }
     }
 }
 
@@ -105,6 +113,7 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     operator_starts: u32,
     lease_duration: String,
+    transport: &'static str,
 }
 
 impl Stack {
@@ -118,8 +127,17 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
         std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
         let lease_duration = opts.lease_duration.clone();
-        let mut stack =
-            Self { pg, database_url, runpod, kube, operator: None, dir, operator_starts: 0, lease_duration };
+        let mut stack = Self {
+            pg,
+            database_url,
+            runpod,
+            kube,
+            operator: None,
+            dir,
+            operator_starts: 0,
+            lease_duration,
+            transport: opts.transport,
+        };
         stack.start_operator()?;
         Ok(stack)
     }
@@ -233,6 +251,10 @@ impl Stack {
     /// `with_experiment` is false (provider, Secrets, namespaces and the code ConfigMap only).
     pub fn apply_quickstart(&self, with_experiment: bool) -> Result<String, HarnessError> {
         let staged = self.stage(&workspace_root().join("examples/quickstart"))?;
+        let provider = staged.join("20-provider.yaml");
+        let text = std::fs::read_to_string(&provider).map_err(HarnessError::io("read provider"))?;
+        let text = text.replace("transport: restV2", &format!("transport: {}", self.transport));
+        std::fs::write(&provider, text).map_err(HarnessError::io("stage provider"))?;
         if !with_experiment {
             std::fs::remove_file(staged.join("30-experiment.yaml")).map_err(HarnessError::io("unstage experiment"))?;
         }

@@ -65,9 +65,8 @@ async fn provider_readiness_names_the_problem_and_never_the_secret() {
     assert!(stack.live_pods().await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
-    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static str) {
+    let stack = quickstart_stack(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
     stack
         .apply(&exp("gated").policy("paper_train").epochs(200, 0.2).attempts(1, None).gpus(&["rtx-pro-4500"]).yaml())
         .unwrap();
@@ -103,6 +102,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains() {
     assert_eq!(exp["status"]["history"][0]["outcome"], "Stopped");
     assert_eq!(cond(Some(&exp), "Ready").unwrap()["reason"], "Stopped");
 }
+ep_testkit::on_both_transports!(a_paid_launch_waits_for_approval_and_a_stop_drains);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_whose_runtime_never_appears_is_terminated_at_the_deadline() {
@@ -150,9 +150,8 @@ async fn pod_by_hand(stack: &Stack) -> ep_operator::runpod::Pod {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
-    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted(transport: &'static str) {
+    let stack = quickstart_stack(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
     let by_hand = pod_by_hand(&stack).await;
     let provider = stack
         .wait_for("rpp", None, "default", LONG, "orphan reported", |o| {
@@ -189,6 +188,7 @@ async fn pods_made_by_hand_are_reported_as_orphans_and_never_adopted() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+ep_testkit::on_both_transports!(pods_made_by_hand_are_reported_as_orphans_and_never_adopted);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
@@ -235,27 +235,59 @@ async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rest_v2_transport_runs_an_experiment_too() {
-    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+async fn a_provider_on_graphql_is_told_once_that_graphql_retires_and_one_on_rest_v2_is_not() {
+    let stack = quickstart_stack(&StackOptions { transport: "graphql", ..StackOptions::default() }).await.unwrap();
+    let retiring = |o: Option<&serde_json::Value>| cond(o, "GraphqlRetiring").is_some_and(|c| c["status"] == "True");
+    let p = stack.wait_for("rpp", None, "default", LONG, "GraphqlRetiring", retiring).unwrap();
+    let c = cond(p.as_ref(), "GraphqlRetiring").unwrap();
+    assert!(c["message"].as_str().unwrap().contains("set spec.api.transport to restV2"), "{c}");
+    // Several passes later, still one Event.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let events = stack
+        .kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "involvedObject.name=default,reason=GraphqlRetiring",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+    let events: serde_json::Value = serde_json::from_str(&events).unwrap();
+    let count: u64 = events["items"].as_array().unwrap().iter().map(|e| e["count"].as_u64().unwrap_or(1)).sum();
+    assert_eq!(count, 1, "{events}");
     stack.merge_patch("rpp", None, "default", r#"{"spec":{"api":{"transport":"restV2"}}}"#).unwrap();
     stack
-        .wait_for("rpp", None, "default", LONG, "Ready over REST v2", |o| {
-            o.is_some_and(|o| o["metadata"]["generation"] == o["status"]["observedGeneration"])
-                && cond(o, "Ready").is_some_and(|c| c["status"] == "True")
+        .wait_for("rpp", None, "default", LONG, "no GraphqlRetiring on REST v2", |o| {
+            o.is_some_and(|o| o["metadata"]["generation"] == o["status"]["observedGeneration"]) && !retiring(o)
         })
         .unwrap();
-    stack.apply(&exp("rest").yaml()).unwrap();
-    let e = stack.wait_phase("exp", "rest", &["Succeeded", "Failed"]).unwrap();
-    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
-    let metrics =
-        stack.operator.as_ref().unwrap().metric("ep_runpod_calls_total{operation=\"create_pod\",outcome=\"ok\"}");
-    assert_eq!(metrics, Some(1.0));
-    let world = stack.world().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_start_fails_with_the_container_logs_last_lines() {
+    init_tls();
+    let settings = FAST_SETTINGS.replace("runtimeStartDeadline: 2m", "runtimeStartDeadline: 4s");
+    let stack = Stack::start(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let image = "ghcr.io/acme/trainer:does-not-exist";
+    stack.faults(json!({"failingImages": [image]})).await.unwrap();
+    let yaml = exp("noimage").attempts(1, None).yaml();
+    let yaml = yaml.replace("image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404", &format!("image: {image}"));
+    stack.apply(&yaml).unwrap();
+    let e = stack.wait_phase("exp", "noimage", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Failed", "{}", e["status"]);
+    let ready = cond(Some(&e), "Ready").unwrap();
+    let message = ready["message"].as_str().unwrap_or_default();
     assert!(
-        world["requests"].as_object().unwrap().keys().any(|k| k.contains("POST /v2/pods") || k.starts_with("rest")),
-        "created through REST v2: {}",
-        world["requests"]
+        message.contains("pull access denied for ghcr.io/acme/trainer"),
+        "the container log is in the message: {ready}"
     );
+    let order = stack.get("rpo", Some(NS), "noimage-a1").unwrap().unwrap();
+    assert_eq!(order["status"]["drainReason"], "RuntimeNeverAppeared", "{}", order["status"]);
+    assert!(order["status"]["containerLog"].as_str().unwrap_or_default().contains("error pulling image"));
+    assert!(stack.live_pods().await.unwrap().is_empty(), "the pod was terminated");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,12 +335,11 @@ async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly()
     assert_eq!(n, 2, "both applied settings files are recorded, the refused one is not");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_never() {
+async fn orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_never(transport: &'static str) {
     init_tls();
     let settings = FAST_SETTINGS.replace("orphans: {action: Report}", "orphans: {action: Terminate}");
     assert_ne!(settings, FAST_SETTINGS);
-    let stack = Stack::start(&StackOptions { settings, ..StackOptions::default() }).await.unwrap();
+    let stack = Stack::start(&StackOptions { settings, transport, ..StackOptions::default() }).await.unwrap();
     stack.apply_quickstart(false).unwrap();
     stack.apply(&exp("owned").epochs(8, 0.5).yaml()).unwrap();
     let order = stack.wait_phase("rpo", "owned-a1", &["RUNNER_ONLINE"]).unwrap();
@@ -328,6 +359,7 @@ async fn orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_nev
     assert_eq!(e["status"]["phase"], "Succeeded", "the experiment's own pod was left alone: {}", e["status"]);
     assert_eq!(e["status"]["attempts"], 1);
 }
+ep_testkit::on_both_transports!(orphans_are_terminated_only_when_the_settings_say_so_and_owned_pods_never);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rest_v2_pod_whose_operator_is_gone_ends_itself_at_its_deadline() {

@@ -69,10 +69,9 @@ async fn query(url: &str, sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quickstart_completes_and_leaves_nothing_billing() {
+async fn quickstart_completes_and_leaves_nothing_billing(transport: &'static str) {
     init_tls();
-    let stack = Stack::start(&StackOptions::default()).await.unwrap();
+    let stack = Stack::start(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
     let out = stack.apply_quickstart(true).unwrap();
     assert!(out.contains("experiment.ep.dev/quickstart created"), "{out}");
     let exp = stack.wait_phase("exp", "quickstart", &["Succeeded", "Failed"]).unwrap();
@@ -142,6 +141,7 @@ async fn quickstart_completes_and_leaves_nothing_billing() {
         assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
     }
 }
+ep_testkit::on_both_transports!(quickstart_completes_and_leaves_nothing_billing);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
@@ -203,9 +203,8 @@ async fn a_vanished_pod_fails_the_attempt_and_a_second_attempt_completes() {
     assert!(stack.live_pods().await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capacity_error_on_the_first_choice_uses_the_second() {
-    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+async fn a_capacity_error_on_the_first_choice_uses_the_second(transport: &'static str) {
+    let stack = quickstart_stack(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
     stack.faults(json!({"capacityFailures": 1})).await.unwrap();
     stack.apply(&quick("cap", 3, 0.0)).unwrap();
     let exp = stack.wait_phase("exp", "cap", &["Succeeded", "Failed"]).unwrap();
@@ -216,10 +215,10 @@ async fn a_capacity_error_on_the_first_choice_uses_the_second() {
     let events = stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=cap-a1"]).unwrap();
     assert!(events.contains("TryingNextGpu"), "{events}");
 }
+ep_testkit::on_both_transports!(a_capacity_error_on_the_first_choice_uses_the_second);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another() {
-    let mut stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another(transport: &'static str) {
+    let mut stack = quickstart_stack(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
     // Every pod id runpod-sim shows during the test, sampled every 50 ms: a duplicate would live
     // at least until the operator's next pass, far longer than one sample.
     let admin = stack.runpod.get("admin");
@@ -274,6 +273,7 @@ async fn an_operator_killed_after_create_adopts_the_pod_instead_of_opening_anoth
     assert_eq!(ids, [order["status"]["podId"].as_str().unwrap().to_owned()], "exactly one pod for the run");
     assert!(stack.live_pods().await.unwrap().is_empty());
 }
+ep_testkit::on_both_transports!(an_operator_killed_after_create_adopts_the_pod_instead_of_opening_another);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_ends_the_pod() {

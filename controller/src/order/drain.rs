@@ -197,7 +197,10 @@ async fn judge<W: World>(
         }
         return Ok(false);
     }
-    let (state, reason, message) = outcome(drain_reason, &ev);
+    let (state, reason, mut message) = outcome(drain_reason, &ev);
+    if let (Evidence::NoTerminal, Some(log)) = (&ev, &pass.st.container_log) {
+        message = Some(format!("{}; the container log ends: {log}", message.unwrap_or_default()));
+    }
     let mut out = RunOutcome {
         state,
         reason: reason.as_str().to_owned(),

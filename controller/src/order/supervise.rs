@@ -200,6 +200,14 @@ fn backstop(poll: Duration) -> Duration {
     poll * 5
 }
 
+/// The last lines of a container log, at most 5 lines and 1,000 characters; None when empty.
+pub fn log_tail(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    let start = tail.char_indices().rev().nth(999).map_or(0, |(i, _)| i);
+    (!tail.is_empty()).then(|| tail[start..].to_owned())
+}
+
 /// Asks the runner to stop (SIGTERM through RunPod's stop) unless it finished, and enters DRAINING.
 async fn start_drain<A: RunPodApi, S>(
     pass: &mut Pass<'_>,
@@ -211,6 +219,13 @@ async fn start_drain<A: RunPodApi, S>(
 ) {
     pass.st.drain_reason = Some(reason.as_str().to_owned());
     pass.st.drain_started_at = Some(time::to_k8s(pass.now));
+    if let Some(p) = pod.filter(|_| pass.st.online_at.is_none() && hb.is_none()) {
+        // The runner never wrote to the volume: only the container log can say why.
+        match conn.api.container_logs(&p.id).await {
+            Ok(log) => pass.st.container_log = log.as_deref().and_then(log_tail),
+            Err(e) => tracing::warn!(order = %pass.name, pod = %p.id, error = %e, "container log not read"),
+        }
+    }
     if let Some(p) = pod.filter(|p| p.status == PodStatus::Running && !terminal_present) {
         if let Err(e) = conn.api.stop_pod(&p.id).await {
             tracing::warn!(order = %pass.name, pod = %p.id, error = %e, "stop before drain failed");

@@ -1,4 +1,5 @@
-//! The HTTP core both transports share: auth header, User-Agent, timeouts, retries.
+//! The HTTP core both transports share: auth header, User-Agent, timeouts, retries, and pacing by
+//! the account's rate-limit headers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub(crate) struct Http {
     pub base: String,
     key: Arc<str>,
     pub opts: ClientOptions,
+    /// The account's rate-limit budget, shared with every client of the same key.
+    pacer: Arc<super::pace::Pacer>,
 }
 
 impl std::fmt::Debug for Http {
@@ -96,7 +99,8 @@ impl Http {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| RunPodError::InvalidRequest { message: format!("cannot build the HTTP client: {e}") })?;
-        Ok(Self { client, base: base.trim_end_matches('/').to_owned(), key: key.into(), opts })
+        let pacer = super::pace::for_key(key);
+        Ok(Self { client, base: base.trim_end_matches('/').to_owned(), key: key.into(), opts, pacer })
     }
 
     /// Sends a request built by `build`, retrying what is safe to retry.
@@ -110,11 +114,16 @@ impl Http {
         let policy = &self.opts.retry;
         let mut attempt = 1;
         loop {
+            self.pacer.wait().await;
             let result = build(&self.client).bearer_auth(&*self.key).timeout(timeout).send().await;
             let err = match result {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let retry_after = retry_after(resp.headers());
+                    self.pacer.observe(resp.headers());
+                    if let (429, Some(after)) = (status, retry_after) {
+                        self.pacer.hold(after);
+                    }
                     let body = resp.bytes().await.unwrap_or_default();
                     if status == 429 || status >= 500 {
                         RunPodError::from_status(status, error_text(&body), retry_after)

@@ -9,6 +9,7 @@
 mod error;
 mod graphql;
 mod http;
+pub mod pace;
 mod rest;
 
 use std::collections::BTreeMap;
@@ -181,6 +182,10 @@ pub trait RunPodApi: Send + Sync {
     /// Where a pod reaches this API to end itself with its own pod-scoped RUNPOD_API_KEY, on the
     /// transports without terminateAfter (the REST base, e.g. `https://rest.runpod.io`).
     fn self_terminate_base(&self) -> Option<String>;
+    /// The pod's container log (REST v2 `GET /v2/pods/{id}/logs`); None where the transport has none.
+    fn container_logs(&self, _id: &str) -> impl Future<Output = Result<Option<String>, RunPodError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// The transport a provider speaks, chosen at run time.
@@ -244,6 +249,9 @@ impl RunPodApi for RunPodClient {
     }
     fn self_terminate_base(&self) -> Option<String> {
         delegate!(self, c => c.self_terminate_base())
+    }
+    async fn container_logs(&self, id: &str) -> Result<Option<String>, RunPodError> {
+        delegate!(self, c => c.container_logs(id).await)
     }
 }
 

@@ -288,6 +288,15 @@ impl RunPodApi for RestTransport {
             .collect())
     }
 
+    async fn container_logs(&self, id: &str) -> Result<Option<String>, RunPodError> {
+        let a = self.get("podLogs", &format!("/pods/{id}/logs")).await?;
+        match a.status {
+            200..=299 => Ok(Some(String::from_utf8_lossy(&a.body).into_owned())),
+            404 => Ok(None),
+            s => Err(RunPodError::from_status(s, error_text(&a.body), None)),
+        }
+    }
+
     async fn network_volumes(&self) -> Result<Vec<NetworkVolume>, RunPodError> {
         let a = self.get("networkVolumes", "/network-volumes").await?;
         Ok(ok_json::<Volumes>("networkVolumes", &a)?

@@ -36,6 +36,10 @@ pub struct WorldConfig {
     pub s3_max_put_bytes: i64,
     #[serde(default)]
     pub faults: Faults,
+    /// REST v2's account-wide rate limit (none when empty): windows answered in the `RateLimit`
+    /// headers and enforced with 429.
+    #[serde(default)]
+    pub rate_limit: Vec<crate::ratelimit::RatePolicy>,
 }
 
 fn max_put() -> i64 {
@@ -222,6 +226,9 @@ pub struct Faults {
     /// Next N resumes fail with "not enough free GPUs on the host machine".
     #[serde(default)]
     pub resume_failures: u32,
+    /// Images whose pods never start: no runtime, and the container log says the pull failed.
+    #[serde(default)]
+    pub failing_images: Vec<String>,
     /// Pods created from now on never get a runtime.
     #[serde(default)]
     pub runtime_never_appears: bool,

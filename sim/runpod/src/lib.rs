@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod graphql;
 pub mod pods;
+pub mod ratelimit;
 pub mod rest;
 pub mod s3;
 pub mod server;

@@ -83,7 +83,7 @@ pub async fn start(opts: SimOptions) -> std::io::Result<RunningSim> {
     let state = AppState { sim: sim.clone(), schema: schema(sim.clone()) };
     let app = Router::new()
         .route("/graphql", post(graphql))
-        .nest("/v2", rest::routes())
+        .nest("/v2", rest::routes().layer(axum::middleware::from_fn_with_state(state.clone(), crate::ratelimit::layer)))
         .nest("/_sim", admin::routes())
         .with_state(state);
     let mut tasks = Vec::new();

@@ -242,6 +242,10 @@ pub struct World {
     pub requests: BTreeMap<String, u64>,
     /// Pods ever created, by pod name (a name created twice is a duplicate the client made).
     pub created_by_name: BTreeMap<String, u32>,
+    /// Requests refused with 429 by the rate-limit policy.
+    pub rate_limited_answers: u64,
+    #[serde(skip)]
+    pub limiter: crate::ratelimit::Limiter,
     #[serde(skip)]
     pub state_dir: PathBuf,
 }
@@ -283,6 +287,8 @@ impl World {
             faults: config.faults.clone(),
             requests: BTreeMap::new(),
             created_by_name: BTreeMap::new(),
+            rate_limited_answers: 0,
+            limiter: crate::ratelimit::Limiter::default(),
             state_dir,
             config,
         }
@@ -383,7 +389,8 @@ impl World {
         let location =
             self.config.data_centers.iter().find(|d| d.id == dc).map(|d| d.location.clone()).unwrap_or_default();
         let timing = &self.config.pods;
-        let runtime_at = (!self.faults.runtime_never_appears)
+        let failing_image = self.faults.failing_images.contains(&req.image_name);
+        let runtime_at = (!self.faults.runtime_never_appears && !failing_image)
             .then(|| now + chrono::Duration::milliseconds((timing.start_delay_seconds * 1000.0) as i64));
         let ports_after_seconds = (!self.faults.starts_without_ports).then_some(timing.ports_delay_seconds);
         let pod = Pod {
@@ -428,6 +435,17 @@ impl World {
             id: id.clone(),
         };
         *self.created_by_name.entry(pod.name.clone()).or_default() += 1;
+        if failing_image {
+            // What docker tells RunPod's container log when an image cannot be pulled.
+            let dir = self.pod_dir(&id);
+            let log = format!(
+                "{} create container {image}\n{} error pulling image: Error response from daemon: pull access denied for {image}, repository does not exist or may require 'docker login': denied: requested access to the resource is denied\n",
+                now.to_rfc3339(),
+                now.to_rfc3339(),
+                image = pod.image_name,
+            );
+            let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join("container.log"), log));
+        }
         self.pods.insert(id.clone(), pod);
         self.pods.get(&id).ok_or(SimError::Capacity)
     }

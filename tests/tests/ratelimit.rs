@@ -1,0 +1,69 @@
+//! REST v2's account-wide rate limit: with runpod-sim enforcing 60 requests per minute, thirty
+//! running orders finish without one request refused, because the operator paces itself by the
+//! `RateLimit` headers. `EP_RATELIMIT_SECONDS` sets how long the runs last (90 s by default; 600
+//! for the ten-minute run).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use ep_testkit::e2e::{NS, exp, phase, quickstart_stack};
+use ep_testkit::stack::{FAST_SETTINGS, StackOptions};
+
+const ORDERS: usize = 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_running_orders_under_sixty_requests_a_minute_get_no_429_and_all_finish() {
+    let seconds: f64 = std::env::var("EP_RATELIMIT_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(90.0);
+    let world = runpod_sim::config::DEFAULT_WORLD
+        .replace("cloudType: SECURE, count: 4}", "cloudType: SECURE, count: 40}")
+        .replace("stock:\n", "rateLimit:\n  - {name: minute, quota: 60, windowSeconds: 60}\nstock:\n");
+    assert!(world.contains("quota: 60"));
+    let settings = FAST_SETTINGS
+        .replace("maxConcurrentGpus: 4", "maxConcurrentGpus: 40")
+        .replace("maxUsdPerDay: 50", "maxUsdPerDay: 500");
+    let stack =
+        quickstart_stack(&StackOptions { world: Some(world), settings, ..StackOptions::default() }).await.unwrap();
+    let started = Instant::now();
+    let epochs = (seconds / 5.0).ceil() as u32;
+    for n in 0..ORDERS {
+        stack.apply(&exp(&format!("paced{n}")).epochs(epochs, 5.0).gpus(&["rtx-pro-4500"]).yaml()).unwrap();
+    }
+    // All thirty are online together at some point.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let out = stack.kubectl(&["get", "rpo", "-n", NS, "-o", "json"]).unwrap();
+        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let online = list["items"].as_array().unwrap().iter().filter(|o| phase(Some(o)) == "RUNNER_ONLINE").count();
+        if online == ORDERS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {online} of {ORDERS} orders came online");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let all_online = started.elapsed();
+    for n in 0..ORDERS {
+        let e = stack.wait_phase("exp", &format!("paced{n}"), &["Succeeded", "Failed"]).unwrap();
+        assert_eq!(e["status"]["phase"], "Succeeded", "paced{n}: {}", e["status"]);
+    }
+    let world = stack.world().await.unwrap();
+    let requests: u64 = world["requests"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("rest"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    let remaining = stack.operator.as_ref().unwrap().metric("ep_runpod_ratelimit_remaining{window=\"minute\"}");
+    eprintln!(
+        "{ORDERS} orders, {:.0} s runs: all online after {:.0} s, all done after {:.0} s; {requests} REST requests ({:.1}/min), {} refused; remaining quota metric {remaining:?}",
+        seconds,
+        all_online.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        requests as f64 / started.elapsed().as_secs_f64() * 60.0,
+        world["rateLimitedAnswers"],
+    );
+    assert_eq!(world["rateLimitedAnswers"], 0, "requests refused with 429");
+    assert!(remaining.is_some(), "the remaining quota is exported");
+    assert!(stack.live_pods().await.unwrap().is_empty());
+}
