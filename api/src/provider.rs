@@ -129,4 +129,48 @@ pub struct RunPodProviderStatus {
     /// Pods the account holds that no order owns (reported, terminated only if settings say so).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphan_pods: Vec<String>,
+    /// RunPod's GPU catalog as this provider sees it (`kubectl ep gpus` prints it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<ProviderCatalog>,
+}
+
+/// RunPod's GPU catalog, refreshed about once a minute.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderCatalog {
+    /// When RunPod was asked.
+    pub observed_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    /// Every GPU type of the catalog.
+    #[serde(default)]
+    pub gpus: Vec<CatalogGpu>,
+}
+
+/// One GPU type of RunPod's catalog.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogGpu {
+    /// RunPod's gpu type id, e.g. `NVIDIA L4`.
+    pub id: String,
+    /// RunPod's display name, e.g. `L4`.
+    pub display_name: String,
+    /// The operator's aliases for it (settings `gpuAliases`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// GPU memory in GB.
+    pub memory_gb: i32,
+    /// On-demand USD per GPU-hour in the secure cloud, when offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_price: Option<f64>,
+    /// On-demand USD per GPU-hour in the community cloud, when offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub community_price: Option<f64>,
+    /// Stock at the volume's data center, where this provider's pods run: High, Medium, Low, None
+    /// or Unknown.
+    pub stock: String,
+    /// Data centers with stock (REST v2 only; GraphQL reports the volume's data center alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data_centers: Vec<String>,
+    /// Policies that may rent it here: the policy's cloud offers it, within its maxCostPerHour.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<String>,
 }

@@ -1,7 +1,8 @@
-//! `kubectl-ep`: the kubectl plugin for what YAML cannot do well: push a payload, approve an
-//! order, stop a run.
+//! `kubectl-ep`: the kubectl plugin for what YAML cannot do well: push a payload, see RunPod's
+//! GPUs, read a run's logs, approve an order, stop a run.
 
 mod orders;
+mod runpod;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,37 @@ enum Command {
     Approve {
         /// The RunPodOrder.
         order: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// RunPod's GPU catalog as the operator sees it through each RunPodProvider, cheapest first.
+    Gpus {
+        /// Only this RunPodProvider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// At least this much GPU memory, GB.
+        #[arg(long)]
+        min_vram: Option<i32>,
+        /// At most this USD per GPU-hour (the cheaper cloud).
+        #[arg(long)]
+        max_price: Option<f64>,
+        /// In stock at this data center (e.g. EU-RO-1).
+        #[arg(long = "dc")]
+        data_center: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: runpod::Output,
+    },
+    /// What a run printed: the training script's stdout and stderr from the volume, or with
+    /// --container the pod's container log from RunPod (REST v2).
+    Logs {
+        /// A RunPodOrder, or an Experiment (its current, else last, order).
+        name: String,
+        /// The pod's container log (image pull, start-up, the runner before it reached the volume).
+        #[arg(long)]
+        container: bool,
+        /// Only the last N lines (of each stream).
+        #[arg(long)]
+        tail: Option<usize>,
         #[arg(short, long)]
         namespace: Option<String>,
     },
@@ -180,6 +212,15 @@ fn main() -> ExitCode {
         Command::Approve { order, namespace } => rt.block_on(async {
             let (client, ns, user) = orders::connect(namespace).await?;
             orders::approve(client, &ns, &order, &user).await
+        }),
+        Command::Gpus { provider, min_vram, max_price, data_center, output } => rt.block_on(async {
+            let (client, _, _) = orders::connect(None).await?;
+            let f = runpod::GpuFilter { provider, min_vram, max_price, data_center };
+            runpod::gpus(client, &f, output).await
+        }),
+        Command::Logs { name, container, tail, namespace } => rt.block_on(async {
+            let (client, ns, _) = orders::connect(namespace).await?;
+            runpod::logs(client, &ns, &runpod::LogsArgs { name, container, tail }).await
         }),
         Command::Stop { name, reason, namespace } => rt.block_on(async {
             if reason.trim().is_empty() {

@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, RwLock};
 use crate::metrics::Metrics;
 use crate::reason::Reason;
 use crate::runpod::{
-    ClientOptions, GpuOffer, GpuQuery, NetworkVolume, Pod, PodSpec, RunPodApi, RunPodClient, RunPodError,
+    CatalogEntry, ClientOptions, GpuOffer, GpuQuery, NetworkVolume, Pod, PodSpec, RunPodApi, RunPodClient, RunPodError,
 };
 
 /// Why a provider cannot be used.
@@ -44,10 +44,18 @@ impl ProviderError {
     }
 }
 
-/// The RunPod client with a metric per call.
+/// How long one catalog answer serves the orders of a provider. Many orders provisioned together
+/// ask the same question; one answer a few seconds old is as good (a GPU that sold out meanwhile
+/// fails its create with a capacity error and the next choice is tried).
+const CATALOG_FRESH: Duration = Duration::from_secs(10);
+
+/// The RunPod client with a metric per call and a short-lived catalog.
 pub struct Instrumented {
     inner: RunPodClient,
     metrics: Arc<Metrics>,
+    catalog: SyncMutex<Vec<(GpuQuery, std::time::Instant, Vec<GpuOffer>)>>,
+    volumes: SyncMutex<Option<(std::time::Instant, Vec<NetworkVolume>)>>,
+    catalog_asked: SyncMutex<Option<std::time::Instant>>,
 }
 
 impl Instrumented {
@@ -61,6 +69,29 @@ impl Instrumented {
         self.metrics.runpod_call(op, r.as_ref().map_or_else(RunPodError::category, |_| "ok"), start.elapsed());
         self.metrics.rate_limits();
         r
+    }
+
+    /// Whether the catalog shown in status is due for a refresh (at most once per `every`,
+    /// counted here rather than from status, so a status that cannot hold it costs no calls).
+    pub fn catalog_due(&self, every: Duration) -> bool {
+        let mut at = self.catalog_asked.lock().unwrap_or_else(PoisonError::into_inner);
+        if at.is_some_and(|t| t.elapsed() < every) {
+            return false;
+        }
+        *at = Some(std::time::Instant::now());
+        true
+    }
+
+    /// The account's network volumes, from an answer at most `max_age` old.
+    pub async fn network_volumes_within(&self, max_age: Duration) -> Result<Vec<NetworkVolume>, RunPodError> {
+        if let Some((at, v)) = &*self.volumes.lock().unwrap_or_else(PoisonError::into_inner)
+            && at.elapsed() < max_age
+        {
+            return Ok(v.clone());
+        }
+        let v = self.call("network_volumes", self.inner.network_volumes()).await?;
+        *self.volumes.lock().unwrap_or_else(PoisonError::into_inner) = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 }
 
@@ -84,7 +115,17 @@ impl RunPodApi for Instrumented {
         self.call("terminate_pod", self.inner.terminate_pod(id)).await
     }
     async fn gpu_types(&self, query: &GpuQuery) -> Result<Vec<GpuOffer>, RunPodError> {
-        self.call("gpu_types", self.inner.gpu_types(query)).await
+        let fresh = |c: &mut Vec<(GpuQuery, std::time::Instant, Vec<GpuOffer>)>| {
+            c.retain(|(_, at, _)| at.elapsed() < CATALOG_FRESH);
+            c.iter().find(|(q, _, _)| q == query).map(|(_, _, offers)| offers.clone())
+        };
+        if let Some(offers) = fresh(&mut self.catalog.lock().unwrap_or_else(PoisonError::into_inner)) {
+            return Ok(offers);
+        }
+        let offers = self.call("gpu_types", self.inner.gpu_types(query)).await?;
+        let mut c = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+        c.push((query.clone(), std::time::Instant::now(), offers.clone()));
+        Ok(offers)
     }
     async fn network_volumes(&self) -> Result<Vec<NetworkVolume>, RunPodError> {
         self.call("network_volumes", self.inner.network_volumes()).await
@@ -97,6 +138,15 @@ impl RunPodApi for Instrumented {
     }
     async fn container_logs(&self, id: &str) -> Result<Option<String>, RunPodError> {
         self.call("container_logs", self.inner.container_logs(id)).await
+    }
+    async fn turn(&self) {
+        self.inner.turn().await;
+    }
+    fn spacing(&self, share: f64) -> Duration {
+        self.inner.spacing(share)
+    }
+    async fn catalog(&self, data_center: &str) -> Result<Vec<CatalogEntry>, RunPodError> {
+        self.call("catalog", self.inner.catalog(data_center)).await
     }
 }
 
@@ -173,13 +223,21 @@ impl<A: RunPodApi, S> Conn<A, S> {
 
     /// The shared pod list, refreshed with one list call when it is older than `max_age` or not
     /// newer than `after`. Concurrent callers wait for the same call instead of making their own.
+    ///
+    /// Under RunPod's rate limit the list takes at most half of what the account has left: a
+    /// list younger than that spacing serves every caller that can use it, and a caller that
+    /// needs a newer one (after its create) waits for the spacing to pass.
     pub async fn pods(&self, max_age: Duration, after: u64) -> Result<PodList, RunPodError> {
         let mut slot = self.pods.lock().await;
-        if let Some(list) = slot.as_ref()
-            && list.seq > after
-            && (Utc::now() - list.fetched_at).to_std().unwrap_or_default() < max_age
-        {
-            return Ok(list.clone());
+        let spacing = self.api.spacing(0.5);
+        if let Some(list) = slot.as_ref() {
+            let age = (Utc::now() - list.fetched_at).to_std().unwrap_or_default();
+            if list.seq > after && age < max_age.max(spacing) {
+                return Ok(list.clone());
+            }
+            if age < spacing {
+                tokio::time::sleep(spacing - age).await;
+            }
         }
         let seq = self.sequence.tick();
         let list = PodList { pods: Arc::new(self.api.list_pods().await?), fetched_at: Utc::now(), seq };
@@ -200,6 +258,51 @@ impl<A: RunPodApi, S> Conn<A, S> {
 
 /// The connection type of a real provider.
 pub type ProviderConn = Conn<Instrumented, S3Volume>;
+
+/// A provider's secret values: the RunPod API key, the S3 access key id and secret.
+pub struct Credentials {
+    api_key: String,
+    s3_access_key: String,
+    s3_secret_key: String,
+}
+
+/// Reads a provider's Secrets as `client` is allowed to (the operator's service account, or a
+/// person's own kubeconfig in the kubectl plugin). Also returns a fingerprint of the spec and the
+/// Secrets' resourceVersions, so a rotated Secret is noticed.
+pub async fn credentials(
+    client: &kube::Client,
+    provider: &RunPodProvider,
+) -> Result<(Credentials, String), ProviderError> {
+    let name = provider.name_any();
+    let spec = &provider.spec;
+    let k = &spec.api.api_key_secret_ref;
+    let (mut api, rv1) =
+        read_secret(client, &name, "spec.api.apiKeySecretRef", &k.namespace, &k.name, &[&k.key]).await?;
+    let c = &spec.s3.credentials_secret_ref;
+    let field = "spec.s3.credentialsSecretRef";
+    let keys = [c.access_key_id_key.as_str(), c.secret_access_key_key.as_str()];
+    let (mut s3, rv2) = read_secret(client, &name, field, &c.namespace, &c.name, &keys).await?;
+    let fingerprint = format!("{}|{rv1}|{rv2}", serde_json::to_string(spec).unwrap_or_default());
+    let s3_secret_key = s3.pop().unwrap_or_default();
+    let s3_access_key = s3.pop().unwrap_or_default();
+    Ok((Credentials { api_key: api.pop().unwrap_or_default(), s3_access_key, s3_secret_key }, fingerprint))
+}
+
+/// The RunPod client and the volume store of a provider.
+pub fn clients(provider: &RunPodProvider, creds: &Credentials) -> Result<(RunPodClient, S3Volume), ProviderError> {
+    let spec = &provider.spec;
+    let inner = RunPodClient::new(spec.api.transport, &spec.api.endpoint, &creds.api_key, ClientOptions::default())
+        .map_err(|e| ProviderError::Client { provider: provider.name_any(), message: e.to_string() })?;
+    let vol = &spec.network_volume;
+    let store = S3Volume::new(S3Settings::new(
+        &spec.s3.endpoint,
+        &vol.data_center,
+        &vol.id,
+        &creds.s3_access_key,
+        &creds.s3_secret_key,
+    ));
+    Ok((inner, store))
+}
 
 /// Connections per provider name, rebuilt when the provider or its Secrets change.
 #[derive(Default)]
@@ -263,25 +366,21 @@ impl ProviderPool {
     ) -> Result<Arc<ProviderConn>, ProviderError> {
         let name = provider.name_any();
         let spec = &provider.spec;
-        let k = &spec.api.api_key_secret_ref;
-        let (mut api, rv1) =
-            read_secret(client, &name, "spec.api.apiKeySecretRef", &k.namespace, &k.name, &[&k.key]).await?;
-        let api_key = api.pop().unwrap_or_default();
-        let c = &spec.s3.credentials_secret_ref;
-        let field = "spec.s3.credentialsSecretRef";
-        let keys = [c.access_key_id_key.as_str(), c.secret_access_key_key.as_str()];
-        let (s3, rv2) = read_secret(client, &name, field, &c.namespace, &c.name, &keys).await?;
-        let fingerprint = format!("{}|{rv1}|{rv2}", serde_json::to_string(spec).unwrap_or_default());
+        let (creds, fingerprint) = credentials(client, provider).await?;
         if let Some(c) = self.conns.read().await.get(&name)
             && c.fingerprint == fingerprint
         {
             return Ok(c.clone());
         }
-        let inner = RunPodClient::new(spec.api.transport, &spec.api.endpoint, &api_key, ClientOptions::default())
-            .map_err(|e| ProviderError::Client { provider: name.clone(), message: e.to_string() })?;
+        let (inner, store) = clients(provider, &creds)?;
         let vol = &spec.network_volume;
-        let store = S3Volume::new(S3Settings::new(&spec.s3.endpoint, &vol.data_center, &vol.id, &s3[0], &s3[1]));
-        let api = Instrumented { inner, metrics: metrics.clone() };
+        let api = Instrumented {
+            inner,
+            metrics: metrics.clone(),
+            catalog: SyncMutex::default(),
+            volumes: SyncMutex::default(),
+            catalog_asked: SyncMutex::default(),
+        };
         let mut conn =
             Conn::new(&name, api, store, (&vol.id, &vol.data_center, &vol.mount_path), self.sequence.clone());
         conn.fingerprint = fingerprint;

@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
-use ep_api::provider::Transport;
+use ep_api::CloudType;
+use ep_api::provider::{CatalogGpu, Transport};
 use ep_api::{CONDITION_READY, RunPodProvider, RunPodProviderStatus, set_condition};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -19,8 +21,8 @@ use crate::names::{ENV_OWNER_UID, ENV_RUN_ID, MANAGER};
 use crate::pool::ProviderConn;
 use crate::reason::Reason;
 use crate::registry::InstanceRow;
-use crate::runpod::{PodStatus, RunPodApi, RunPodError};
-use crate::settings::OrphanAction;
+use crate::runpod::{CatalogEntry, PodStatus, RunPodApi, RunPodError, Stock};
+use crate::settings::{OrphanAction, Settings};
 use crate::time;
 
 pub const KIND: &str = "RunPodProvider";
@@ -37,13 +39,74 @@ fn not_ready(reason: Reason, message: String) -> Verdict {
     Verdict { ready: false, reason, message, size_gb: None }
 }
 
+/// How often the catalog in status is refreshed.
+const CATALOG_REFRESH: Duration = Duration::from_secs(60);
+
+/// The catalog as people read it: aliases, prices, stock where this provider's pods run, where
+/// else it is in stock, and which policies may rent it here. Sorted by the lowest price.
+pub fn catalog_view(entries: &[CatalogEntry], data_center: &str, settings: &Settings) -> Vec<CatalogGpu> {
+    let mut gpus: Vec<CatalogGpu> = entries
+        .iter()
+        .map(|e| {
+            let here = e
+                .availability
+                .iter()
+                .filter(|a| a.data_center_id == data_center)
+                .map(|a| a.stock)
+                .max_by_key(|s| s.rank())
+                .unwrap_or(Stock::Unknown);
+            let data_centers: BTreeSet<String> =
+                e.availability.iter().filter(|a| a.stock.available()).map(|a| a.data_center_id.clone()).collect();
+            let policies = settings
+                .policies
+                .iter()
+                .filter(|(_, p)| {
+                    let price = match p.cloud_type {
+                        CloudType::Secure => e.secure_price,
+                        CloudType::Community => e.community_price,
+                        CloudType::All => e.secure_price.into_iter().chain(e.community_price).reduce(f64::min),
+                    };
+                    price.is_some_and(|price| p.max_cost_per_hour.is_none_or(|max| price <= max))
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            CatalogGpu {
+                id: e.id.clone(),
+                display_name: e.display_name.clone(),
+                aliases: settings.gpu_aliases.iter().filter(|(_, id)| **id == e.id).map(|(a, _)| a.clone()).collect(),
+                memory_gb: e.memory_gb,
+                secure_price: e.secure_price,
+                community_price: e.community_price,
+                stock: here.as_str().to_owned(),
+                data_centers: data_centers.into_iter().collect(),
+                policies,
+            }
+        })
+        .collect();
+    let lowest =
+        |g: &CatalogGpu| g.secure_price.into_iter().chain(g.community_price).reduce(f64::min).unwrap_or(f64::MAX);
+    gpus.sort_by(|a, b| lowest(a).total_cmp(&lowest(b)).then_with(|| a.id.cmp(&b.id)));
+    gpus
+}
+
+/// How long a Ready provider trusts its last volume listing.
+const VOLUMES_FRESH: Duration = Duration::from_secs(30);
+
 async fn check(p: &RunPodProvider, ctx: &Context) -> (Verdict, Option<Arc<ProviderConn>>) {
     let conn = match ctx.providers.connect(&ctx.client, p, &ctx.metrics).await {
         Ok(c) => c,
         Err(e) => return (not_ready(e.reason(), e.to_string()), None),
     };
     let vol = &p.spec.network_volume;
-    let volumes = match conn.api.network_volumes().await {
+    // A Ready provider is re-checked every poll (its orphans are counted from the shared pod
+    // list); its volume need not be listed that often. One that is not Ready asks every time.
+    let ready = p
+        .status
+        .as_ref()
+        .and_then(|s| ep_api::find_condition(&s.conditions, CONDITION_READY))
+        .is_some_and(|c| c.status == "True" && c.observed_generation == p.metadata.generation);
+    let max_age = if ready { VOLUMES_FRESH } else { Duration::ZERO };
+    let volumes = match conn.api.network_volumes_within(max_age).await {
         Ok(v) => v,
         Err(e @ RunPodError::Unauthorized { .. }) => {
             let k = &p.spec.api.api_key_secret_ref;
@@ -152,6 +215,16 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
     if let Some(conn) = conn {
         let orphans = account_for_pods(&ctx, &conn, settings.orphans.action, now).await?;
         st.orphan_pods = orphans;
+        if conn.api.catalog_due(CATALOG_REFRESH.max(ctx.poll())) {
+            // The catalog is for people (`kubectl ep gpus`); a failure here leaves the last one.
+            match conn.api.catalog(&p.spec.network_volume.data_center).await {
+                Ok(entries) => {
+                    let gpus = catalog_view(&entries, &p.spec.network_volume.data_center, &settings);
+                    st.catalog = Some(ep_api::provider::ProviderCatalog { observed_at: time::to_k8s(now), gpus });
+                }
+                Err(e) => tracing::debug!(provider = %name, error = %e, "catalog not refreshed"),
+            }
+        }
     }
     if st != before {
         save(&ctx, &name, &st).await?;

@@ -42,6 +42,9 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(60);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Run { run_id, workspace } = cli.command;
+    // The container log (RunPod's `GET /v2/pods/{id}/logs`) is where a person looks when the
+    // volume shows nothing: say at once that the runner started and where it looks.
+    eprintln!("ep-runner {}: run {run_id} starting (volume at {})", env!("CARGO_PKG_VERSION"), workspace.display());
     let (stop, ended) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let switch = deadline::Switch::from_env()
         .map(|s| (s.deadline, deadline::arm(s, stop.clone(), ended.clone(), DEADLINE_GRACE)));

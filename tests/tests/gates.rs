@@ -88,6 +88,17 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
     assert!(order["spec"]["approvedBy"].as_str().is_some_and(|s| !s.is_empty()));
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     assert_eq!(stack.live_pods().await.unwrap().len(), 1);
+    // The live pod's container log: on REST v2 from RunPod; GraphQL has none and says so.
+    match transport {
+        "restV2" => {
+            let log = stack.kubectl_ep(&["logs", "gated", "--container", "-n", NS]).unwrap();
+            assert!(log.contains("ep-runner") && log.contains("starting"), "{log}");
+        }
+        _ => {
+            let err = stack.kubectl_ep(&["logs", "gated", "--container", "-n", NS]).unwrap_err().to_string();
+            assert!(err.contains("GraphQL, which has no container logs") && err.contains("restV2"), "{err}");
+        }
+    }
     let err = stack.merge_patch("rpo", Some(NS), "gated-a1", r#"{"spec":{"approved":false}}"#).unwrap_err();
     assert!(err.to_string().contains("cannot be withdrawn"), "{err}");
 
@@ -288,7 +299,65 @@ async fn an_image_that_cannot_start_fails_with_the_container_logs_last_lines() {
     assert_eq!(order["status"]["drainReason"], "RuntimeNeverAppeared", "{}", order["status"]);
     assert!(order["status"]["containerLog"].as_str().unwrap_or_default().contains("error pulling image"));
     assert!(stack.live_pods().await.unwrap().is_empty(), "the pod was terminated");
+    // The pod is gone; `kubectl ep logs --container` shows what the operator kept of its log.
+    let out = stack.kubectl_ep(&["logs", "noimage", "--container", "-n", NS]).unwrap();
+    assert!(out.contains("pull access denied for ghcr.io/acme/trainer"), "{out}");
+    // The runner never ran: no script log, and the error says where to look instead.
+    let err = stack.kubectl_ep(&["logs", "noimage", "-n", NS]).unwrap_err().to_string();
+    assert!(err.contains("has written no log yet") && err.contains("--container"), "{err}");
 }
+
+/// `kubectl ep gpus`: RunPod's catalog as the provider sees it, with aliases, prices, stock where
+/// the volume is, and the policies that may rent each GPU; filters narrow it.
+async fn kubectl_ep_gpus_shows_the_catalog_the_provider_sees(transport: &'static str) {
+    let stack = quickstart_stack(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
+    let provider = stack
+        .wait_for("rpp", None, "default", LONG, "a catalog", |o| {
+            o.is_some_and(|p| p["status"]["catalog"]["gpus"].is_array())
+        })
+        .unwrap()
+        .unwrap();
+    let table = stack.kubectl_ep(&["gpus"]).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("ALIAS") && lines[0].contains("POLICIES"), "{table}");
+    let pro = lines.iter().find(|l| l.contains("NVIDIA RTX PRO 4500 Blackwell")).unwrap_or_else(|| panic!("{table}"));
+    assert!(pro.starts_with("rtx-pro-4500"), "the alias comes first: {pro}");
+    // The price is runpod-sim's, to the cent.
+    let sim_price: f64 = runpod_sim::config::DEFAULT_WORLD
+        .lines()
+        .find(|l| l.contains("{id: NVIDIA RTX PRO 4500 Blackwell,"))
+        .and_then(|l| l.split("securePrice: ").nth(1))
+        .and_then(|p| p.split([',', '}']).next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pro.contains(&format!("{sim_price:.2}")), "price {sim_price}: {pro}");
+    assert!(pro.contains("smoke"), "the smoke policy may rent it: {pro}");
+    // Cheapest first.
+    let json: serde_json::Value = serde_json::from_str(&stack.kubectl_ep(&["gpus", "-o", "json"]).unwrap()).unwrap();
+    let rows = json.as_array().unwrap();
+    let price = |r: &serde_json::Value| {
+        let g = &r["gpu"];
+        [g["securePrice"].as_f64(), g["communityPrice"].as_f64()].into_iter().flatten().fold(f64::MAX, f64::min)
+    };
+    assert!(rows.windows(2).all(|w| price(&w[0]) <= price(&w[1])), "sorted by price: {json}");
+    assert_eq!(rows.len(), provider["status"]["catalog"]["gpus"].as_array().unwrap().len());
+    // Filters.
+    // The cheaper cloud counts: the PRO 4500 is 0.59 in the community cloud.
+    let cheap = stack.kubectl_ep(&["gpus", "--max-price", "0.5"]).unwrap();
+    assert!(!cheap.contains("RTX PRO 4500") && cheap.contains("NVIDIA L4"), "{cheap}");
+    let big = stack.kubectl_ep(&["gpus", "--min-vram", "32", "-o", "json"]).unwrap();
+    let big: serde_json::Value = serde_json::from_str(&big).unwrap();
+    assert!(big.as_array().unwrap().iter().all(|r| r["gpu"]["memoryGb"].as_i64().unwrap() >= 32), "{big}");
+    assert!(big.as_array().unwrap().len() < rows.len() && !big.as_array().unwrap().is_empty(), "{big}");
+    let wide = stack.kubectl_ep(&["gpus", "-o", "wide"]).unwrap();
+    assert!(wide.lines().next().unwrap().contains("IN STOCK AT"), "{wide}");
+    assert!(wide.contains("EU-RO-1"), "{wide}");
+    let err = stack.kubectl_ep(&["gpus", "--provider", "nope"]).unwrap_err().to_string();
+    assert!(err.contains("RunPodProvider nope does not exist"), "{err}");
+}
+
+ep_testkit::on_both_transports!(kubectl_ep_gpus_shows_the_catalog_the_provider_sees);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly() {

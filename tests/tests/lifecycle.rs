@@ -120,6 +120,13 @@ async fn quickstart_completes_and_leaves_nothing_billing(transport: &'static str
         query(url, "SELECT to_phase FROM exp_registry.phase_log WHERE kind = 'RunPodOrder' ORDER BY at, id").await;
     assert_eq!(log.len(), 7, "{log:?}");
 
+    // What the script printed, from the volume, by experiment name.
+    let printed = stack.kubectl_ep(&["logs", "quickstart", "-n", NS]).unwrap();
+    assert!(printed.lines().any(|l| l.starts_with("epoch 1/")), "{printed}");
+    let last = stack.kubectl_ep(&["logs", "quickstart", "-n", NS, "--tail", "1"]).unwrap();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.contains("\"f1\""), "the script's last line is its results: {last}");
+
     // The pod is gone on RunPod's side, and no pod without an owner remains.
     assert!(stack.live_pods().await.unwrap().is_empty(), "{:?}", stack.live_pods().await.unwrap());
     assert!(stack.live_pods().await.unwrap().iter().all(|p| p["id"] != pod_id));

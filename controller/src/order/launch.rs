@@ -198,9 +198,12 @@ fn record_pod(pass: &mut Pass<'_>, pod: &Pod) {
 }
 
 /// One create call, given up after `bound`: the request may have reached RunPod, so the next
-/// pass lists pods and adopts before any retry.
+/// pass lists pods and adopts before any retry. The bound starts once the account's rate limit
+/// gives the create its turn (a queue at RunPod's door is not a create that hangs).
 async fn bounded_create<A: RunPodApi>(api: &A, spec: &PodSpec, bound: Duration) -> Result<Pod, RunPodError> {
-    tokio::time::timeout(bound, api.create_pod(spec)).await.unwrap_or_else(|_| {
+    api.turn().await;
+    let call = crate::runpod::pace::prepaid(api.create_pod(spec));
+    tokio::time::timeout(bound, call).await.unwrap_or_else(|_| {
         Err(RunPodError::Transient {
             message: format!("no answer to the create within {}s", bound.as_secs()),
             may_have_applied: true,

@@ -14,7 +14,7 @@ use super::{
 /// RunPod's GraphQL API.
 #[derive(Clone, Debug)]
 pub struct GraphqlTransport {
-    http: Http,
+    pub(super) http: Http,
 }
 
 const POD_FIELDS: &str = "fragment PodFields on Pod { id name desiredStatus imageName env costPerHr gpuCount machineId \

@@ -103,6 +103,17 @@ impl Http {
         Ok(Self { client, base: base.trim_end_matches('/').to_owned(), key: key.into(), opts, pacer })
     }
 
+    /// Waits for this account's next turn; the call that follows inside
+    /// [`super::pace::prepaid`] uses it.
+    pub async fn turn(&self) {
+        self.pacer.wait().await;
+    }
+
+    /// See [`super::pace::Pacer::share`].
+    pub fn spacing(&self, share: f64) -> Duration {
+        self.pacer.share(share)
+    }
+
     /// Sends a request built by `build`, retrying what is safe to retry.
     pub async fn send(
         &self,
@@ -114,7 +125,9 @@ impl Http {
         let policy = &self.opts.retry;
         let mut attempt = 1;
         loop {
-            self.pacer.wait().await;
+            if !(attempt == 1 && super::pace::take_prepaid()) {
+                self.pacer.wait().await;
+            }
             let result = build(&self.client).bearer_auth(&*self.key).timeout(timeout).send().await;
             let err = match result {
                 Ok(resp) => {

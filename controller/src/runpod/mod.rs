@@ -127,6 +127,27 @@ pub struct GpuOffer {
     pub stock: Stock,
 }
 
+/// One GPU type of the catalog: prices per cloud and where it is in stock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CatalogEntry {
+    pub id: String,
+    pub display_name: String,
+    pub memory_gb: i32,
+    /// USD per GPU-hour, on-demand.
+    pub secure_price: Option<f64>,
+    pub community_price: Option<f64>,
+    /// Stock per data center and cloud.
+    pub availability: Vec<Availability>,
+}
+
+/// Stock of one GPU type in one data center and cloud.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Availability {
+    pub data_center_id: String,
+    pub cloud: CloudType,
+    pub stock: Stock,
+}
+
 /// Stock as RunPod reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stock {
@@ -150,6 +171,25 @@ impl Stock {
     /// Whether a create can be expected to succeed (stock is advisory either way).
     pub fn available(self) -> bool {
         matches!(self, Self::High | Self::Medium | Self::Low)
+    }
+    /// Higher is more.
+    pub fn rank(self) -> u8 {
+        match self {
+            Self::High => 4,
+            Self::Medium => 3,
+            Self::Low => 2,
+            Self::None => 1,
+            Self::Unknown => 0,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "High",
+            Self::Medium => "Medium",
+            Self::Low => "Low",
+            Self::None => "None",
+            Self::Unknown => "Unknown",
+        }
     }
 }
 
@@ -185,6 +225,58 @@ pub trait RunPodApi: Send + Sync {
     /// The pod's container log (REST v2 `GET /v2/pods/{id}/logs`); None where the transport has none.
     fn container_logs(&self, _id: &str) -> impl Future<Output = Result<Option<String>, RunPodError>> + Send {
         async { Ok(None) }
+    }
+    /// Waits for the account's next turn under RunPod's rate limit; a call made right after,
+    /// inside [`pace::prepaid`], does not queue again. Lets a time-bounded call (the create)
+    /// spend its bound on RunPod's answer only.
+    fn turn(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// The interval at which one kind of request uses at most `share` of what the account's
+    /// rate limit has left (zero when RunPod sent no limit).
+    fn spacing(&self, _share: f64) -> Duration {
+        Duration::ZERO
+    }
+    /// The whole GPU catalog with prices per cloud and stock per data center. Built from two
+    /// `gpu_types` questions (secure, community) at `data_center` where the transport has no
+    /// catalog of its own (GraphQL).
+    fn catalog(&self, data_center: &str) -> impl Future<Output = Result<Vec<CatalogEntry>, RunPodError>> + Send {
+        async move {
+            let ask = |cloud| GpuQuery {
+                id: None,
+                gpu_count: 1,
+                cloud_type: cloud,
+                data_center_id: Some(data_center.to_owned()),
+            };
+            let secure = self.gpu_types(&ask(CloudType::Secure)).await?;
+            let community = self.gpu_types(&ask(CloudType::Community)).await?;
+            Ok(secure
+                .into_iter()
+                .map(|s| {
+                    let c = community.iter().find(|c| c.id == s.id);
+                    let mut availability = vec![Availability {
+                        data_center_id: data_center.to_owned(),
+                        cloud: CloudType::Secure,
+                        stock: s.stock,
+                    }];
+                    if let Some(c) = c {
+                        availability.push(Availability {
+                            data_center_id: data_center.to_owned(),
+                            cloud: CloudType::Community,
+                            stock: c.stock,
+                        });
+                    }
+                    CatalogEntry {
+                        id: s.id,
+                        display_name: s.display_name,
+                        memory_gb: s.memory_gb,
+                        secure_price: s.price_per_hour,
+                        community_price: c.and_then(|c| c.price_per_hour),
+                        availability,
+                    }
+                })
+                .collect())
+        }
     }
 }
 
@@ -252,6 +344,15 @@ impl RunPodApi for RunPodClient {
     }
     async fn container_logs(&self, id: &str) -> Result<Option<String>, RunPodError> {
         delegate!(self, c => c.container_logs(id).await)
+    }
+    async fn turn(&self) {
+        delegate!(self, c => c.http.turn().await);
+    }
+    fn spacing(&self, share: f64) -> Duration {
+        delegate!(self, c => c.http.spacing(share))
+    }
+    async fn catalog(&self, data_center: &str) -> Result<Vec<CatalogEntry>, RunPodError> {
+        delegate!(self, c => c.catalog(data_center).await)
     }
 }
 

@@ -7,13 +7,14 @@ use serde_json::{Value, json};
 
 use super::http::{Answer, ClientOptions, Http, Idempotency, error_text};
 use super::{
-    GpuOffer, GpuQuery, NetworkVolume, Pod, PodSpec, PodStatus, PortMapping, RunPodApi, RunPodError, Runtime, Stock,
+    Availability, CatalogEntry, GpuOffer, GpuQuery, NetworkVolume, Pod, PodSpec, PodStatus, PortMapping, RunPodApi,
+    RunPodError, Runtime, Stock,
 };
 
 /// RunPod's REST v2 API.
 #[derive(Clone, Debug)]
 pub struct RestTransport {
-    http: Http,
+    pub(super) http: Http,
 }
 
 #[derive(Deserialize)]
@@ -180,16 +181,6 @@ struct V2Volume {
     data_center: String,
 }
 
-fn rank(s: Stock) -> u8 {
-    match s {
-        Stock::High => 4,
-        Stock::Medium => 3,
-        Stock::Low => 2,
-        Stock::None => 1,
-        Stock::Unknown => 0,
-    }
-}
-
 impl RunPodApi for RestTransport {
     async fn create_pod(&self, spec: &PodSpec) -> Result<Pod, RunPodError> {
         let mut body = json!({
@@ -270,7 +261,7 @@ impl RunPodApi for RestTransport {
                     .filter(|a| clouds.contains(&a.cloud.as_str()))
                     .filter(|a| query.data_center_id.as_ref().is_none_or(|d| *d == a.data_center_id))
                     .map(|a| Stock::parse(Some(&a.status)))
-                    .max_by_key(|s| rank(*s))
+                    .max_by_key(|s| s.rank())
                     .unwrap_or(Stock::None);
                 let price = clouds
                     .iter()
@@ -284,6 +275,38 @@ impl RunPodApi for RestTransport {
                     price_per_hour: price.map(|p| p * count),
                     stock,
                 }
+            })
+            .collect())
+    }
+
+    async fn catalog(&self, _data_center: &str) -> Result<Vec<CatalogEntry>, RunPodError> {
+        let a = self.get("catalogGpus", "/catalog/gpus?include=AVAILABILITY&product=POD").await?;
+        let catalog: Catalog = ok_json("catalogGpus", &a)?;
+        Ok(catalog
+            .gpus
+            .into_iter()
+            .map(|g| CatalogEntry {
+                availability: g
+                    .availability
+                    .iter()
+                    .filter_map(|a| {
+                        let cloud = match a.cloud.as_str() {
+                            "SECURE" => ep_api::CloudType::Secure,
+                            "COMMUNITY" => ep_api::CloudType::Community,
+                            _ => return None,
+                        };
+                        Some(Availability {
+                            data_center_id: a.data_center_id.clone(),
+                            cloud,
+                            stock: Stock::parse(Some(&a.status)),
+                        })
+                    })
+                    .collect(),
+                id: g.id,
+                display_name: g.display_name,
+                memory_gb: g.memory_in_gb,
+                secure_price: g.prices.secure,
+                community_price: g.prices.community,
             })
             .collect())
     }
