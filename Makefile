@@ -45,9 +45,11 @@ runner-static: ## ep-runner as one static binary (glibc, static-pie) for any pod
 	$(CARGO) rustc --locked --release -p ep-runner --bin ep-runner -- -C target-feature=+crt-static
 	@file $(TARGET_DIR)/release/ep-runner
 
-crds: ## regenerate crds/ (and the chart's copy) from the types in api/
+crds: ## regenerate crds/ (and the chart's copy), docs/api.md and the chart's settings schema from the types
 	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir crds
 	$(CARGO) run --locked -q -p ep-operator -- crd --out-dir charts/ep-operator/files/crds
+	$(CARGO) run --locked -q -p ep-operator -- settings schema --values charts/ep-operator/values.schema.json
+	$(CARGO) run --locked -q -p ep-operator -- api-reference > docs/api.md
 
 manifests: deps ## re-render manifests/base from the chart's defaults (a test keeps them in sync)
 	{ echo '# Rendered from charts/ep-operator with its default values by `make manifests`; a test fails when it is stale.'; \

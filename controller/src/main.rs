@@ -42,6 +42,8 @@ enum Command {
     },
     /// Print every condition reason with its kind, failure domain and meaning (Markdown).
     Reasons,
+    /// Print the API reference of the three kinds (docs/api.md), generated from the CRD schemas.
+    ApiReference,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +87,13 @@ enum SettingsCommand {
     Check {
         /// The settings file; omit to check the embedded default.
         file: Option<PathBuf>,
+    },
+    /// Print the JSON schema of a settings file, or write it under `settings` into a chart's
+    /// values.schema.json.
+    Schema {
+        /// The values.schema.json to update in place.
+        #[arg(long)]
+        values: Option<PathBuf>,
     },
 }
 
@@ -153,6 +162,15 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             })?;
         }
         Command::Reasons => print!("{}", ep_operator::reason::Reason::markdown_table()),
+        Command::ApiReference => print!("{}", crdgen::api_reference()),
+        Command::Settings { command: SettingsCommand::Schema { values: None } } => {
+            println!("{}", serde_json::to_string_pretty(&Settings::json_schema())?);
+        }
+        Command::Settings { command: SettingsCommand::Schema { values: Some(path) } } => {
+            let text = std::fs::read_to_string(&path)?;
+            std::fs::write(&path, crdgen::values_schema(&text)?)?;
+            eprintln!("wrote {}", path.display());
+        }
         Command::Settings { command: SettingsCommand::Check { file } } => {
             let settings = match file {
                 Some(path) => SettingsWatcher::load(&path)?.1.current().as_ref().clone(),

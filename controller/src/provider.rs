@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ep_api::CloudType;
 use ep_api::provider::{CatalogGpu, Transport};
-use ep_api::{CONDITION_READY, RunPodProvider, RunPodProviderStatus, set_condition};
+use ep_api::{CONDITION_READY, Progress, RunPodProvider, RunPodProviderStatus, set_condition, set_progress};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -193,6 +193,17 @@ pub async fn reconcile(p: Arc<RunPodProvider>, ctx: Arc<Context>) -> Result<Acti
         generation,
         time::to_k8s(now),
     );
+    // A provider that cannot answer now (rate limit, RunPod or S3 unreachable) is still being worked
+    // on; a refused key, a missing volume or a wrong data center needs a person.
+    let transient =
+        matches!(verdict.reason, Reason::RunPodRateLimited | Reason::RunPodUnavailable | Reason::S3Unreachable);
+    let progress = match (verdict.ready, transient) {
+        (true, _) => Progress::Settled,
+        (false, true) => Progress::Working,
+        (false, false) => Progress::Stalled(verdict.reason.as_str(), &verdict.message),
+    };
+    set_progress(&mut st.conditions, progress, generation, time::to_k8s(now));
+    ctx.metrics.provider_ready.get_or_create(&vec![("provider", name.clone())]).set(i64::from(verdict.ready));
     let retiring_before = ep_api::find_condition(&st.conditions, CONDITION_GRAPHQL_RETIRING).is_some();
     let retiring = p.spec.api.transport == Transport::Graphql;
     st.conditions.retain(|c| c.type_ != CONDITION_GRAPHQL_RETIRING);
@@ -288,8 +299,9 @@ async fn account_for_pods(
         ctx.projector.instance(row.clone());
         rows.insert(pod.id.clone(), row);
     }
-    ctx.metrics.spend_usd_per_hour.set(spend);
-    ctx.metrics.orphan_pods.set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
+    let provider = vec![("provider", conn.name.clone())];
+    ctx.metrics.pods_usd_per_hour.get_or_create(&provider).set(spend);
+    ctx.metrics.orphan_pods.get_or_create(&provider).set(i64::try_from(orphans.len()).unwrap_or(i64::MAX));
     for mut row in ctx.seen_pods.replace(&conn.name, rows) {
         row.gone_at = Some(now);
         row.desired_status = Some("TERMINATED".into());

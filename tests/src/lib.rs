@@ -4,6 +4,7 @@
 //! a service left running by hand.
 
 pub mod e2e;
+pub mod platform;
 pub mod postgres;
 pub mod registry;
 pub mod sim;

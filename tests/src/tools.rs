@@ -20,7 +20,7 @@ pub fn helm() -> Result<PathBuf, HarnessError> {
 pub fn python() -> Result<PathBuf, HarnessError> {
     let root = workspace_root();
     let venv = root.join(".tools/venv");
-    if !venv.join(".ep-ready-2").exists() {
+    if !venv.join(".ep-ready-3").exists() {
         let script = root.join("scripts/python-venv.sh");
         let out = Command::new("bash")
             .arg(&script)

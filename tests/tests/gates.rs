@@ -365,8 +365,10 @@ async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly()
     let op = stack.operator.as_ref().unwrap();
     // An invalid edit: refused, counted, and an event on the operator's pod says why.
     std::fs::write(stack.settings_path(), FAST_SETTINGS.replace("pollInterval: 1s", "pollInterval: soon")).unwrap();
-    ep_testkit::e2e::wait_until("the refusal is counted", LONG, || op.metric("ep_settings_rejections") == Some(1.0))
-        .unwrap();
+    ep_testkit::e2e::wait_until("the refusal is counted", LONG, || {
+        op.metric("ep_settings_rejections_total") == Some(1.0)
+    })
+    .unwrap();
     let deadline = std::time::Instant::now() + LONG;
     let event = loop {
         let list: serde_json::Value =
@@ -398,7 +400,7 @@ async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly()
             cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval")
         })
         .unwrap();
-    assert_eq!(op.metric("ep_settings_rejections"), Some(1.0), "the valid edit was not refused");
+    assert_eq!(op.metric("ep_settings_rejections_total"), Some(1.0), "the valid edit was not refused");
     let rows = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM exp_registry.settings").fetch_one(&rows).await.unwrap();
     assert_eq!(n, 2, "both applied settings files are recorded, the refused one is not");

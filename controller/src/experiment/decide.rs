@@ -18,8 +18,7 @@ use crate::time;
 
 const MAX_HISTORY: usize = 20;
 const MAX_TRANSITIONS: usize = 32;
-pub const CONDITION_STALLED: &str = "Stalled";
-pub const CONDITION_RECONCILING: &str = "Reconciling";
+pub use ep_api::{CONDITION_RECONCILING, CONDITION_STALLED};
 pub const CONDITION_REGISTRY: &str = "RegistrySynced";
 
 /// Everything a decision needs.

@@ -146,6 +146,23 @@ async fn step(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
     })
 }
 
+/// Where the experiment stands, for the metrics.
+fn standing(exp: &Experiment) -> crate::metrics::Standing {
+    use ep_api::experiment::ExperimentPhase;
+    let st = exp.status.clone().unwrap_or_default();
+    let phase = st.phase.unwrap_or_default();
+    crate::metrics::Standing {
+        kind: KIND,
+        namespace: exp.namespace().unwrap_or_default(),
+        phase: format!("{phase:?}"),
+        since: st.transitions.last().map(|t| time::from_micro(&t.at).timestamp_micros() as f64 / 1e6),
+        blocked: None,
+        terminal: matches!(phase, ExperimentPhase::Succeeded | ExperimentPhase::Failed),
+        // The experiment's pod is its order's: counted there.
+        usd_per_hour: 0.0,
+    }
+}
+
 /// Deletion: its orders are owned children (garbage collection deletes them and their own
 /// finalizers drain their pods). What is left here is the registry: an experiment deleted before
 /// it finished is recorded as ended before the finalizer goes.
@@ -161,8 +178,12 @@ fn cleanup(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
 #[tracing::instrument(skip_all, fields(kind = KIND, namespace = exp.namespace().unwrap_or_default(), name = exp.name_any()))]
 pub async fn reconcile(exp: Arc<Experiment>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(KIND);
+    let metrics_key = format!("{KIND}/{}/{}", exp.namespace().unwrap_or_default(), exp.name_any());
     if exp.meta().deletion_timestamp.is_none() {
         ctx.projector.experiment(&exp);
+        ctx.metrics.observe(metrics_key.clone(), standing(&exp));
+    } else {
+        ctx.metrics.forget(&metrics_key);
     }
     let api = Api::<Experiment>::namespaced(ctx.client.clone(), &exp.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER_REGISTRY, exp, |event| async {

@@ -34,6 +34,7 @@ use self::pass::{Pass, pod_may_exist};
 use self::world::{KubeWorld, World};
 use crate::context::Context;
 use crate::error::Error;
+use crate::metrics::Standing;
 use crate::names::FINALIZER;
 use crate::reason::Reason;
 use crate::runpod::RunPodError;
@@ -121,6 +122,29 @@ pub async fn cleanup<W: World>(w: &W, order: &RunPodOrder, now: DateTime<Utc>) -
     step(w, order, true, now).await
 }
 
+/// Where the order stands, for the metrics: phase and since when, the gate that holds it, and
+/// the price of the pod it holds.
+pub fn standing(order: &RunPodOrder) -> Standing {
+    let st = order.status.clone().unwrap_or_default();
+    let phase = st.phase.unwrap_or_default();
+    let terminal = matches!(phase, OrderPhase::Deleted | OrderPhase::Failed);
+    let blocked = ep_api::find_condition(&st.conditions, ep_api::CONDITION_READY)
+        .filter(|c| c.status == "False")
+        .and_then(|c| c.reason.parse::<Reason>().ok())
+        .filter(|r| r.kind() == crate::reason::Kind::Wait && !terminal)
+        .map(|r| (r.domain().as_str(), r.as_str().to_owned()));
+    let holds_pod = st.pod_id.is_some() && !terminal;
+    Standing {
+        kind: KIND,
+        namespace: order.namespace().unwrap_or_default(),
+        phase: phase.as_str().to_owned(),
+        since: st.transitions.last().map(|t| time::from_micro(&t.at).timestamp_micros() as f64 / 1e6),
+        blocked,
+        terminal,
+        usd_per_hour: if holds_pod { st.cost_per_hour.unwrap_or(0.0) } else { 0.0 },
+    }
+}
+
 fn crash_point(phase: OrderPhase) -> Option<&'static str> {
     match phase {
         OrderPhase::Provisioned => Some("order.provisioned"),
@@ -150,6 +174,10 @@ async fn report(ctx: &Context, order: &RunPodOrder, done: &mut Done) {
 pub async fn reconcile(order: Arc<RunPodOrder>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciled(KIND);
     ctx.projector.order(&order);
+    let ns = order.namespace().unwrap_or_default();
+    let metrics_key = format!("{KIND}/{ns}/{}", order.name_any());
+    ctx.metrics.observe(metrics_key.clone(), standing(&order));
+    ctx.metrics.budget(&ns, ctx.settings.current().budget_for(&ns).map(|b| b.max_usd_per_day));
     let api = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     let w = KubeWorld::new(&ctx);
     let now = time::precise_now();
@@ -162,7 +190,10 @@ pub async fn reconcile(order: Arc<RunPodOrder>, ctx: Arc<Context>) -> Result<Act
         report(&ctx, &obj, &mut done).await;
         match done.requeue {
             // Deletion waits until no pod can exist: the finalizer stays until then.
-            _ if deleting && done.terminal => Ok(Action::await_change()),
+            _ if deleting && done.terminal => {
+                ctx.metrics.forget(&metrics_key);
+                Ok(Action::await_change())
+            }
             Some(d) if deleting => Err(Error::CleanupPending(d.max(Duration::from_millis(50)))),
             Some(d) if d.is_zero() => Ok(Action::requeue(Duration::from_millis(50))),
             Some(d) => Ok(Action::requeue(d)),

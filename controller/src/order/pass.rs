@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ep_api::order::{OrderPhase, PhaseTransition, RunTemplate};
-use ep_api::{CONDITION_READY, RunPodOrder, RunPodOrderStatus, find_condition, set_condition};
+use ep_api::{CONDITION_READY, Progress, RunPodOrder, RunPodOrderStatus, find_condition, set_condition, set_progress};
 use kube::{Resource, ResourceExt};
 
 use super::world::World;
@@ -132,14 +132,33 @@ impl<'a> Pass<'a> {
     /// Writes status now (a durable step: before a paid call or an irreversible one).
     pub async fn save<W: World>(&mut self, w: &W) -> Result<(), Error> {
         self.st.observed_generation = self.order.meta().generation;
+        self.progress();
         self.resource_version = w.save_status(self.order, self.resource_version.as_deref(), &self.st).await?;
         self.saved = Some(self.st.clone());
         Ok(())
     }
 
+    /// Reconciling and Stalled from the phase and Ready: an ended order is settled (stalled when it
+    /// ended without a result), a ready one is settled, anything else is still being worked on.
+    fn progress(&mut self) {
+        let ready = find_condition(&self.st.conditions, CONDITION_READY)
+            .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()));
+        let (ok, reason, message) = ready.unwrap_or_default();
+        let progress = match self.st.phase {
+            Some(OrderPhase::Failed) => Progress::Stalled(&reason, &message),
+            Some(OrderPhase::Deleted) if !ok => Progress::Stalled(&reason, &message),
+            _ if ok => Progress::Settled,
+            Some(OrderPhase::Deleted) => Progress::Settled,
+            _ => Progress::Working,
+        };
+        let generation = self.order.meta().generation;
+        set_progress(&mut self.st.conditions, progress, generation, time::to_k8s(self.now));
+    }
+
     /// Saves status if it changed.
     pub async fn finish<W: World>(&mut self, w: &W) -> Result<(), Error> {
         self.st.observed_generation = self.order.meta().generation;
+        self.progress();
         if Some(&self.st) != self.saved.as_ref() {
             self.save(w).await?;
         }

@@ -96,7 +96,9 @@ fn settings(
     tokio::spawn(async move {
         while status.changed().await.is_ok() {
             let st = status.borrow_and_update().clone();
-            metrics.settings_rejections.set(i64::try_from(st.rejections).unwrap_or(i64::MAX));
+            // The watcher counts rejections since start; the counter moves by what is new.
+            let seen = metrics.settings_rejections.get();
+            metrics.settings_rejections.inc_by(st.rejections.saturating_sub(seen));
             match &st.last_rejection {
                 Some(r) => {
                     let note = format!("{}; the last good settings stay in force", r.error);

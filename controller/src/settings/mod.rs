@@ -10,13 +10,14 @@ use std::fmt;
 use std::time::Duration;
 
 use ep_api::{CloudType, GoDuration};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use watch::{Rejection, ReloadStatus, SettingsHandle, SettingsWatcher};
 
 /// The operator's settings file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Settings {
     /// How often RunPod is polled (one list call per provider per interval).
@@ -43,6 +44,7 @@ pub struct Settings {
     pub gpu_aliases: BTreeMap<String, String>,
     /// Order policies by canonical name.
     #[serde(default)]
+    #[schemars(extend("minProperties" = 1, "propertyNames" = {"pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}))]
     pub policies: BTreeMap<String, Policy>,
     /// Spending limits.
     #[serde(default)]
@@ -90,14 +92,16 @@ mod defaults {
 }
 
 /// Concurrency limits.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Concurrency {
     /// Reconciles running at once per kind.
     #[serde(default = "defaults::reconciles")]
+    #[schemars(range(min = 1))]
     pub reconciles: u16,
     /// Payload syncs running at once.
     #[serde(default = "defaults::syncs")]
+    #[schemars(range(min = 1))]
     pub syncs: u16,
 }
 
@@ -108,7 +112,7 @@ impl Default for Concurrency {
 }
 
 /// An order policy: how pods of this kind are rented.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Policy {
     /// Other names that resolve to this policy (e.g. the pipeline's `paper_train`).
@@ -119,6 +123,7 @@ pub struct Policy {
     pub cloud_type: CloudType,
     /// Container disk size in GB.
     #[serde(default = "defaults::container_disk_gb")]
+    #[schemars(range(min = 1, max = 4000))]
     pub container_disk_gb: u32,
     /// Whether an order needs `spec.approved: true` before anything is paid.
     #[serde(default = "defaults::yes")]
@@ -131,11 +136,12 @@ pub struct Policy {
     pub terminate_grace: GoDuration,
     /// Highest price in USD per hour this policy accepts.
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub max_cost_per_hour: Option<f64>,
 }
 
 /// Spending limits.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Budgets {
     /// Limits for namespaces without their own entry.
@@ -147,17 +153,18 @@ pub struct Budgets {
 }
 
 /// Limits for one namespace.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NamespaceBudget {
     /// USD the namespace may spend per UTC day.
+    #[schemars(range(min = 0))]
     pub max_usd_per_day: f64,
     /// GPUs the namespace may hold at once.
     pub max_concurrent_gpus: u32,
 }
 
 /// Orphan pod handling.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Orphans {
     /// Report (default) or Terminate.
@@ -166,7 +173,7 @@ pub struct Orphans {
 }
 
 /// What to do with a pod no order owns.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum OrphanAction {
     /// Record it in the registry and the provider's status.
     #[default]
@@ -342,6 +349,23 @@ impl Settings {
     /// The budget that applies to a namespace.
     pub fn budget_for(&self, namespace: &str) -> Option<&NamespaceBudget> {
         self.budgets.namespaces.get(namespace).or(self.budgets.default.as_ref())
+    }
+
+    /// The JSON schema of a settings file (draft 7, every subschema inline), as the chart's
+    /// values.schema.json holds it under `settings` so that Helm refuses what the operator would.
+    pub fn json_schema() -> serde_json::Value {
+        let generator =
+            schemars::generate::SchemaSettings::draft07().with(|s| s.inline_subschemas = true).into_generator();
+        let mut schema = generator.into_root_schema_for::<Self>().to_value();
+        if let Some(o) = schema.as_object_mut() {
+            o.remove("$schema");
+            o.remove("title");
+            o.insert(
+                "description".into(),
+                "The operator's settings file (docs/settings.md), generated from its types by `make crds`.".into(),
+            );
+        }
+        schema
     }
 
     /// The settings the operator runs with when no file is given.
