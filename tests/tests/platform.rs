@@ -124,6 +124,18 @@ async fn the_notes_first_experiment_ends_healthy_with_no_warning_and_every_queri
     stack.apply_quickstart(false).unwrap();
     // A second experiment waits for an approver: a blocked order, as the alerts and Argo CD see it.
     stack.apply(&exp("needs-approval").policy("paper-train").yaml()).unwrap();
+    // A provider whose API key RunPod refuses: Degraded, not Ready, and its refused calls counted.
+    stack
+        .apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: runpod-wrong, namespace: ep-system}}\nstringData: {{apiKey: rpa_wrong}}\n---\n\
+             apiVersion: ep.dev/v1alpha1\nkind: RunPodProvider\nmetadata: {{name: wrong-key}}\nspec:\n  \
+             api: {{transport: restV2, endpoint: \"{}\", apiKeySecretRef: {{namespace: ep-system, name: runpod-wrong, key: apiKey}}}}\n  \
+             networkVolume: {{id: tgb8bx6fwl, dataCenter: EU-RO-1, mountPath: /workspace}}\n  \
+             s3: {{endpoint: \"{}\", credentialsSecretRef: {{namespace: ep-system, name: runpod-s3}}}}\n",
+            stack.runpod.get("api"),
+            stack.runpod.get("s3")
+        ))
+        .unwrap();
     let manifest = stack.dir.path().join("notes-step-3.yaml");
     std::fs::write(&manifest, notes_first_experiment()).unwrap();
     let applied = stack.kubectl(&["apply", "-f", &manifest.display().to_string()]).unwrap();
@@ -144,6 +156,14 @@ async fn the_notes_first_experiment_ends_healthy_with_no_warning_and_every_queri
         let h = argocd_health(obj).unwrap();
         assert_eq!(h.status, "Healthy", "{} {}: {h:?}", obj["kind"], obj["metadata"]["name"]);
     }
+    let wrong = stack
+        .wait_for("rpp", None, "wrong-key", Duration::from_secs(60), "Stalled", |o| {
+            condition(o, "Stalled").is_some_and(|c| c["status"] == "True")
+        })
+        .unwrap()
+        .unwrap();
+    let h = argocd_health(&wrong).unwrap();
+    assert_eq!((h.status.as_str(), h.message.starts_with("BadApiKey: ")), ("Degraded", true), "{h:?}");
     // The one awaiting approval is Suspended, experiment and order alike, with the reason.
     let waiting = stack
         .wait_for("rpo", Some(NS), "needs-approval-a1", Duration::from_secs(60), "AwaitingApproval", |o| {
@@ -223,6 +243,14 @@ async fn the_notes_first_experiment_ends_healthy_with_no_warning_and_every_queri
     assert_eq!(blocked, Some(("paid", "AwaitingApproval", 1.0)));
     let ready = exposition.samples["ep_provider_ready"].iter().find(|s| s.labels["provider"] == "default");
     assert_eq!(ready.map(|s| s.value), Some(1.0));
+    let not_ready = exposition.samples["ep_provider_ready"].iter().find(|s| s.labels["provider"] == "wrong-key");
+    assert_eq!(not_ready.map(|s| s.value), Some(0.0));
+    let refused: f64 = exposition.samples["ep_runpod_calls_total"]
+        .iter()
+        .filter(|s| s.labels["outcome"] == "Unauthorized")
+        .map(|s| s.value)
+        .sum();
+    assert!(refused >= 1.0, "the refused key's calls are counted: {:?}", exposition.samples["ep_runpod_calls_total"]);
     let version = &exposition.samples["ep_build_info"][0];
     assert_eq!(version.labels["version"], env!("CARGO_PKG_VERSION"));
     // No label carries an object's name.
