@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Where cargo builds: CARGO_TARGET_DIR when set (as many Rust developers do), else ./target.
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: all build test sandbox image image-rootfs crds manifests examples deps fmt lint unit clean bench-sync runner-static reasons
+.PHONY: all build test sandbox image image-rootfs crds manifests examples deps fmt lint unit clean bench-sync bench-scale runner-static reasons
 
 all: build
 
@@ -34,6 +34,10 @@ bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256su
 	[ -x .tools/awscli/bin/aws ] || { python3 -m venv .tools/awscli && .tools/awscli/bin/pip install -q awscli; }
 	$(CARGO) build --locked --release -p ep-testkit --bin bench-sync -p runpod-sim --bin runpod-sim
 	$(TARGET_DIR)/release/bench-sync
+
+bench-scale: deps ## the control plane at N = 100, 300 and 1,000 experiments (release build; EP_SCALE_N to choose)
+	$(CARGO) build --locked --release -p ep-testkit --bin bench-scale -p runpod-sim -p kube-sim -p ep-operator -p ep-runner --bins
+	$(TARGET_DIR)/release/bench-scale
 
 image: ## the operator image (static ep-operator + ep-runner, FROM scratch) as an OCI archive, with buildah
 	scripts/image.sh build release

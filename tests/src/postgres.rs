@@ -95,7 +95,8 @@ impl TempPostgres {
         let data = self.data_dir();
         let log = data.join("server.log");
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c shared_preload_libraries=pg_stat_statements",
             path_str(self.dir.path())?,
             self.port
         );

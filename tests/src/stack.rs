@@ -45,6 +45,8 @@ pub struct StackOptions {
     pub lease_duration: String,
     /// The quickstart provider's `spec.api.transport`: restV2 (the default) or graphql.
     pub transport: &'static str,
+    /// kube-sim writes every request to [`Stack::audit_log`].
+    pub audit: bool,
 }
 
 impl Default for StackOptions {
@@ -55,6 +57,7 @@ impl Default for StackOptions {
             world: None,
             lease_duration: "5s".into(),
             transport: "restV2",
+            audit: false,
         }
     }
 }
@@ -71,6 +74,11 @@ impl OperatorProcess {
     /// GET on the operator's health and metrics server: status code and body.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
         http_get(self.port, path)
+    }
+
+    /// The process id (for /proc figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The value of one metric line (`name{labels}` exactly as exported), if present.
@@ -123,8 +131,9 @@ impl Stack {
         let database_url = pg.create_database("ep").await?;
         let speed = opts.clock_speed.to_string();
         let runpod = RunPodSimProcess::start(opts.world.as_deref(), &["--clock-speed", &speed])?;
-        let kube = KubeSimProcess::start(Some(&workspace_root().join("crds")))?;
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
+        let audit = opts.audit.then(|| dir.path().join("audit.jsonl"));
+        let kube = KubeSimProcess::start_audited(Some(&workspace_root().join("crds")), audit.as_deref())?;
         std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
         let lease_duration = opts.lease_duration.clone();
         let mut stack = Self {
@@ -140,6 +149,11 @@ impl Stack {
         };
         stack.start_operator()?;
         Ok(stack)
+    }
+
+    /// kube-sim's audit log (written when [`StackOptions::audit`] is set).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
     }
 
     pub fn settings_path(&self) -> PathBuf {

@@ -317,3 +317,62 @@ async fn one_object_that_does_not_decode_is_reported_and_every_other_one_still_r
     let msg = event["message"].as_str().unwrap();
     assert!(msg.contains("spec.entry") || msg.contains("spec.image"), "names the field: {msg}");
 }
+
+/// Forty long runs supervised each second while more orders arrive: every order gets its first
+/// pass within seconds. Each pass of a running order used to write its status (heartbeat, cost and
+/// progress move every second), the write woke the order again, and the queue stayed full of
+/// running orders: kube-runtime takes held messages in no particular order, and new orders waited
+/// for minutes without any status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_running_orders_leave_room_for_every_first_pass() {
+    const N: usize = 40;
+    let world = runpod_sim::config::DEFAULT_WORLD
+        .replace("balance: 500.0, spendLimit: 80.0", "balance: 10000.0, spendLimit: 1000.0")
+        .replace("cloudType: SECURE, count: 4}", "cloudType: SECURE, count: 60}");
+    let settings = ep_testkit::stack::FAST_SETTINGS
+        .replace("maxConcurrentGpus: 4", "maxConcurrentGpus: 60")
+        .replace("maxUsdPerDay: 50", "maxUsdPerDay: 5000")
+        .replace("reconciles: 4", "reconciles: 16")
+        .replace("heartbeatTimeout: 6s", "heartbeatTimeout: 60s");
+    let stack =
+        quickstart_stack(&StackOptions { world: Some(world), settings, ..StackOptions::default() }).await.unwrap();
+    let applied = Instant::now();
+    let docs: Vec<String> =
+        (0..N).map(|n| exp(&format!("busy{n:02}")).epochs(45, 1.0).gpus(&["rtx-pro-4500"]).yaml()).collect();
+    let file = stack.dir.path().join("busy.yaml");
+    std::fs::write(&file, docs.join("---\n")).unwrap();
+    stack.kubectl(&["apply", "-f", &file.display().to_string()]).unwrap();
+    let first_passes = |stack: &Stack| -> Vec<String> {
+        let out = stack.kubectl(&["get", "rpo", "-n", NS, "-o", "json"]).unwrap();
+        let list: Value = serde_json::from_str(&out).unwrap();
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| !phase(Some(o)).is_empty())
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut seen = BTreeSet::new();
+    while seen.len() < N && applied.elapsed() < Duration::from_secs(45) {
+        seen.extend(first_passes(&stack));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let missing: Vec<String> = (0..N)
+        .map(|n| format!("busy{n:02}-a1"))
+        .filter(|n| !seen.contains(n))
+        .map(|n| {
+            let o = stack.get("rpo", Some(NS), &n).unwrap();
+            let created = o.as_ref().map(|o| o["metadata"]["creationTimestamp"].clone());
+            let finalizers = o.as_ref().map(|o| o["metadata"]["finalizers"].clone());
+            format!("{n} (created {created:?}, finalizers {finalizers:?})")
+        })
+        .collect();
+    assert!(missing.is_empty(), "no first pass 45 s after the apply: {missing:#?}\n{}", stack.operator_log(30));
+    eprintln!("{N} orders: every first pass within {:.1} s", applied.elapsed().as_secs_f64());
+    for n in 0..N {
+        let e = stack.wait_phase("exp", &format!("busy{n:02}"), &["Succeeded", "Failed"]).unwrap();
+        assert_eq!(e["status"]["phase"], "Succeeded", "busy{n:02}: {}", e["status"]);
+    }
+    assert!(stack.live_pods().await.unwrap().is_empty());
+}

@@ -114,16 +114,29 @@ pub async fn run<W: World>(
     let terminal_present = conn.store.head(&keys::run_file(&run.run_id, keys::TERMINAL)).await?.is_some();
     let requested = pass.st.pod_requested_at.as_ref().map_or(pass.now, time::from_k8s);
     let cost = accrued(pass.st.cost_per_hour, Some(requested), pass.now, pass.st.accrued_cost_usd);
-    pass.st.accrued_cost_usd = Some(cost);
+    // What only moves with time reaches status coarsely: every status write wakes the experiment and
+    // every watcher, and a write per poll per running order would fill the controller's queue.
+    let coarse = coarse(settings.heartbeat_timeout.get());
+    if pass.st.accrued_cost_usd.is_none_or(|c| (cost - c).abs() >= 0.01) {
+        pass.st.accrued_cost_usd = Some(cost);
+    }
     if let Some(h) = &hb {
-        pass.st.heartbeat = Some(HeartbeatStatus {
+        let beat = HeartbeatStatus {
             time: time::to_k8s(h.time),
             seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
             pid: h.pid.map(i64::from),
             gpu_ids: gpu_ids(h),
+        };
+        let stale = pass.st.heartbeat.as_ref().is_none_or(|old| {
+            old.pid != beat.pid || old.gpu_ids != beat.gpu_ids || elapsed(time::from_k8s(&old.time), h.time) >= coarse
         });
+        if stale {
+            pass.st.heartbeat = Some(beat);
+        }
     }
-    let view = run_view(pass, &settings, run, pod, hb.as_ref(), terminal_present, deleting);
+    let mut view = run_view(pass, &settings, run, pod, hb.as_ref(), terminal_present, deleting);
+    // Limits are checked against the cost to the second, not the coarse figure in status.
+    view.spent_usd = cost + run.spent_before_usd.unwrap_or(0.0);
     match watch(&view, pass.now) {
         Verdict::Starting(reason) => {
             let msg = format!("pod {} is starting", pass.st.pod_id.clone().unwrap_or_default());
@@ -143,7 +156,14 @@ pub async fn run<W: World>(
             pass.ready(true, Reason::RunnerOnline, &msg);
             let bytes = conn.store.get(&keys::run_file(&run.run_id, keys::PROGRESS)).await.ok().flatten();
             if let Some(p) = bytes.and_then(|b| serde_json::from_slice::<Progress>(&b).ok()) {
-                pass.st.progress = Some(progress_status(&p, pass.now));
+                let new = progress_status(&p, pass.now);
+                let changed = pass.st.progress.as_ref().is_none_or(|old| {
+                    (old.step, old.total, &old.metrics) != (new.step, new.total, &new.metrics)
+                        && elapsed(time::from_k8s(&old.reported_at), pass.now) >= coarse
+                });
+                if changed {
+                    pass.st.progress = Some(new);
+                }
             }
             Ok(Some(backstop(pass.poll)))
         }
@@ -192,6 +212,12 @@ fn progress_status(p: &Progress, now: DateTime<Utc>) -> ProgressStatus {
         metrics: p.metrics.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect(),
         reported_at: time::to_k8s(now),
     }
+}
+
+/// How stale the heartbeat, cost and progress in a running order's status may get: half the
+/// heartbeat timeout, at most 30 s (the registry and the decisions use the fresh values).
+pub fn coarse(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 2).min(Duration::from_secs(30))
 }
 
 /// Requeue of a running order: the shared pod-list refresh wakes every order each poll interval,

@@ -64,9 +64,68 @@ impl Failures {
     }
 }
 
+/// When each order's last pass started, and how long order passes take (a moving average): what the
+/// poller needs to keep its wake-ups to a share of the controller's capacity.
+#[derive(Default)]
+struct Passes {
+    started: Mutex<HashMap<String, Instant>>,
+    /// Exponentially weighted mean duration of an order pass, in microseconds (0: none yet).
+    mean_us: std::sync::atomic::AtomicU64,
+}
+
+impl Passes {
+    fn start(&self, key: &str) {
+        self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(key.to_owned(), Instant::now());
+    }
+
+    fn took(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let old = self.mean_us.load(Relaxed);
+        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+        self.mean_us.store(new, Relaxed);
+    }
+
+    fn last_started(&self, key: &str) -> Option<Instant> {
+        self.started.lock().unwrap_or_else(PoisonError::into_inner).get(key).copied()
+    }
+
+    fn forget(&self, keep: &HashSet<String>) {
+        self.started.lock().unwrap_or_else(PoisonError::into_inner).retain(|k, _| keep.contains(k));
+    }
+}
+
+/// How many live orders one poll tick may wake: half of what the controller can pass in a poll
+/// interval (its concurrency times the interval over the mean pass), so that new orders and every
+/// other change always find a slot. Without this bound the poll's wake-ups fill the queue and
+/// kube-runtime, which takes held messages in no particular order, can leave a new order waiting
+/// for minutes.
+pub fn poll_share(concurrency: u16, poll: Duration, mean_pass: Duration) -> usize {
+    if mean_pass.is_zero() {
+        return usize::MAX;
+    }
+    let capacity = f64::from(concurrency.max(1)) * poll.as_secs_f64() / mean_pass.as_secs_f64();
+    ((capacity / 2.0).floor() as usize).max(1)
+}
+
+/// The live orders a tick wakes: those not passed within the last poll interval, the longest
+/// waiting first, at most `share` of them.
+pub fn due(candidates: Vec<(&str, Option<Instant>)>, now: Instant, poll: Duration, share: usize) -> Vec<&str> {
+    let mut due: Vec<(&str, Option<Instant>)> = candidates
+        .into_iter()
+        .filter(|(_, last)| last.is_none_or(|t| now.saturating_duration_since(t) >= poll.mul_f64(0.9)))
+        .collect();
+    // Never passed first, then the oldest pass.
+    due.sort_by_key(|(_, last)| *last);
+    due.into_iter().take(share).map(|(k, _)| k).collect()
+}
+
 struct Shared {
     ctx: Arc<Context>,
     failures: Failures,
+    passes: Passes,
+    /// The order controller's concurrency (fixed when the controllers start).
+    concurrency: u16,
     /// Objects already reported as undecodable, by uid and resourceVersion.
     undecodable: Mutex<HashSet<String>>,
 }
@@ -121,8 +180,14 @@ where
         }
     };
     let start = Instant::now();
+    if kind == order::KIND {
+        s.passes.start(&k);
+    }
     let r = f(inner, s.ctx.clone()).await;
     s.ctx.metrics.reconcile_took(kind, start.elapsed());
+    if kind == order::KIND {
+        s.passes.took(start.elapsed());
+    }
     if r.is_ok() {
         s.failures.reset(&k);
     }
@@ -171,12 +236,23 @@ fn poller(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> impl Stream<Item 
                     tracing::warn!(provider = %p.name_any(), error = %e, "pod list failed");
                 }
             }
-            for o in ctx.stores.all_orders().into_iter().filter(|o| live(o)) {
-                if !shared.failures.backing_off(&key(order::KIND, o.as_ref())) {
-                    let r = ObjectRef::new(&o.name_any()).within(&o.namespace().unwrap_or_default());
-                    let _ = tx.send(r);
-                }
+            let orders = ctx.stores.all_orders();
+            let keys: Vec<(String, Arc<RunPodOrder>)> = orders
+                .into_iter()
+                .filter(|o| live(o))
+                .map(|o| (key(order::KIND, o.as_ref()), o))
+                .filter(|(k, _)| !shared.failures.backing_off(k))
+                .collect();
+            let mean = Duration::from_micros(shared.passes.mean_us.load(std::sync::atomic::Ordering::Relaxed));
+            let share = poll_share(shared.concurrency, poll, mean);
+            let candidates = keys.iter().map(|(k, _)| (k.as_str(), shared.passes.last_started(k))).collect();
+            let wake: HashSet<&str> = due(candidates, Instant::now(), poll, share).into_iter().collect();
+            tracing::debug!(live = keys.len(), share, mean_pass = ?mean, woken = wake.len(), "poll tick");
+            for (_, o) in keys.iter().filter(|(k, _)| wake.contains(k.as_str())) {
+                let r = ObjectRef::new(&o.name_any()).within(&o.namespace().unwrap_or_default());
+                let _ = tx.send(r);
             }
+            shared.passes.forget(&keys.iter().map(|(k, _)| k.clone()).collect());
         }
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
@@ -295,7 +371,13 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         create_slots: Semaphore::new(usize::from(settings.concurrency.reconciles.saturating_sub(1).max(1))),
         staging: p.staging,
     });
-    let shared = Arc::new(Shared { ctx: ctx.clone(), failures: Failures::default(), undecodable: Mutex::default() });
+    let shared = Arc::new(Shared {
+        ctx: ctx.clone(),
+        failures: Failures::default(),
+        passes: Passes::default(),
+        concurrency: settings.concurrency.reconciles.max(1),
+        undecodable: Mutex::default(),
+    });
     let config = ControllerConfig::default().concurrency(settings.concurrency.reconciles.max(1));
     resync(ctx.clone(), Duration::from_secs(600));
     let lag = ctx.projector.subscribe();
@@ -338,4 +420,30 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         drain_results(order::KIND, orders)
     );
     watches.iter().for_each(tokio::task::JoinHandle::abort);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{due, poll_share};
+
+    #[test]
+    fn the_poll_wakes_at_most_half_of_what_the_controller_can_pass() {
+        // 16 slots, 1 s poll, 200 ms passes: 80 passes a poll, 40 for the poll's wake-ups.
+        assert_eq!(poll_share(16, Duration::from_secs(1), Duration::from_millis(200)), 40);
+        assert_eq!(poll_share(4, Duration::from_secs(10), Duration::from_secs(30)), 1);
+        assert_eq!(poll_share(4, Duration::from_secs(1), Duration::ZERO), usize::MAX);
+    }
+
+    #[test]
+    fn the_longest_waiting_live_orders_are_woken_first() {
+        let now = Instant::now();
+        let poll = Duration::from_secs(1);
+        let ago = |ms| Some(now.checked_sub(Duration::from_millis(ms)).unwrap());
+        let candidates = vec![("recent", ago(100)), ("old", ago(5000)), ("never", None), ("older", ago(9000))];
+        assert_eq!(due(candidates.clone(), now, poll, 2), ["never", "older"]);
+        // One passed within the poll interval is not due at all.
+        assert_eq!(due(candidates, now, poll, 10), ["never", "older", "old"]);
+    }
 }
