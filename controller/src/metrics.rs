@@ -127,81 +127,100 @@ impl Metrics {
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
-        registry.register("reconciles", "Reconciles by kind", m.reconciles.clone());
-        registry.register("reconcile_errors", "Reconcile errors by kind and category", m.errors.clone());
-        registry.register("phase_transitions", "Phase transitions by kind and phase entered", m.transitions.clone());
-        registry.register("runpod_calls", "RunPod API calls by operation and outcome", m.runpod_calls.clone());
+        m.register_work(&mut registry);
+        m.register_standing(&mut registry);
+        m.build_info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
+        Self { registry, ..m }
+    }
+
+    /// Reconciles, RunPod calls, the registry mirror and the operator itself.
+    fn register_work(&self, registry: &mut Registry) {
+        registry.register("reconciles", "Reconciles by kind", self.reconciles.clone());
+        registry.register("reconcile_errors", "Reconcile errors by kind and category", self.errors.clone());
+        registry.register("phase_transitions", "Phase transitions by kind and phase entered", self.transitions.clone());
+        registry.register("runpod_calls", "RunPod API calls by operation and outcome", self.runpod_calls.clone());
         registry.register(
             "runpod_call_duration_seconds",
             "RunPod API call latency by operation",
-            m.runpod_latency.clone(),
+            self.runpod_latency.clone(),
         );
-        registry.register("reconcile_duration_seconds", "Reconcile duration by kind", m.reconcile_duration.clone());
+        registry.register("reconcile_duration_seconds", "Reconcile duration by kind", self.reconcile_duration.clone());
         registry.register(
             "registry_lag_seconds",
             "Age of the oldest registry write still waiting for PostgreSQL",
-            m.registry_lag_seconds.clone(),
+            self.registry_lag_seconds.clone(),
         );
         registry.register(
             "registry_pending_writes",
             "Registry writes waiting for PostgreSQL",
-            m.registry_pending.clone(),
+            self.registry_pending.clone(),
         );
         registry.register(
             "registry_write_errors",
             "Registry writes that failed and will be retried",
-            m.registry_errors.clone(),
+            self.registry_errors.clone(),
         );
+        registry.register("spent_usd", "USD spent by ended orders, by namespace", self.spent_usd.clone());
+        registry.register(
+            "registry_rows_refused",
+            "Registry rows PostgreSQL refused; each is quarantined and reported on its object",
+            self.registry_refused.clone(),
+        );
+        registry.register(
+            "settings_rejections",
+            "Settings edits refused by hot reload",
+            self.settings_rejections.clone(),
+        );
+        registry.register("leader", "1 while this replica holds the leader lease", self.leader.clone());
+        registry.register(
+            "runpod_ratelimit_remaining",
+            "Requests left in each RunPod rate-limit window, as RunPod's last answer said",
+            self.runpod_ratelimit_remaining.clone(),
+        );
+        registry.register("build_info", "The operator's version (always 1)", self.build_info.clone());
+    }
+
+    /// Where objects, providers and spend stand.
+    fn register_standing(&self, registry: &mut Registry) {
         registry.register(
             "pods_usd_per_hour",
             "USD per hour of every pod in a provider's RunPod account, orphans included",
-            m.pods_usd_per_hour.clone(),
+            self.pods_usd_per_hour.clone(),
         );
         registry.register(
             "spend_usd_per_hour",
             "USD per hour of the pods the orders of a namespace hold now",
-            m.spend_usd_per_hour.clone(),
+            self.spend_usd_per_hour.clone(),
         );
         registry.register(
             "budget_usd_per_day",
             "A namespace's daily spend budget from the settings in force",
-            m.budget_usd_per_day.clone(),
+            self.budget_usd_per_day.clone(),
         );
-        registry.register("objects", "Experiments and orders by namespace and phase", m.objects.clone());
+        registry.register("objects", "Experiments and orders by namespace and phase", self.objects.clone());
         registry.register(
             "orders_blocked",
             "Orders a gate holds, by namespace, failure domain and reason",
-            m.orders_blocked.clone(),
+            self.orders_blocked.clone(),
         );
         registry.register(
             "phase_age_max_seconds",
             "Seconds the oldest object of a kind has spent in its current, not final, phase",
-            m.phase_age.clone(),
+            self.phase_age.clone(),
         );
-        registry.register("provider_ready", "1 while a RunPodProvider is Ready", m.provider_ready.clone());
-        registry.register("build_info", "The operator's version (always 1)", m.build_info.clone());
-        registry.register("spent_usd", "USD spent by ended orders, by namespace", m.spent_usd.clone());
-        registry.register(
-            "registry_rows_refused",
-            "Registry rows PostgreSQL refused; each is quarantined and reported on its object",
-            m.registry_refused.clone(),
-        );
-        registry.register("orphan_pods", "Pods of the account that no order owns", m.orphan_pods.clone());
-        registry.register("settings_rejections", "Settings edits refused by hot reload", m.settings_rejections.clone());
-        registry.register("leader", "1 while this replica holds the leader lease", m.leader.clone());
-        registry.register(
-            "runpod_ratelimit_remaining",
-            "Requests left in each RunPod rate-limit window, as RunPod's last answer said",
-            m.runpod_ratelimit_remaining.clone(),
-        );
-        m.build_info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_owned())]).set(1);
-        // Error series exist from the start at zero, so `rate()` and alerts see the first error.
-        for kind in ["Experiment", "RunPodOrder", "RunPodProvider"] {
-            for category in crate::error::Error::CATEGORIES {
-                let _ = m.errors.get_or_create(&vec![("kind", kind.to_owned()), ("category", (*category).to_owned())]);
+        registry.register("provider_ready", "1 while a RunPodProvider is Ready", self.provider_ready.clone());
+        registry.register("orphan_pods", "Pods of the account that no order owns", self.orphan_pods.clone());
+    }
+
+    /// Starts each error series at zero, so `rate()` and the alerts see the first error.
+    pub fn init_errors(&self, kinds: &[&'static str], categories: &[&'static str]) {
+        for kind in kinds {
+            for category in categories {
+                let _ = self
+                    .errors
+                    .get_or_create(&vec![("kind", (*kind).to_owned()), ("category", (*category).to_owned())]);
             }
         }
-        Self { registry, ..m }
     }
 
     /// Records where an object stands (key: kind/namespace/name).

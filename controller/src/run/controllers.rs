@@ -371,6 +371,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         create_slots: Semaphore::new(usize::from(settings.concurrency.reconciles.saturating_sub(1).max(1))),
         staging: p.staging,
     });
+    ctx.metrics.init_errors(&[experiment::KIND, order::KIND, provider::KIND], Error::CATEGORIES);
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         failures: Failures::default(),
