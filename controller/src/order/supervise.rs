@@ -24,6 +24,9 @@ pub struct RunView<'a> {
     /// The run's pod in a list fetched after the create returned (None: RunPod does not list it).
     pub pod: Option<&'a Pod>,
     pub heartbeat: Option<&'a Heartbeat>,
+    /// The newest heartbeat time status holds: a read that finds no heartbeat (a write racing the
+    /// read, an unreadable file) or an older one does not make a live runner look lost.
+    pub last_heartbeat: Option<DateTime<Utc>>,
     pub terminal_present: bool,
     pub fencing_token: u64,
     pub pod_requested_at: DateTime<Utc>,
@@ -93,10 +96,14 @@ pub fn watch(v: &RunView<'_>, now: DateTime<Utc>) -> Verdict {
         }
         (None, _) if pod.runtime.is_none() => Verdict::Starting(Reason::WaitingForRuntime),
         (None, _) => Verdict::Starting(Reason::WaitingForHeartbeat),
-        (Some(_), Some(hb)) if elapsed(hb.time, now) > v.heartbeat_timeout => Verdict::Drain(Reason::HeartbeatLost),
-        (Some(_), Some(_)) => Verdict::Healthy,
-        (Some(t), None) if elapsed(t, now) > v.heartbeat_timeout => Verdict::Drain(Reason::HeartbeatLost),
-        (Some(_), None) => Verdict::Healthy,
+        (Some(t), hb) => {
+            let newest = [Some(t), hb.map(|h| h.time), v.last_heartbeat].into_iter().flatten().max().unwrap_or(t);
+            if elapsed(newest, now) > v.heartbeat_timeout {
+                Verdict::Drain(Reason::HeartbeatLost)
+            } else {
+                Verdict::Healthy
+            }
+        }
     }
 }
 
@@ -190,6 +197,7 @@ fn run_view<'a>(
     RunView {
         pod,
         heartbeat: hb,
+        last_heartbeat: pass.st.heartbeat.as_ref().map(|h| time::from_k8s(&h.time)),
         terminal_present,
         fencing_token: u64::try_from(run.fencing_token).unwrap_or(0),
         pod_requested_at: pass.st.pod_requested_at.as_ref().map_or(pass.now, time::from_k8s),

@@ -150,6 +150,7 @@ fn view<'a>(pod: Option<&'a Pod>, heartbeat: Option<&'a Heartbeat>, online: Opti
     RunView {
         pod,
         heartbeat,
+        last_heartbeat: None,
         terminal_present: false,
         fencing_token: 7,
         pod_requested_at: t(0),
@@ -290,4 +291,21 @@ fn retention_keeps_all_the_newest_or_nothing() {
     assert_eq!(summary, "KeepLast: kept 1, deleted 2");
     let (_, all) = retention(ep_api::experiment::RetentionClass::Discard, "/checkpoints", &arts);
     assert_eq!(all.len(), 3, "results are never checkpoints");
+}
+
+#[test]
+fn a_heartbeat_read_that_finds_nothing_or_an_older_beat_does_not_lose_a_live_runner() {
+    let with = pod(true);
+    // Online at 0, the last heartbeat status holds at 100, timeout 60 s: at 130 a read that finds
+    // no heartbeat file (a write racing the read) or an older one is not a lost runner.
+    let mut v = view(Some(&with), None, Some(0));
+    v.last_heartbeat = Some(t(100));
+    assert_eq!(watch(&v, t(130)), Verdict::Healthy);
+    let old = hb(20, 7);
+    v.heartbeat = Some(&old);
+    assert_eq!(watch(&v, t(130)), Verdict::Healthy);
+    // Past the timeout from the newest beat, it is.
+    assert_eq!(watch(&v, t(161)), Verdict::Drain(Reason::HeartbeatLost));
+    v.last_heartbeat = None;
+    assert_eq!(watch(&v, t(130)), Verdict::Drain(Reason::HeartbeatLost));
 }
