@@ -72,7 +72,7 @@ async fn migrations_are_idempotent_and_the_pipeline_queries_work_as_written() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(reg.pool()).await.unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
 
     let mut done = experiment("gnn-fraud-baseline", status::COMPLETED);
     done.result_f1 = Some(0.912);
@@ -354,4 +354,113 @@ async fn a_batch_writes_every_row_postgres_accepts_and_reports_the_one_it_refuse
     let attempts: i64 =
         sqlx::query_scalar("SELECT count(*) FROM exp_registry.attempts").fetch_one(reg.pool()).await.unwrap();
     assert_eq!(attempts, 1);
+}
+
+const PIPELINE: &str = include_str!("../../tests/fixtures/pipeline/registry.sql");
+
+async fn seeded(pg: &TempPostgres, db: &str, sql: &str) -> String {
+    let url = pg.create_database(db).await.unwrap();
+    ep_testkit::stack::seed_database(&url, sql).await.unwrap();
+    url
+}
+
+fn migrate_command(url: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ep-operator"))
+        .args(["migrate", "--database-url", url])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_pipelines_own_registry_is_adopted_twice_alike_and_takes_the_operators_writes() {
+    let pg = TempPostgres::start().unwrap();
+    let url = seeded(&pg, "pipeline", PIPELINE).await;
+    for _ in 0..2 {
+        let out = migrate_command(&url);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let reg = PgRegistry::connect(&url).await.unwrap();
+    let old: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, status FROM exp_registry.experiments WHERE namespace = '' ORDER BY name")
+            .fetch_all(reg.pool())
+            .await
+            .unwrap();
+    assert_eq!(old.len(), 4, "{old:?}");
+    let mut done = experiment("gnn-fraud-v2", status::COMPLETED);
+    done.result_f1 = Some(0.93);
+    reg.upsert_experiment(&done).await.unwrap();
+    reg.upsert_attempt(&AttemptRow { experiment: "gnn-fraud-v2".into(), ..attempt("r-v2-a1", 1, "SUCCEEDED") })
+        .await
+        .unwrap();
+    reg.record_heartbeat(&HeartbeatRow {
+        worker_id: "runpod-2".into(),
+        last_seen: t(100),
+        running_jobs: 1,
+        run_id: Some("r-v2-a1".into()),
+        pod_id: None,
+        seq: Some(1),
+        pid: None,
+        gpu_ids: None,
+        fencing_token: Some(1),
+    })
+    .await
+    .unwrap();
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM exp_registry.experiments").fetch_one(reg.pool()).await.unwrap();
+    assert_eq!(n, 5);
+    let beats: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM exp_registry.worker_heartbeats").fetch_one(reg.pool()).await.unwrap();
+    assert_eq!(beats, 2, "the pipeline's worker row was updated, not duplicated");
+}
+
+#[tokio::test]
+async fn a_registry_that_needs_converting_is_refused_by_name_and_left_as_it_was() {
+    let pg = TempPostgres::start().unwrap();
+    let seed = PIPELINE.replace("result_f1   double precision", "result_f1   text");
+    let url = seeded(&pg, "converting", &seed).await;
+    let out = migrate_command(&url);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("exp_registry.experiments.result_f1 is text; the operator writes double precision"), "{err}");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let cols: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'exp_registry' AND table_name = 'experiments'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cols, 6, "no column added");
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'exp_registry'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(tables, 2, "no table created");
+}
+
+#[tokio::test]
+async fn two_replicas_migrating_one_fresh_database_at_once_both_succeed() {
+    let pg = TempPostgres::start().unwrap();
+    let url = pg.create_database("race").await.unwrap();
+    let (a, b) = (PgRegistry::connect(&url).await.unwrap(), PgRegistry::connect(&url).await.unwrap());
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.unwrap();
+    rb.unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(a.pool()).await.unwrap();
+    assert_eq!(applied, 2);
+}
+
+#[test]
+fn no_migration_drops_or_rewrites_data() {
+    for m in ep_operator::registry::pg_migrations() {
+        for (i, line) in m.1.lines().enumerate() {
+            let l = line.trim().to_ascii_uppercase();
+            if l.starts_with("--") {
+                continue;
+            }
+            for bad in ["DROP TABLE", "DROP COLUMN", "DROP SCHEMA", "TRUNCATE", "DELETE FROM", " TYPE ", "RENAME"] {
+                assert!(!l.contains(bad), "migration {} line {}: {bad} would drop or rewrite data: {line}", m.0, i + 1);
+            }
+        }
+    }
 }

@@ -47,6 +47,8 @@ pub struct StackOptions {
     pub transport: &'static str,
     /// kube-sim writes every request to [`Stack::audit_log`].
     pub audit: bool,
+    /// SQL run on the database before the operator first starts (a registry that predates it).
+    pub registry_seed: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -58,8 +60,18 @@ impl Default for StackOptions {
             lease_duration: "5s".into(),
             transport: "restV2",
             audit: false,
+            registry_seed: None,
         }
     }
+}
+
+/// Runs `sql` (several statements) on the database at `url`.
+pub async fn seed_database(url: &str, sql: &str) -> Result<(), HarnessError> {
+    let failed = |e: sqlx::Error| HarnessError::Setup(format!("seeding the registry: {e}"));
+    let pool = sqlx::PgPool::connect(url).await.map_err(failed)?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.map_err(failed)?;
+    pool.close().await;
+    Ok(())
 }
 
 /// The running operator process.
@@ -129,6 +141,9 @@ impl Stack {
     pub async fn start(opts: &StackOptions) -> Result<Self, HarnessError> {
         let pg = TempPostgres::start()?;
         let database_url = pg.create_database("ep").await?;
+        if let Some(seed) = &opts.registry_seed {
+            seed_database(&database_url, seed).await?;
+        }
         let speed = opts.clock_speed.to_string();
         let runpod = RunPodSimProcess::start(opts.world.as_deref(), &["--clock-speed", &speed])?;
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;

@@ -39,6 +39,8 @@ pub struct Lag {
     pub behind_since: Option<DateTime<Utc>>,
     /// The last database error, while behind.
     pub error: Option<String>,
+    /// The database holds a registry the operator refuses to adopt (nothing is written until it is fixed).
+    pub schema_refused: Option<String>,
 }
 
 impl Lag {
@@ -219,9 +221,21 @@ impl Projector {
         self.lag.subscribe()
     }
 
+    /// The registry's schema was refused (or, with None, accepted at last): every experiment says so.
+    pub fn schema_refused(&self, why: Option<String>) {
+        self.lag.send_if_modified(|cur| {
+            let changed = cur.schema_refused != why;
+            cur.schema_refused = why;
+            changed
+        });
+    }
+
     /// Why the registry does not hold an experiment's rows, if it does not.
     pub fn health(&self, namespace: &str, experiment: &str) -> Option<Blocked> {
         let lag = self.lag();
+        if let Some(why) = lag.schema_refused {
+            return Some(Blocked::new(Reason::RegistrySchemaRefused, why));
+        }
         if let Some(since) = lag.behind_since {
             let msg = format!(
                 "{} registry writes wait since {}: {}",
@@ -320,7 +334,7 @@ impl Projector {
         let pending = self.lock().pending.len();
         self.metrics.registry_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         let ok = failure.is_none();
-        let lag = Lag { pending, behind_since: if ok { None } else { oldest }, error: failure };
+        let lag = Lag { pending, behind_since: if ok { None } else { oldest }, error: failure, schema_refused: None };
         let secs = lag.behind_since.map_or(0.0, |t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0);
         self.metrics.registry_lag_seconds.set(secs);
         self.lag.send_if_modified(|cur| {

@@ -5,11 +5,17 @@
 //! the registry already holds a newer one.
 
 mod pg;
+pub mod schema;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 pub use pg::PgRegistry;
+
+/// Every migration's version and SQL, as embedded in the binary.
+pub fn pg_migrations() -> Vec<(i64, String)> {
+    pg::MIGRATOR.iter().map(|m| (m.version, m.sql.as_str().to_owned())).collect()
+}
 
 /// The experiment statuses of the hand-run pipeline, kept as they were.
 pub mod status {
@@ -81,6 +87,9 @@ pub enum RegistryError {
     Database(#[from] sqlx::Error),
     #[error("registry migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database holds a registry the operator cannot adopt without converting data.
+    #[error("registry schema refused: {0}")]
+    SchemaRefused(String),
     #[error("stale writer for run {run_id}: fencing token {offered} is older than {held}")]
     StaleFencingToken { run_id: String, offered: i64, held: i64 },
     #[error("{kind} {namespace}/{name} is not in the registry yet")]
@@ -96,6 +105,7 @@ impl RegistryError {
         match self {
             Self::Database(_) => "database",
             Self::Migrate(_) => "migrate",
+            Self::SchemaRefused(_) => "schema_refused",
             Self::StaleFencingToken { .. } => "stale_fencing_token",
             Self::MissingParent { .. } => "missing_parent",
             Self::Refused(_) => "refused",

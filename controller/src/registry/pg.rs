@@ -39,10 +39,10 @@ impl PgRegistry {
         Ok(Self { pool, ids: Arc::default() })
     }
 
-    /// Applies pending migrations; applying twice is a no-op.
+    /// Adopts what the database holds and applies pending migrations (under PostgreSQL's advisory
+    /// lock, so replicas never race); applying twice is a no-op.
     pub async fn migrate(&self) -> Result<(), RegistryError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        super::schema::migrate(&self.pool).await
     }
 
     /// The pool, for queries the registry does not wrap.

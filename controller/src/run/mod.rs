@@ -138,9 +138,13 @@ fn start_registry(url: &str, projector: Projector, events: Events) -> Result<(),
         let mut wait = Duration::from_millis(500);
         while let Err(e) = registry.migrate().await {
             tracing::warn!(error = %e, "registry migrations not applied yet; retrying");
+            if matches!(e, crate::registry::RegistryError::SchemaRefused(_)) {
+                projector.schema_refused(Some(e.to_string()));
+            }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(10));
         }
+        projector.schema_refused(None);
         projector.run(registry, Some(events)).await;
     });
     Ok(())

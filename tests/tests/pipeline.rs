@@ -1,0 +1,135 @@
+//! The pipeline's own registry, adopted as it is: the operator starts on the database people already
+//! query, keeps every row, adds its columns, and the pipeline's four queries answer the old rows
+//! unchanged plus the operator's experiments. One it cannot adopt without converting data is
+//! refused, and the refusal shows on every Experiment.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ep_testkit::e2e::{NS, condition, init_tls};
+use ep_testkit::registry::{rows, wait_registry};
+use ep_testkit::stack::{Stack, StackOptions, seed_database};
+
+const PIPELINE: &str = include_str!("../fixtures/pipeline/registry.sql");
+
+/// The four queries of DESIGN.md section 7, as people type them.
+const QUERIES: [&str; 4] = [
+    "SELECT name, status FROM exp_registry.experiments WHERE name = 'gnn-fraud-baseline'",
+    "SELECT name, status, result_f1, result_auc FROM exp_registry.experiments ORDER BY name",
+    "SELECT name, worker_id, started_at FROM exp_registry.experiments WHERE status = 'RUNNING'",
+    "SELECT worker_id, last_seen, running_jobs FROM exp_registry.worker_heartbeats",
+];
+
+async fn answers(url: &str) -> Vec<Vec<Vec<String>>> {
+    let mut out = Vec::new();
+    for q in QUERIES {
+        let mut r = rows(url, q).await;
+        r.sort();
+        out.push(r);
+    }
+    out
+}
+
+/// Everything the operator could change: the schema's columns and indexes, the migrations applied,
+/// and every row of the two tables the pipeline had (the time of the last write left out).
+async fn snapshot(url: &str) -> Vec<Vec<String>> {
+    let mut out = rows(
+        url,
+        "SELECT table_name, column_name, data_type, is_nullable, column_default FROM information_schema.columns \
+         WHERE table_schema = 'exp_registry' ORDER BY table_name, column_name",
+    )
+    .await;
+    out.extend(
+        rows(url, "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'exp_registry' ORDER BY 1").await,
+    );
+    out.extend(rows(url, "SELECT version, checksum FROM _sqlx_migrations ORDER BY version").await);
+    out.extend(
+        rows(url, "SELECT to_jsonb(e) - 'updated_at' AS r FROM exp_registry.experiments e ORDER BY namespace, name")
+            .await,
+    );
+    out.extend(rows(url, "SELECT * FROM exp_registry.worker_heartbeats ORDER BY worker_id").await);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipelines_registry_is_adopted_and_its_queries_answer_old_rows_and_new() {
+    init_tls();
+    let opts = StackOptions { registry_seed: Some(PIPELINE.to_owned()), ..StackOptions::default() };
+    let mut stack = Stack::start(&opts).await.unwrap();
+    // The same registry, untouched by any operator, answers what people saw before.
+    let before_url = stack.pg.create_database("before").await.unwrap();
+    seed_database(&before_url, PIPELINE).await.unwrap();
+    let before = answers(&before_url).await;
+    assert_eq!(before[1].len(), 4, "{before:?}");
+
+    stack.apply_quickstart(true).unwrap();
+    let exp = stack.wait_phase("exp", "quickstart", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(exp["status"]["phase"], "Succeeded", "{}", stack.operator_log(40));
+    wait_registry(&stack.database_url, "quickstart", "COMPLETED").await;
+    let after = answers(&stack.database_url).await;
+
+    // 1: the old row, unchanged.
+    assert_eq!(after[0], before[0]);
+    // 2: every old row unchanged, plus the operator's experiment with its results.
+    let new: Vec<_> = after[1].iter().filter(|r| !before[1].contains(r)).collect();
+    assert_eq!(after[1].len(), before[1].len() + 1, "{:?}", after[1]);
+    assert_eq!(new.len(), 1, "{new:?}");
+    // Columns come back by name, in alphabetical order: name, result_auc, result_f1, status.
+    assert!(new[0][0] == "name=\"quickstart\"" && new[0][3] == "status=\"COMPLETED\"", "{new:?}");
+    assert!(!new[0][1].ends_with('∅') && !new[0][2].ends_with('∅'), "results recorded: {new:?}");
+    // 3: the pipeline's running row still answers (the operator's run is over).
+    assert_eq!(after[2], before[2]);
+    // 4: the old workers unchanged, plus the quickstart's worker with no run live.
+    let new: Vec<_> = after[3].iter().filter(|r| !before[3].contains(r)).collect();
+    assert_eq!(after[3].len(), before[3].len() + 1, "{:?}", after[3]);
+    assert!(new[0][2] == "worker_id=\"runpod-1\"" && new[0][1] == "running_jobs=0", "{new:?}");
+
+    // The old rows gained the operator's columns, in no namespace (they were never objects).
+    let old = rows(
+        &stack.database_url,
+        "SELECT namespace, id IS NOT NULL AS has_id, attempts FROM exp_registry.experiments WHERE name = 'tabular-xgb'",
+    )
+    .await;
+    assert_eq!(old, vec![vec!["attempts=0", "has_id=true", "namespace=\"\""]]);
+
+    // A second start migrates again and changes nothing more.
+    let first = snapshot(&stack.database_url).await;
+    stack.operator.as_mut().unwrap().stop();
+    stack.start_operator().unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = snapshot(&stack.database_url).await;
+    assert_eq!(first, second);
+    assert_eq!(answers(&stack.database_url).await, after);
+    let migrations = rows(&stack.database_url, "SELECT count(*) AS n FROM _sqlx_migrations").await;
+    assert_eq!(migrations, vec![vec!["n=2"]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_needs_converting_is_refused_on_every_experiment_and_keeps_its_rows() {
+    init_tls();
+    // The pipeline stored F1 as text: adopting it would mean rewriting the column.
+    let seed = PIPELINE.replace("result_f1   double precision", "result_f1   text");
+    let opts = StackOptions { registry_seed: Some(seed.clone()), ..StackOptions::default() };
+    let stack = Stack::start(&opts).await.unwrap();
+    stack.apply_quickstart(true).unwrap();
+    ep_testkit::e2e::wait_until("the refusal on the experiment", Duration::from_secs(60), || {
+        let exp = stack.get("exp", Some(NS), "quickstart").unwrap();
+        condition(exp.as_ref(), "RegistrySynced").is_some_and(|c| c["reason"] == "RegistrySchemaRefused")
+    })
+    .unwrap();
+    let exp = stack.get("exp", Some(NS), "quickstart").unwrap();
+    let c = condition(exp.as_ref(), "RegistrySynced").unwrap();
+    let msg = c["message"].as_str().unwrap();
+    assert!(msg.contains("exp_registry.experiments.result_f1 is text"), "{msg}");
+    let described = stack.kubectl(&["describe", "exp", "-n", NS, "quickstart"]).unwrap();
+    assert!(described.contains("RegistrySchemaRefused"), "{described}");
+
+    // Nothing was changed: the rows and columns are the pipeline's, and no migration ran.
+    let pristine = stack.pg.create_database("pristine").await.unwrap();
+    seed_database(&pristine, &seed).await.unwrap();
+    let table = "SELECT to_jsonb(e) AS r FROM exp_registry.experiments e ORDER BY name";
+    assert_eq!(rows(&stack.database_url, table).await, rows(&pristine, table).await);
+    let migrations = rows(&stack.database_url, "SELECT count(*) AS n FROM _sqlx_migrations").await;
+    assert!(migrations.is_empty() || migrations == vec![vec!["n=0"]], "{migrations:?}");
+}
