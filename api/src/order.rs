@@ -327,6 +327,10 @@ pub struct HeartbeatStatus {
     /// GPU ids the runner sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_ids: Option<String>,
+    /// Until when the run's claim holds without a newer heartbeat (heartbeat time + heartbeatTimeout).
+    /// No other attempt of the experiment is claimed before it passes or the run has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<Time>,
 }
 
 /// Progress reported by the training script.

@@ -133,3 +133,42 @@ async fn a_registry_that_needs_converting_is_refused_on_every_experiment_and_kee
     let migrations = rows(&stack.database_url, "SELECT count(*) AS n FROM _sqlx_migrations").await;
     assert!(migrations.is_empty() || migrations == vec![vec!["n=0"]], "{migrations:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_runs_on_one_worker_are_one_heartbeat_row_with_two_running_jobs_and_each_holds_a_lease() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    for name in ["twin-a", "twin-b"] {
+        stack.apply(&ep_testkit::e2e::exp(name).epochs(30, 1.0).yaml()).unwrap();
+    }
+    let url = stack.database_url.clone();
+    let q = "SELECT worker_id, running_jobs FROM exp_registry.worker_heartbeats WHERE worker_id = 'runpod-1'";
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = rows(&url, q).await;
+        if r == vec![vec!["running_jobs=2", "worker_id=\"runpod-1\""]] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never two running jobs on runpod-1: {r:?}\n{}",
+            stack.operator_log(30)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let leases = rows(
+        &url,
+        "SELECT run_id, lease_expires_at > now() AS live FROM exp_registry.attempts WHERE status = 'RUNNING' ORDER BY run_id",
+    )
+    .await;
+    assert_eq!(leases.len(), 2, "{leases:?}");
+    assert!(leases.iter().all(|r| r[0] == "live=true"), "{leases:?}");
+    // Both end: the row stays one row, with nothing running.
+    for name in ["twin-a", "twin-b"] {
+        stack.kubectl_ep(&["stop", name, "-n", NS, "--reason", "enough"]).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while rows(&url, q).await != vec![vec!["running_jobs=0", "worker_id=\"runpod-1\""]] {
+        assert!(std::time::Instant::now() < deadline, "running_jobs never went back to 0");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

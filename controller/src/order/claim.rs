@@ -1,12 +1,13 @@
 //! SYNCED -> VERIFIED: the attempt claimed on the volume: the worker may take it, and its run spec
 //! is written once and never over another claim's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ep_api::RunPodOrderSpec;
 use ep_api::experiment::RetentionClass;
 use ep_api::order::{OrderPhase, RunTemplate};
 use ep_api::volume::{self, CheckpointSpec, FORMAT_VERSION, ObjectIdentity, ResultsSpec, RunSpec, keys};
+use ep_api::{RunPodOrder, RunPodOrderSpec};
 use ep_volume::VolumeStore;
 use sha2::{Digest, Sha256};
 
@@ -16,6 +17,8 @@ use super::world::World;
 use crate::error::Error;
 use crate::reason::{Blocked, Reason};
 use crate::settings::Settings;
+use crate::time;
+use kube::ResourceExt;
 
 /// How long the runner waits between SIGTERM and SIGKILL when a run is stopped.
 pub const STOP_GRACE_SECONDS: u32 = 20;
@@ -77,6 +80,42 @@ pub fn claim_gate(spec: &RunPodOrderSpec, run: &RunTemplate, existing: &Existing
     }
 }
 
+/// The claim's lease gate: while another attempt of the same experiment has not ended and its
+/// runner's lease (last heartbeat + heartbeatTimeout) has not passed, no new attempt is claimed: a
+/// runner that may still be alive keeps its run to itself.
+pub fn lease_gate(
+    this: &RunPodOrder,
+    siblings: &[Arc<RunPodOrder>],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), Blocked> {
+    let Some(exp) = this.spec.experiment_ref.as_ref() else { return Ok(()) };
+    for o in siblings {
+        if o.metadata.uid == this.metadata.uid || o.spec.experiment_ref.as_ref().is_none_or(|e| e.name != exp.name) {
+            continue;
+        }
+        let Some(st) = o.status.as_ref() else { continue };
+        if st.outcome.is_some() || st.phase == Some(OrderPhase::Deleted) {
+            continue;
+        }
+        let Some(until) = st.heartbeat.as_ref().and_then(|h| h.lease_expires_at.as_ref()).map(time::from_k8s) else {
+            continue;
+        };
+        if until > now {
+            return Err(Blocked::new(
+                Reason::LeaseHeld,
+                format!(
+                    "order {} (run {}) has not ended and its runner's lease holds until {}: this attempt is claimed \
+                     after it ends or the lease passes",
+                    o.name_any(),
+                    st.run_id.as_deref().unwrap_or("?"),
+                    until.to_rfc3339()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The run spec the runner executes.
 pub fn run_spec(ns: &str, exp_name: &str, run: &RunTemplate, payload_id: &str, settings: &Settings) -> RunSpec {
     let results = run
@@ -129,6 +168,9 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
         Ok(c) => c,
         Err(b) => return Ok(pass.block(b)),
     };
+    if let Err(b) = lease_gate(pass.order, &w.orders(&pass.ns), pass.now) {
+        return Ok(pass.block(b));
+    }
     let key = keys::run_file(&t.run_id, keys::SPEC);
     let found = match existing(&conn.store, &key).await {
         Ok(f) => f,

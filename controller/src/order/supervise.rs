@@ -133,6 +133,9 @@ pub async fn run<W: World>(
             seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
             pid: h.pid.map(i64::from),
             gpu_ids: gpu_ids(h),
+            lease_expires_at: chrono::Duration::from_std(settings.heartbeat_timeout.get())
+                .ok()
+                .map(|d| time::to_k8s(h.time + d)),
         };
         let stale = pass.st.heartbeat.as_ref().is_none_or(|old| {
             old.pid != beat.pid || old.gpu_ids != beat.gpu_ids || elapsed(time::from_k8s(&old.time), h.time) >= coarse

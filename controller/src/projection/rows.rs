@@ -187,7 +187,7 @@ fn attempt_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> Option<AttemptRow> {
         pod_id: st.pod_id.clone(),
         pid: st.heartbeat.as_ref().and_then(|h| h.pid).and_then(|p| i32::try_from(p).ok()),
         gpu_id: st.heartbeat.as_ref().and_then(|h| h.gpu_ids.clone()),
-        lease_expires_at: None,
+        lease_expires_at: st.heartbeat.as_ref().and_then(|h| h.lease_expires_at.as_ref()).map(time::from_k8s),
         exit_code: outcome.and_then(|x| x.exit_code),
         reason: outcome.map(|x| x.reason.clone()).or_else(|| st.drain_reason.clone()),
         result_f1: outcome.and_then(|x| x.metrics.get("f1").copied()),

@@ -105,6 +105,7 @@ fn order(exp: &str, uid: &str, phase: OrderPhase, token: i64) -> RunPodOrder {
             seq: 3,
             pid: Some(7),
             gpu_ids: None,
+            lease_expires_at: None,
         }),
         transitions: phases[..=upto]
             .iter()

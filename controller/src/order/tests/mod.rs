@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod claim;
 mod decide;
 mod fakes;
 mod reconcile;
