@@ -362,6 +362,9 @@ pub struct AttemptStatus {
     /// What the attempt cost, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
+    /// What the operator repaired to bind this attempt (a stale binding cleared and re-bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_action: Option<String>,
 }
 
 /// Artifacts verified on the volume (size and sha256) before the pod was deleted.

@@ -124,6 +124,9 @@ pub struct RunTemplate {
     /// USD the experiment spent on earlier attempts (counts against `limits.maxCostUsd`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spent_before_usd: Option<f64>,
+    /// What the operator repaired to bind this attempt (a stale binding cleared), for the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_action: Option<String>,
 }
 
 /// Reference to an experiment in the same namespace.

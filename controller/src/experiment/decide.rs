@@ -111,6 +111,7 @@ pub fn template(exp: &Experiment, cur: &AttemptStatus, spent_before: f64) -> Run
         checkpoints: s.checkpoints.clone(),
         worker_affinity: s.worker_affinity.clone(),
         spent_before_usd: (spent_before > 0.0).then_some(spent_before),
+        reconcile_action: cur.reconcile_action.clone(),
     }
 }
 
@@ -231,7 +232,7 @@ fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Opti
     if !ended(ost.phase) {
         if order.spec.run.is_none()
             && ost.binding.as_ref().map(|t| t.fencing_token) != Some(cur.fencing_token)
-            && !matches!(ost.phase, Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining))
+            && !claimed(ost.phase)
         {
             b.bind = Some((order.name_any(), template(o.exp, cur, before)));
         }
@@ -375,6 +376,37 @@ fn next_attempt(mut b: Builder<'_>) -> Plan {
     claim(b)
 }
 
+/// Whether an order has claimed its run (from then on its binding is its own, never moved).
+fn claimed(p: Option<OrderPhase>) -> bool {
+    matches!(p, Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining))
+}
+
+/// The order made by hand for attempt `n`, if any. Else one made by hand whose binding is stale
+/// (made for an earlier attempt, or for none) and that never claimed a run: it is re-bound to
+/// attempt `n` rather than left waiting forever, and what was repaired is said.
+fn by_hand<'a>(o: &Observed<'a>, n: i32) -> (Option<&'a RunPodOrder>, Option<String>) {
+    let open = |x: &&&'a RunPodOrder| {
+        let phase = x.status.as_ref().and_then(|s| s.phase);
+        x.spec.run.is_none() && !ended(phase) && !claimed(phase)
+    };
+    if let Some(x) = o.orders.iter().filter(open).find(|x| x.spec.attempt == Some(n)) {
+        return (Some(*x), None);
+    }
+    let stale = o
+        .orders
+        .iter()
+        .filter(open)
+        .filter(|x| x.spec.attempt.is_none_or(|a| a < n))
+        .min_by_key(|x| (x.metadata.creation_timestamp.as_ref().map(|t| t.0), x.name_any()));
+    let Some(x) = stale else { return (None, None) };
+    let was = match x.status.as_ref().and_then(|s| s.binding.as_ref()) {
+        Some(t) => format!("attempt {} (run {})", t.attempt, t.run_id),
+        None => x.spec.attempt.map_or_else(|| "no attempt".to_owned(), |a| format!("attempt {a}")),
+    };
+    let action = format!("stale binding cleared: order {} was bound to {was}, re-bound to attempt {n}", x.name_any());
+    (Some(*x), Some(action))
+}
+
 /// Claims the next attempt. The claim is saved before the order exists.
 fn claim(mut b: Builder<'_>) -> Plan {
     let o = b.o;
@@ -382,10 +414,7 @@ fn claim(mut b: Builder<'_>) -> Plan {
     let n = b.st.attempts + 1;
     let uid = exp.uid().unwrap_or_default();
     let run_id = names::run_id(&exp.name_any(), &uid, n);
-    let by_hand = o
-        .orders
-        .iter()
-        .find(|x| x.spec.attempt == Some(n) && x.spec.run.is_none() && !ended(x.status.as_ref().and_then(|s| s.phase)));
+    let (by_hand, repaired) = by_hand(o, n);
     let order = by_hand.map_or_else(|| names::order_name(&exp.name_any(), n), |x| x.name_any());
     // Fencing tokens grow with every claim: the claim time in milliseconds, never below the last.
     let last = b.st.history.iter().map(|a| a.fencing_token).max().unwrap_or(0);
@@ -397,8 +426,12 @@ fn claim(mut b: Builder<'_>) -> Plan {
         order: Some(order.clone()),
         worker_id: Some(exp.spec.order.worker_id.clone()),
         started_at: Some(time::to_k8s(o.now)),
+        reconcile_action: repaired.clone(),
         ..AttemptStatus::default()
     };
+    if let Some(action) = repaired {
+        b.events.push((Reason::BindingRepaired, action));
+    }
     let t = template(exp, &cur, spent_before(&b.st));
     b.st.current_attempt = Some(cur);
     b.st.attempts = n;

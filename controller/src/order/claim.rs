@@ -12,7 +12,7 @@ use ep_volume::VolumeStore;
 use sha2::{Digest, Sha256};
 
 use super::pass::Pass;
-use super::payload::{store_block, unbound};
+use super::payload::{store_block, unbound_in};
 use super::world::World;
 use crate::error::Error;
 use crate::reason::{Blocked, Reason};
@@ -160,7 +160,7 @@ async fn existing<S: VolumeStore>(store: &S, key: &str) -> Result<Existing, ep_v
 
 /// SYNCED -> VERIFIED.
 pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration>, Error> {
-    let Some(t) = pass.template() else { return Ok(pass.block(unbound(&pass.order.spec))) };
+    let Some(t) = pass.template() else { return Ok(pass.block(unbound_in(w, pass))) };
     let Some(payload_id) = pass.st.payload_id.clone() else {
         return Ok(pass.block(Blocked::new(Reason::PayloadMissing, "no payload was synced")));
     };

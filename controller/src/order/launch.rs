@@ -341,7 +341,7 @@ pub(super) fn gpu_ids(hb: &Heartbeat) -> Option<String> {
 /// VERIFIED and RUNNER_ONLINE: create or adopt the pod, then watch it.
 pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>, deleting: bool) -> Result<Option<Duration>, Error> {
     let Some(run) = pass.template() else {
-        return Ok(pass.block(super::payload::unbound(&pass.order.spec)));
+        return Ok(pass.block(super::payload::unbound_in(w, pass)));
     };
     let conn = match w.provider(&pass.order.spec.provider_ref).await {
         Ok(c) => c,

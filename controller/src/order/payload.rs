@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ep_api::RunPodOrderSpec;
-use ep_api::experiment::PayloadSource as PayloadSpec;
+use ep_api::experiment::{ExperimentPhase, PayloadSource as PayloadSpec};
 use ep_api::order::OrderPhase;
 use ep_api::volume::{self, PayloadManifest, keys};
 use ep_volume::store::Usage;
@@ -21,18 +21,41 @@ use crate::pool::Conn;
 use crate::reason::{Blocked, Reason};
 use crate::runpod::RunPodApi;
 
-/// Why an order has no attempt to run: made by hand and not bound yet, or bound to nothing.
-pub fn unbound(spec: &RunPodOrderSpec) -> Blocked {
-    match &spec.experiment_ref {
-        None => Blocked::new(
+/// Why an order has no attempt to run: made by hand and not bound yet, or with nothing that can
+/// bind it (no experiment named, the experiment missing, or ended). `phase`: the named
+/// experiment's phase (None when it does not exist).
+pub fn unbound(spec: &RunPodOrderSpec, phase: Option<Option<ExperimentPhase>>) -> Blocked {
+    let Some(e) = &spec.experiment_ref else {
+        return Blocked::new(
             Reason::NothingRunnable,
             "spec.run is empty and spec.experimentRef names no experiment: there is nothing to run",
+        );
+    };
+    match phase {
+        None => Blocked::new(
+            Reason::NothingRunnable,
+            format!("spec.experimentRef names experiment {}, which does not exist: there is nothing to run", e.name),
         ),
-        Some(e) => Blocked::new(
+        Some(Some(p @ (ExperimentPhase::Succeeded | ExperimentPhase::Failed))) => Blocked::new(
+            Reason::NothingRunnable,
+            format!(
+                "experiment {} has ended ({p:?}) and starts no attempt this order could run: delete the order, \
+                 or rerun the experiment",
+                e.name
+            ),
+        ),
+        Some(_) => Blocked::new(
             Reason::NotBound,
             format!("waiting for experiment {} to bind this order to an attempt (status.binding)", e.name),
         ),
     }
+}
+
+/// [`unbound`] for the order of a pass.
+pub fn unbound_in<W: World>(w: &W, pass: &Pass<'_>) -> Blocked {
+    let spec = &pass.order.spec;
+    let phase = spec.experiment_ref.as_ref().map_or(Some(None), |e| w.experiment_phase(&pass.ns, &e.name));
+    unbound(spec, phase)
 }
 
 /// A volume failure a person should see as a wait (volume full, S3 down), rather than a retry
@@ -194,7 +217,7 @@ async fn push_config_map<W: World>(
 
 /// PROVISIONED -> SYNCED.
 pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration>, Error> {
-    let Some(t) = pass.template() else { return Ok(pass.block(unbound(&pass.order.spec))) };
+    let Some(t) = pass.template() else { return Ok(pass.block(unbound_in(w, pass))) };
     let conn = match w.provider(&pass.order.spec.provider_ref).await {
         Ok(c) => c,
         Err(b) => return Ok(pass.block(b)),

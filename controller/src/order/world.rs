@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ep_api::experiment::ExperimentPhase;
 use ep_api::{CONDITION_READY, RunPodOrder, RunPodOrderStatus, find_condition};
 use ep_volume::VolumeStore;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -35,6 +36,8 @@ pub trait World: Send + Sync {
     fn provider(&self, name: &str) -> impl Future<Output = Connected<Self::Api, Self::Store>> + Send;
     /// Every order of a namespace, as cached.
     fn orders(&self, namespace: &str) -> Vec<Arc<RunPodOrder>>;
+    /// The phase of an experiment, as cached (None: there is no such experiment).
+    fn experiment_phase(&self, namespace: &str, name: &str) -> Option<Option<ExperimentPhase>>;
     /// One key of a Secret, decoded.
     fn secret_key(
         &self,
@@ -127,6 +130,10 @@ impl World for KubeWorld<'_> {
 
     fn orders(&self, namespace: &str) -> Vec<Arc<RunPodOrder>> {
         self.ctx.stores.orders_in(namespace)
+    }
+
+    fn experiment_phase(&self, namespace: &str, name: &str) -> Option<Option<ExperimentPhase>> {
+        self.ctx.stores.experiment(namespace, name).map(|e| e.status.as_ref().and_then(|s| s.phase))
     }
 
     async fn secret_key(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, Error> {

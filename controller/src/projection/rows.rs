@@ -197,6 +197,7 @@ fn attempt_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> Option<AttemptRow> {
         started_at: claimed,
         finished_at: outcome.map(|x| time::from_k8s(&x.finished_at)),
         extra: json!({}),
+        reconcile_action: spec.template(o.status.as_ref()).and_then(|t| t.reconcile_action.clone()),
     })
 }
 

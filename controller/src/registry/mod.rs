@@ -181,6 +181,8 @@ pub struct AttemptRow {
     pub cost_usd: Option<f64>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// What the operator repaired to bind the attempt (a stale binding), if anything.
+    pub reconcile_action: Option<String>,
     pub extra: Value,
 }
 

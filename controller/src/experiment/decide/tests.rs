@@ -189,3 +189,44 @@ fn the_registry_lag_shows_as_a_condition() {
     let c = find_condition(&p.status.conditions, CONDITION_REGISTRY).unwrap();
     assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "RegistryUnavailable"));
 }
+
+/// An order made by hand (no spec.run) for `attempt`, with `st`.
+fn by_hand(name: &str, attempt: Option<i32>, st: RunPodOrderStatus) -> RunPodOrder {
+    let mut o = order(name, attempt.unwrap_or(1), st);
+    o.spec.run = None;
+    o.spec.attempt = attempt;
+    o
+}
+
+#[test]
+fn a_stale_binding_is_cleared_and_the_order_re_bound_to_the_attempt_claimed() {
+    // Attempt 1 failed in the operator's own order; a person's order still names attempt 1 and
+    // holds its old binding, and has claimed nothing.
+    let mut e = exp();
+    e.spec.retry = Some(ep_api::experiment::RetryPolicy { max_attempts: 3, backoff: None });
+    let first = run(&e, &[], vec![], 0);
+    let e = with(e, &first);
+    let own = order("quickstart-a1", 1, ended(OutcomeState::Failed, 10, 0.01));
+    let stale_binding = crate::fixtures::quickstart_order("x", 1).spec.run;
+    let mut stale = by_hand(
+        "by-hand",
+        Some(1),
+        RunPodOrderStatus { phase: Some(OrderPhase::Synced), binding: stale_binding, ..Default::default() },
+    );
+    stale.metadata.uid = Some("hand".into());
+    let p = run(&e, &[own.clone(), stale.clone()], vec![], 20);
+    let cur = p.status.current_attempt.clone().unwrap();
+    assert_eq!(cur.attempt, 2);
+    assert_eq!(cur.order.as_deref(), Some("by-hand"), "the stale order serves attempt 2: no second order");
+    assert!(p.create_order.is_none());
+    let (bound, t) = p.bind.clone().unwrap();
+    assert_eq!((bound.as_str(), t.attempt, t.fencing_token), ("by-hand", 2, cur.fencing_token));
+    let action = t.reconcile_action.clone().unwrap();
+    assert!(action.contains("by-hand was bound to attempt 1") && action.contains("attempt 2"), "{action}");
+    assert!(p.events.iter().any(|(r, m)| *r == Reason::BindingRepaired && *m == action));
+    // An order that already claimed its run keeps its binding; a new order is made instead.
+    stale.status.as_mut().unwrap().phase = Some(OrderPhase::RunnerOnline);
+    let p = run(&e, &[own, stale], vec![], 20);
+    assert!(p.bind.is_none());
+    assert_eq!(created(&p), Some(("quickstart-a2".to_owned(), 2)));
+}

@@ -1,6 +1,7 @@
 //! In-memory fakes of what an order reconcile talks to: RunPod, the volume, and the rest of the
 //! world. Small on purpose: they behave like RunPod as runpod-api.md describes it, nothing more.
 
+use ep_api::experiment::ExperimentPhase;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -203,6 +204,8 @@ pub struct FakeWorld {
     pub terminated_at_save: Mutex<Vec<usize>>,
     /// Status writes still to lose (answered 409, as after a concurrent write).
     pub lose_saves: Mutex<u32>,
+    /// The phase of the order's experiment (None: no such experiment).
+    pub experiment: Mutex<Option<Option<ExperimentPhase>>>,
     runner: RunnerBinary,
     staging: tempfile::TempDir,
     slots: Semaphore,
@@ -231,6 +234,7 @@ impl FakeWorld {
             saved: Mutex::default(),
             terminated_at_save: Mutex::default(),
             lose_saves: Mutex::default(),
+            experiment: Mutex::new(Some(Some(ExperimentPhase::Running))),
             runner,
             staging,
             slots: Semaphore::new(2),
@@ -262,6 +266,9 @@ impl World for FakeWorld {
     }
     fn orders(&self, _: &str) -> Vec<Arc<RunPodOrder>> {
         lock(&self.others).clone()
+    }
+    fn experiment_phase(&self, _: &str, _: &str) -> Option<Option<ExperimentPhase>> {
+        *lock(&self.experiment)
     }
     async fn secret_key(&self, _: &str, _: &str, _: &str) -> Result<Option<String>, Error> {
         Ok(Some("s3cret".into()))

@@ -218,6 +218,22 @@ async fn an_order_made_by_hand_waits_unbound_until_its_experiment_binds_it() {
 }
 
 #[tokio::test]
+async fn an_order_made_by_hand_for_an_experiment_that_is_gone_or_over_says_nothing_is_runnable() {
+    let mut s = sim();
+    s.order.spec.run = None;
+    s.until(OrderPhase::Provisioned, 5).await;
+    *s.world.experiment.lock().unwrap() = None;
+    s.pass().await.unwrap();
+    assert_eq!(s.status().reason.as_deref(), Some("NothingRunnable"));
+    assert!(s.status().message.unwrap_or_default().contains("does not exist"));
+    *s.world.experiment.lock().unwrap() = Some(Some(ep_api::experiment::ExperimentPhase::Succeeded));
+    s.pass().await.unwrap();
+    assert_eq!(s.status().reason.as_deref(), Some("NothingRunnable"));
+    assert!(s.status().message.unwrap_or_default().contains("has ended (Succeeded)"));
+    assert!(s.world.runpod().creates.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn a_stop_before_launch_ends_the_order_without_a_pod() {
     let mut s = sim();
     s.until(OrderPhase::Synced, 10).await;
