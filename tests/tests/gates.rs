@@ -243,6 +243,15 @@ async fn a_pushed_payload_runs_and_a_digest_never_pushed_waits() {
     let msg = cond(Some(&order), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
     assert!(msg.contains(&missing) && msg.contains("kubectl ep push"), "{msg}");
     assert!(stack.live_pods().await.unwrap().is_empty());
+    // Preflight blocked, nothing runnable until a person pushes: NEEDS_RERUN with the reason, not a
+    // READY nobody will pick up.
+    ep_testkit::registry::wait_registry(&stack.database_url, "never", "NEEDS_RERUN").await;
+    let why = ep_testkit::registry::rows(
+        &stack.database_url,
+        "SELECT extra->>'reason' AS reason FROM exp_registry.experiments WHERE name = 'never'",
+    )
+    .await;
+    assert_eq!(why, vec![vec!["reason=\"PayloadMissing\""]]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

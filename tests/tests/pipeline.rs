@@ -216,3 +216,75 @@ async fn an_order_made_by_hand_for_a_stale_attempt_is_re_bound_to_the_next_and_t
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// `kubectl ep push DIR` against the stack's volume, as a user runs it: the payload's digest.
+fn push(stack: &Stack, dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(ep_testkit::sim::workspace_bin("kubectl-ep").unwrap())
+        .arg("push")
+        .arg(dir)
+        .env("EP_S3_ENDPOINT", stack.runpod.get("s3"))
+        .env("EP_S3_REGION", "EU-RO-1")
+        .env("EP_VOLUME_ID", "tgb8bx6fwl")
+        .env("EP_S3_ACCESS_KEY_ID", stack.runpod.get("s3_access_key"))
+        .env("EP_S3_SECRET_ACCESS_KEY", stack.runpod.get("s3_secret_key"))
+        .env("EP_CACHE_DIR", stack.dir.path().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_pushed_by_digest_runs_only_the_declared_locations_without_the_excludes() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    // Pushed whole: train.py, the YAML files and a data directory nobody declared.
+    let dir = tempfile::tempdir().unwrap();
+    let src = ep_testkit::workspace_root().join("examples/quickstart");
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/huge.csv"), "a,b\n1,2\n").unwrap();
+    let digest = push(&stack, dir.path());
+    let payload = format!("{{digest: \"{digest}\", locations: [train.py, data], excludes: [\"*.csv\"]}}");
+    let yaml = ep_testkit::e2e::exp("declared").yaml().replace("{configMap: {name: quickstart-code}}", &payload);
+    stack.apply(&yaml).unwrap();
+    let e = stack.wait_phase("exp", "declared", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let order = stack.get("rpo", Some(NS), "declared-a1").unwrap().unwrap();
+    let run_id = order["status"]["runId"].as_str().unwrap();
+    assert_ne!(format!("sha256:{}", order["status"]["payloadId"].as_str().unwrap()), digest, "narrowed");
+    let copy = stack.volume_dir("tgb8bx6fwl").join("ep/runs").join(run_id).join("payload");
+    let mut got: Vec<String> = walkdir(&copy);
+    got.sort();
+    assert_eq!(got, ["train.py"], "the run saw only what the experiment declares");
+
+    // A declared location the pushed payload lacks: refused before any pod, with the reason.
+    let payload = format!("{{digest: \"{digest}\", locations: [model/]}}");
+    let yaml = ep_testkit::e2e::exp("undeclared").yaml().replace("{configMap: {name: quickstart-code}}", &payload);
+    stack.apply(&yaml).unwrap();
+    let order = stack
+        .wait_for("rpo", Some(NS), "undeclared-a1", Duration::from_secs(60), "InvalidPayload", |o| {
+            condition(o, "Ready").is_some_and(|c| c["reason"] == "InvalidPayload")
+        })
+        .unwrap()
+        .unwrap();
+    let msg = condition(Some(&order), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("\"model/\"") && msg.contains("is not in the pushed payload"), "{msg}");
+    assert_eq!(stack.live_pods().await.unwrap().len(), 0);
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path().strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}

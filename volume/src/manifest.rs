@@ -295,6 +295,47 @@ fn walk(
     Ok(())
 }
 
+/// The part of a sealed manifest an experiment declares: the files under `locations` (all when
+/// empty) that no `excludes` pattern (gitignore syntax, as at push time) matches. Used for payloads
+/// pushed by digest, whose manifest was built with whatever the pusher chose: the run gets only
+/// what the Experiment declares, whatever was pushed. A location that holds no file is an error,
+/// as when building from a directory.
+pub fn select(
+    manifest: &PayloadManifest,
+    locations: &[String],
+    excludes: &[String],
+) -> Result<PayloadManifest, ManifestError> {
+    let root = Path::new("/");
+    let mut b = ignore::gitignore::GitignoreBuilder::new(root);
+    for pat in excludes {
+        b.add_line(None, pat).map_err(|e| ManifestError::Exclude { pattern: pat.clone(), reason: e.to_string() })?;
+    }
+    let ignore =
+        b.build().map_err(|e| ManifestError::Exclude { pattern: excludes.join(" "), reason: e.to_string() })?;
+    let mut roots = Vec::new();
+    for loc in locations {
+        let rel = normalize(loc).map_err(|reason| ManifestError::Location { location: loc.clone(), reason })?;
+        roots.push((loc, rel));
+    }
+    let under = |path: &str, rel: &str| rel.is_empty() || path == rel || path.starts_with(&format!("{rel}/"));
+    for (loc, rel) in &roots {
+        if !manifest.files.iter().any(|f| under(&f.path, rel)) {
+            return Err(ManifestError::Location {
+                location: (*loc).clone(),
+                reason: "is not in the pushed payload".into(),
+            });
+        }
+    }
+    let files = manifest
+        .files
+        .iter()
+        .filter(|f| roots.is_empty() || roots.iter().any(|(_, rel)| under(&f.path, rel)))
+        .filter(|f| !ignore.matched_path_or_any_parents(root.join(&f.path), false).is_ignore())
+        .cloned()
+        .collect();
+    Ok(PayloadManifest { version: manifest.version, files })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +357,32 @@ mod tests {
 
     fn paths(p: &Payload) -> Vec<&str> {
         p.manifest.files.iter().map(|f| f.path.as_str()).collect()
+    }
+
+    #[test]
+    fn a_pushed_manifest_narrowed_to_the_declared_part_equals_building_that_part() {
+        let d = tree();
+        let pushed = Payload::build(&PayloadSource { root: d.path().into(), ..PayloadSource::default() }).unwrap();
+        for (locations, excludes) in [
+            (vec!["train.py", "src"], vec!["*.pyc"]),
+            (vec![], vec!["__pycache__/", "*.pyc", "/data"]),
+            (vec!["src/pkg"], vec![]),
+            (vec![], vec![]),
+        ] {
+            let locations: Vec<String> = locations.into_iter().map(Into::into).collect();
+            let excludes: Vec<String> = excludes.into_iter().map(Into::into).collect();
+            let built = Payload::build(&PayloadSource {
+                root: d.path().into(),
+                locations: locations.clone(),
+                excludes: excludes.clone(),
+                cache_dir: None,
+            })
+            .unwrap();
+            let narrowed = select(&pushed.manifest, &locations, &excludes).unwrap();
+            assert_eq!(narrowed, built.manifest, "{locations:?} {excludes:?}");
+        }
+        let err = select(&pushed.manifest, &["model/".into()], &[]).unwrap_err();
+        assert!(err.to_string().contains("is not in the pushed payload"), "{err}");
     }
 
     #[test]

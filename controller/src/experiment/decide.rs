@@ -82,11 +82,26 @@ pub fn intake(exp: &Experiment, settings: &Settings) -> Result<(), Blocked> {
     Ok(())
 }
 
-/// The registry's status word for a phase.
-pub fn registry_status(phase: ExperimentPhase, reason: Reason) -> RegistryStatus {
+/// A gate that blocks before any pod until a person fixes the spec or the cluster (the pipeline's
+/// "preflight blocked, nothing runnable"): the registry shows NEEDS_RERUN with the reason, never a
+/// READY that nothing will pick up. Approval is a normal wait, and NotBound passes by itself.
+pub fn preflight_blocked(reason: Reason) -> bool {
+    reason.kind() == crate::reason::Kind::Wait
+        && reason.requeue() == crate::reason::Requeue::Person
+        && reason.domain() != crate::reason::Domain::Paid
+        && reason != Reason::NotBound
+}
+
+/// The registry's status word for a phase. `online`: the current attempt's runner came online
+/// (RUNNING means the runner is online; a claimed attempt still waiting is READY).
+pub fn registry_status(phase: ExperimentPhase, reason: Reason, online: bool) -> RegistryStatus {
     match phase {
+        ExperimentPhase::Pending | ExperimentPhase::Waiting | ExperimentPhase::Running if preflight_blocked(reason) => {
+            RegistryStatus::NeedsRerun
+        }
         ExperimentPhase::Pending | ExperimentPhase::Waiting => RegistryStatus::Ready,
-        ExperimentPhase::Running => RegistryStatus::Running,
+        ExperimentPhase::Running if online => RegistryStatus::Running,
+        ExperimentPhase::Running => RegistryStatus::Ready,
         ExperimentPhase::NeedsRerun => RegistryStatus::NeedsRerun,
         ExperimentPhase::Succeeded => RegistryStatus::Completed,
         ExperimentPhase::Failed if reason == Reason::StatusDivergence => RegistryStatus::FailedStatusDivergence,
@@ -121,6 +136,8 @@ struct Builder<'a> {
     events: Vec<(Reason, String)>,
     create_order: Option<(String, RunTemplate)>,
     bind: Option<(String, RunTemplate)>,
+    /// The current attempt's runner came online.
+    online: bool,
 }
 
 impl Builder<'_> {
@@ -133,7 +150,7 @@ impl Builder<'_> {
     fn phase(&mut self, phase: ExperimentPhase, reason: Reason, message: &str) {
         let before = self.st.phase;
         self.st.phase = Some(phase);
-        self.st.registry_status = Some(registry_status(phase, reason).as_str().to_owned());
+        self.st.registry_status = Some(registry_status(phase, reason, self.online).as_str().to_owned());
         let done = matches!(phase, ExperimentPhase::Succeeded | ExperimentPhase::Failed);
         let ready =
             phase == ExperimentPhase::Succeeded || (phase == ExperimentPhase::Running && reason == Reason::Running);
@@ -183,8 +200,14 @@ fn spent_before(st: &ExperimentStatus) -> f64 {
 /// Decides the next status of an experiment.
 pub fn decide(o: &Observed<'_>) -> Plan {
     let exp = o.exp;
-    let mut b =
-        Builder { o, st: exp.status.clone().unwrap_or_default(), events: vec![], create_order: None, bind: None };
+    let mut b = Builder {
+        o,
+        st: exp.status.clone().unwrap_or_default(),
+        events: vec![],
+        create_order: None,
+        bind: None,
+        online: false,
+    };
     b.st.observed_generation = exp.metadata.generation;
     match &o.registry {
         Some(why) => b.cond(CONDITION_REGISTRY, false, why.reason, &why.message),
@@ -217,6 +240,7 @@ pub fn decide(o: &Observed<'_>) -> Plan {
 fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Option<Plan> {
     let o = b.o;
     let ost = order.status.clone().unwrap_or_default();
+    b.online = ost.online_at.is_some();
     let mut a = cur.clone();
     a.pod_id.clone_from(&ost.pod_id);
     a.pid = ost.heartbeat.as_ref().and_then(|h| h.pid);

@@ -128,8 +128,8 @@ fn store_result<T>(r: Result<T, StoreError>) -> Result<Result<T, Blocked>, Error
 }
 
 /// Checks a pushed payload: its manifest is sealed and hashes to its id, and every file it names
-/// is on the volume with the right size and sha256.
-async fn verify_sealed<S: VolumeStore>(store: &S, id: &str) -> Result<Result<(), Blocked>, StoreError> {
+/// is on the volume with the right size and sha256. Returns the manifest.
+async fn verify_sealed<S: VolumeStore>(store: &S, id: &str) -> Result<Result<PayloadManifest, Blocked>, StoreError> {
     let missing = |m: String| Ok(Err(Blocked::new(Reason::PayloadMissing, m)));
     let Some(bytes) = store.get(&keys::payload_manifest(id)).await? else {
         return missing(format!(
@@ -149,7 +149,41 @@ async fn verify_sealed<S: VolumeStore>(store: &S, id: &str) -> Result<Result<(),
     if !bad.is_empty() {
         return missing(format!("payload sha256:{id}: the volume lacks or holds a different {}", bad.join(", ")));
     }
-    Ok(Ok(()))
+    Ok(Ok(manifest))
+}
+
+/// A pushed payload narrowed to what the experiment declares (spec.payload.locations and excludes):
+/// the id of the payload the run gets. When the declaration narrows it, the narrowed manifest is
+/// sealed beside the pushed one (its files are the pushed blobs: nothing else is uploaded).
+async fn declared_part<S: VolumeStore>(
+    store: &S,
+    id: &str,
+    manifest: &PayloadManifest,
+    spec: &PayloadSpec,
+) -> Result<Result<String, Blocked>, StoreError> {
+    if spec.locations.is_empty() && spec.excludes.is_empty() {
+        return Ok(Ok(id.to_owned()));
+    }
+    let narrowed = match ep_volume::manifest::select(manifest, &spec.locations, &spec.excludes) {
+        Ok(m) => m,
+        Err(e) => {
+            let msg = format!("spec.payload of pushed payload sha256:{id}: {e}");
+            return Ok(Err(Blocked::new(Reason::InvalidPayload, msg)));
+        }
+    };
+    if narrowed.files.is_empty() {
+        let msg = format!("spec.payload.locations and excludes leave no file of pushed payload sha256:{id}");
+        return Ok(Err(Blocked::new(Reason::InvalidPayload, msg)));
+    }
+    if narrowed == *manifest {
+        return Ok(Ok(id.to_owned()));
+    }
+    let body = serde_json::to_vec(&narrowed).unwrap_or_default();
+    let sha = hex::encode(Sha256::digest(&body));
+    if store.head(&keys::payload_manifest(&sha)).await?.is_none_or(|i| i.size != body.len() as u64) {
+        store.put_bytes(&keys::payload_manifest(&sha), body.into(), &sha).await?;
+    }
+    Ok(Ok(sha))
 }
 
 /// The file's path when the volume lacks its blob or holds another content under its key.
@@ -234,8 +268,12 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
     let id = match (&payload.digest, &payload.config_map) {
         (Some(d), _) => {
             let id = d.trim_start_matches("sha256:");
-            match store_result(verify_sealed(&conn.store, id).await)? {
-                Ok(Ok(())) => id.to_owned(),
+            let manifest = match store_result(verify_sealed(&conn.store, id).await)? {
+                Ok(Ok(m)) => m,
+                Ok(Err(b)) | Err(b) => return Ok(pass.block(b)),
+            };
+            match store_result(declared_part(&conn.store, id, &manifest, payload).await)? {
+                Ok(Ok(id)) => id,
                 Ok(Err(b)) | Err(b) => return Ok(pass.block(b)),
             }
         }

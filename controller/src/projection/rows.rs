@@ -57,6 +57,7 @@ pub fn experiment(exp: &Experiment, deleted_at: Option<DateTime<Utc>>) -> Vec<Ro
     let last = st.current_attempt.as_ref().or(st.history.last());
     let results = st.results.as_ref();
     let done = matches!(st.phase, Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed));
+    let not_ready = ep_api::find_condition(&st.conditions, ep_api::CONDITION_READY).filter(|c| c.status != "True");
     let mut row = ExperimentRow {
         namespace: exp.namespace().unwrap_or_default(),
         name: exp.name_any(),
@@ -77,7 +78,13 @@ pub fn experiment(exp: &Experiment, deleted_at: Option<DateTime<Utc>>) -> Vec<Ro
             None
         },
         created_at: exp.metadata.creation_timestamp.as_ref().map(time::from_k8s),
-        extra: clean_json(json!({"results": results, "receipt": st.artifacts.as_ref().map(|a| a.receipt.clone())})),
+        extra: clean_json(json!({
+            "results": results,
+            "receipt": st.artifacts.as_ref().map(|a| a.receipt.clone()),
+            // Why it is not ready (a NEEDS_RERUN says what to fix), as the Ready condition says.
+            "reason": not_ready.map(|c| c.reason.clone()),
+            "message": not_ready.map(|c| c.message.clone()),
+        })),
     };
     let mut rows = Vec::new();
     let mut from = None;

@@ -73,7 +73,8 @@ fn the_first_pass_claims_attempt_one_before_its_order_exists() {
     assert_eq!(cur.order.as_deref(), Some("quickstart-a1"));
     assert_eq!(created(&p), Some(("quickstart-a1".to_owned(), 1)));
     assert_eq!(p.status.phase, Some(P::Running));
-    assert_eq!(p.status.registry_status.as_deref(), Some("RUNNING"));
+    // Claimed, no runner yet: READY in the pipeline's words.
+    assert_eq!(p.status.registry_status.as_deref(), Some("READY"));
 }
 
 #[test]
@@ -229,4 +230,32 @@ fn a_stale_binding_is_cleared_and_the_order_re_bound_to_the_attempt_claimed() {
     let p = run(&e, &[own, stale], vec![], 20);
     assert!(p.bind.is_none());
     assert_eq!(created(&p), Some(("quickstart-a2".to_owned(), 2)));
+}
+
+/// The experiment's registry status while its order says `reason` (Ready = `ready`).
+fn registry_while(reason: &str, ready: bool, online: bool) -> String {
+    let e = exp();
+    let e = with(e.clone(), &run(&e, &[], vec![], 0));
+    let mut st = RunPodOrderStatus { phase: Some(OrderPhase::Provisioned), ..Default::default() };
+    if online {
+        st.phase = Some(OrderPhase::RunnerOnline);
+        st.online_at = Some(time::to_k8s(t(5)));
+    }
+    let status = if ready { "True" } else { "False" };
+    set_condition(&mut st.conditions, CONDITION_READY, ready, reason, "why", Some(1), time::to_k8s(t(5)));
+    assert_eq!(find_condition(&st.conditions, CONDITION_READY).unwrap().status, status);
+    let p = run(&e, &[order("quickstart-a1", 1, st)], vec![], 10);
+    p.status.registry_status.unwrap()
+}
+
+#[test]
+fn the_registry_says_running_only_once_the_runner_is_online_and_needs_rerun_when_a_person_must_fix_it() {
+    assert_eq!(registry_while("AwaitingApproval", false, false), "READY");
+    assert_eq!(registry_while("NoStock", false, false), "READY");
+    assert_eq!(registry_while("NotBound", false, false), "READY");
+    for blocked in ["PayloadMissing", "UnknownGpuType", "SecretMissing", "WorkerMismatch", "NothingRunnable"] {
+        assert_eq!(registry_while(blocked, false, false), "NEEDS_RERUN", "{blocked}");
+    }
+    assert_eq!(registry_while("RunnerOnline", true, true), "RUNNING");
+    assert_eq!(registry_while("HeartbeatLost", false, true), "RUNNING", "draining: the runner may still write");
 }
