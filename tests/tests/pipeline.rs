@@ -288,3 +288,23 @@ fn walkdir(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_keeps_every_checkpoint_and_discard_leaves_none_while_the_results_stay() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    for (name, class) in [("keep", "Keep"), ("discard", "Discard")] {
+        stack.apply(&ep_testkit::e2e::exp(name).epochs(4, 0.0).retention(class).yaml()).unwrap();
+    }
+    for (name, want) in [("keep", 4), ("discard", 0)] {
+        let e = stack.wait_phase("exp", name, &["Succeeded", "Failed"]).unwrap();
+        assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+        let order = stack.get("rpo", Some(NS), &format!("{name}-a1")).unwrap().unwrap();
+        let run_id = order["status"]["runId"].as_str().unwrap();
+        let run = stack.volume_dir("tgb8bx6fwl").join("ep/runs").join(run_id);
+        let ckpts = walkdir(&run.join("artifacts/checkpoints"));
+        assert_eq!(ckpts.len(), want, "{name}: {ckpts:?}");
+        assert!(run.join("artifacts/results.json").is_file(), "{name}: results are never discarded");
+        let said = order["status"]["outcome"]["retention"].as_str().unwrap_or_default().to_owned();
+        assert!(said.starts_with(if name == "keep" { "Keep" } else { "Discard" }), "{name}: {said}");
+    }
+}
