@@ -40,6 +40,8 @@ pub struct Metrics {
     pub registry_lag_seconds: Gauge<f64, AtomicU64>,
     /// Registry writes waiting for PostgreSQL.
     pub registry_pending: Gauge,
+    /// Experiments whose registry row the last audit found diverging from the cluster.
+    pub registry_divergences: Gauge,
     /// Registry writes that failed (and will be retried).
     pub registry_errors: Counter,
     /// USD per hour of every pod of a provider's account (orders' and orphans'), by provider.
@@ -107,6 +109,7 @@ impl Metrics {
             reconcile_duration: Family::new_with_constructor(latency_histogram),
             registry_lag_seconds: Gauge::default(),
             registry_pending: Gauge::default(),
+            registry_divergences: Gauge::default(),
             registry_errors: Counter::default(),
             pods_usd_per_hour: Family::default(),
             spent_usd: Family::default(),
@@ -154,6 +157,11 @@ impl Metrics {
             "registry_pending_writes",
             "Registry writes waiting for PostgreSQL",
             self.registry_pending.clone(),
+        );
+        registry.register(
+            "registry_divergences",
+            "Experiments whose registry row diverges from the cluster at the last audit (reported, not overwritten)",
+            self.registry_divergences.clone(),
         );
         registry.register(
             "registry_write_errors",

@@ -240,6 +240,7 @@ reasons! {
     Mirrored: Progress, Claim, Never, "The registry holds this object's rows.";
     RegistryUnavailable: Wait, Claim, Poll, "PostgreSQL does not answer; registry writes wait and catch up when it returns.";
     RegistrySchemaRefused: Wait, Claim, Poll, "The database holds an exp_registry the operator cannot adopt without converting data; the message names each column and the fix. Nothing is written to it until then.";
+    RegistryDivergence: Notice, SplitBrain, Never, "The registry's row for the experiment disagrees with the cluster (a final state on one side only, or no row); it is reported, never overwritten: correct the row or find what wrote it.";
     RowRefused: Notice, Bypass, Never, "PostgreSQL refused one of this object's registry rows; it is quarantined and the others are written.";
     SettingsRejected: Notice, Order, Never, "A settings edit was refused; the last good settings stay in force.";
     ReconcileError: Notice, Order, Never, "A reconcile failed and is retried with backoff; the message names the call that failed.";
@@ -265,6 +266,7 @@ impl Reason {
                     | Self::CreateLost
                     | Self::OrphanPod
                     | Self::RowRefused
+                    | Self::RegistryDivergence
                     | Self::SettingsRejected
                     | Self::ReconcileError
                     | Self::Undecodable

@@ -308,3 +308,49 @@ async fn keep_keeps_every_checkpoint_and_discard_leaves_none_while_the_results_s
         assert!(said.starts_with(if name == "keep" { "Keep" } else { "Discard" }), "{name}: {said}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_row_that_disagrees_with_the_cluster_is_reported_both_ways_and_never_overwritten() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&ep_testkit::e2e::exp("audited").yaml()).unwrap();
+    stack.wait_phase("exp", "audited", &["Succeeded"]).unwrap();
+    let url = stack.database_url.clone();
+    wait_registry(&url, "audited", "COMPLETED").await;
+    // By hand: the finished run is marked RUNNING again, and a run the cluster never had appears.
+    seed_database(
+        &url,
+        "UPDATE exp_registry.experiments SET status = 'RUNNING' WHERE name = 'audited';
+         INSERT INTO exp_registry.experiments (namespace, name, status) VALUES ('ep-quickstart', 'ghost', 'RUNNING');",
+    )
+    .await
+    .unwrap();
+    ep_testkit::e2e::wait_until("the divergence on the experiment", Duration::from_secs(60), || {
+        let exp = stack.get("exp", Some(NS), "audited").unwrap();
+        condition(exp.as_ref(), "RegistrySynced").is_some_and(|c| c["reason"] == "RegistryDivergence")
+    })
+    .unwrap();
+    let exp = stack.get("exp", Some(NS), "audited").unwrap();
+    let c = condition(exp.as_ref(), "RegistrySynced").unwrap();
+    assert!(c["message"].as_str().unwrap().contains("says RUNNING and the cluster says COMPLETED"), "{c}");
+    let events = stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "reason=RegistryDivergence"]).unwrap();
+    assert!(events.contains("audited"), "{events}");
+    let op = stack.operator.as_ref().unwrap();
+    assert_eq!(op.metric("ep_registry_divergences"), Some(2.0), "the ghost row counts too");
+    // Not overwritten, even across the operator's rewrites: a person decides.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ep_testkit::registry::registry_status(&url, "audited").await.as_deref(), Some("RUNNING"));
+    // Corrected by hand: the report goes.
+    seed_database(
+        &url,
+        "UPDATE exp_registry.experiments SET status = 'COMPLETED' WHERE name = 'audited';
+         DELETE FROM exp_registry.experiments WHERE name = 'ghost';",
+    )
+    .await
+    .unwrap();
+    ep_testkit::e2e::wait_until("the report to go", Duration::from_secs(60), || {
+        let exp = stack.get("exp", Some(NS), "audited").unwrap();
+        condition(exp.as_ref(), "RegistrySynced").is_some_and(|c| c["reason"] == "Mirrored")
+    })
+    .unwrap();
+    assert_eq!(stack.operator.as_ref().unwrap().metric("ep_registry_divergences"), Some(0.0));
+}

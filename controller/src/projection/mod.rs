@@ -8,10 +8,11 @@
 //! exported; a row PostgreSQL refuses is quarantined (logged, counted, an Event and a condition on
 //! its object) and never blocks the others.
 
+pub mod audit;
 pub mod rows;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -41,6 +42,8 @@ pub struct Lag {
     pub error: Option<String>,
     /// The database holds a registry the operator refuses to adopt (nothing is written until it is fixed).
     pub schema_refused: Option<String>,
+    /// Experiments whose registry row diverges from the cluster (last audit).
+    pub divergences: usize,
 }
 
 impl Lag {
@@ -73,6 +76,8 @@ struct State {
     workers: HashMap<String, HashMap<String, WorkerBeat>>,
     /// Keys of deletions not written yet.
     deletions: HashMap<String, String>,
+    /// Why an experiment's registry row diverges from the cluster (last audit), by (namespace, name).
+    diverged: BTreeMap<(String, String), String>,
 }
 
 /// Cheap to clone; every clone feeds the same queue.
@@ -84,6 +89,8 @@ pub struct Projector {
     metrics: Arc<Metrics>,
     /// False when no database is configured: nothing is queued.
     enabled: bool,
+    /// The cluster's experiments and the audit interval, once the caches are filled.
+    audit: Arc<OnceLock<(audit::ClusterFn, Duration)>>,
 }
 
 fn experiment_owner(exp: &Experiment) -> Owner {
@@ -95,7 +102,14 @@ fn experiment_owner(exp: &Experiment) -> Owner {
 
 impl Projector {
     pub fn new(metrics: Arc<Metrics>, enabled: bool) -> Self {
-        Self { state: Arc::default(), wake: Arc::default(), lag: watch::Sender::new(Lag::default()), metrics, enabled }
+        Self {
+            state: Arc::default(),
+            wake: Arc::default(),
+            lag: watch::Sender::new(Lag::default()),
+            metrics,
+            enabled,
+            audit: Arc::default(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -208,7 +222,11 @@ impl Projector {
     /// Forgets what was written, so the next projection of every object rewrites its rows
     /// (after an outage, or to repair a database changed by hand).
     pub fn resync(&self) {
-        self.lock().written.clear();
+        let mut st = self.lock();
+        // A divergent row is reported, not overwritten: its written row stays remembered.
+        let keep: std::collections::HashSet<String> =
+            st.diverged.keys().map(|(ns, n)| format!("experiment/{ns}/{n}")).collect();
+        st.written.retain(|k, _| keep.contains(k));
     }
 
     /// The lag now.
@@ -246,9 +264,11 @@ impl Projector {
             return Some(Blocked::new(Reason::RegistryUnavailable, msg));
         }
         let st = self.lock();
-        st.quarantined
-            .get(&(namespace.to_owned(), experiment.to_owned()))
-            .map(|why| Blocked::new(Reason::RowRefused, why.clone()))
+        let key = (namespace.to_owned(), experiment.to_owned());
+        if let Some(why) = st.diverged.get(&key) {
+            return Some(Blocked::new(Reason::RegistryDivergence, why.clone()));
+        }
+        st.quarantined.get(&key).map(|why| Blocked::new(Reason::RowRefused, why.clone()))
     }
 
     /// Writes what is queued, once, in batches. Returns false when the database failed.
@@ -334,7 +354,7 @@ impl Projector {
         let pending = self.lock().pending.len();
         self.metrics.registry_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
         let ok = failure.is_none();
-        let lag = Lag { pending, behind_since: if ok { None } else { oldest }, error: failure, schema_refused: None };
+        let lag = Lag { pending, behind_since: if ok { None } else { oldest }, error: failure, ..Lag::default() };
         let secs = lag.behind_since.map_or(0.0, |t| (Utc::now() - t).num_milliseconds() as f64 / 1000.0);
         self.metrics.registry_lag_seconds.set(secs);
         self.lag.send_if_modified(|cur| {
@@ -349,9 +369,18 @@ impl Projector {
     /// is down. Rows waiting for a parent get another pass shortly.
     pub async fn run<R: Registry>(self, registry: R, events: Option<Events>) {
         let mut backoff = Duration::from_millis(500);
+        let mut next_audit = tokio::time::Instant::now();
         loop {
+            if let Some(every) = self.audit_every()
+                && tokio::time::Instant::now() >= next_audit
+            {
+                next_audit = tokio::time::Instant::now() + every;
+                if let Err(e) = self.audit(&registry, events.as_ref()).await {
+                    tracing::warn!(error = %e, "registry audit failed; tried again at the next one");
+                }
+            }
             if self.lock().pending.is_empty() {
-                self.wake.notified().await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.wake.notified()).await;
                 continue;
             }
             if self.flush(&registry, events.as_ref()).await {

@@ -16,6 +16,8 @@ struct Fake {
     down: AtomicBool,
     landed: Mutex<Vec<String>>,
     refuse: Mutex<Option<String>>,
+    /// What `experiment_statuses` answers (the table as a person may have edited it).
+    held: Mutex<Vec<(String, String, String)>>,
 }
 
 fn describe(row: &Row) -> String {
@@ -33,6 +35,9 @@ fn describe(row: &Row) -> String {
 }
 
 impl Registry for Fake {
+    async fn experiment_statuses(&self) -> Result<Vec<(String, String, String)>, RegistryError> {
+        Ok(self.held.lock().unwrap().clone())
+    }
     async fn write_batch(&self, rows: &[Row]) -> Result<Vec<Result<(), RegistryError>>, RegistryError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(RegistryError::Database(sqlx::Error::PoolTimedOut));
@@ -237,4 +242,36 @@ fn rows_are_derived_from_status_alone_and_text_postgres_cannot_store_is_cleaned(
         rows::clean_json(serde_json::json!({"a\u{0}": ["b\u{0}"]})),
         serde_json::json!({"a\u{FFFD}": ["b\u{FFFD}"]})
     );
+}
+
+#[tokio::test]
+async fn a_row_that_diverges_from_the_cluster_is_reported_on_its_experiment_and_not_overwritten() {
+    let p = projector();
+    let db = Fake::default();
+    let e = exp("c", ExperimentPhase::Running, "RUNNING");
+    p.experiment(&e);
+    assert!(p.flush(&db, None).await);
+    p.audit_against(
+        Arc::new(|| [("ep-quickstart".to_owned(), "c".to_owned())].into_iter().collect()),
+        Duration::from_secs(1),
+    );
+    // Someone marked the live run COMPLETED by hand.
+    *db.held.lock().unwrap() = vec![("ep-quickstart".into(), "c".into(), "COMPLETED".into())];
+    p.audit(&db, None).await.unwrap();
+    let why = p.health("ep-quickstart", "c").unwrap();
+    assert_eq!(why.reason, Reason::RegistryDivergence);
+    assert!(why.message.contains("says COMPLETED and the cluster says RUNNING"), "{}", why.message);
+    assert_eq!(p.lag().divergences, 1);
+    // The periodic resync does not silently put it back.
+    let writes = |db: &Fake| landed(db).iter().filter(|r| r.starts_with("experiment c ")).count();
+    let before = writes(&db);
+    p.resync();
+    p.experiment(&e);
+    assert!(p.flush(&db, None).await);
+    assert_eq!(writes(&db), before, "the divergent row is left for a person");
+    // Corrected by hand: the report goes.
+    *db.held.lock().unwrap() = vec![("ep-quickstart".into(), "c".into(), "RUNNING".into())];
+    p.audit(&db, None).await.unwrap();
+    assert!(p.health("ep-quickstart", "c").is_none());
+    assert_eq!(p.lag().divergences, 0);
 }

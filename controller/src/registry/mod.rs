@@ -329,4 +329,7 @@ pub trait Registry: Send + Sync {
         &self,
         rows: &[Row],
     ) -> impl Future<Output = Result<Vec<Result<(), RegistryError>>, RegistryError>> + Send;
+
+    /// Every experiment row's (namespace, name, status), for the divergence audit.
+    fn experiment_statuses(&self) -> impl Future<Output = Result<Vec<(String, String, String)>, RegistryError>> + Send;
 }

@@ -135,6 +135,10 @@ impl Registry for PgRegistry {
             r => r,
         }
     }
+
+    async fn experiment_statuses(&self) -> Result<Vec<(String, String, String)>, RegistryError> {
+        Ok(sqlx::query_as("SELECT namespace, name, status FROM exp_registry.experiments").fetch_all(&self.pool).await?)
+    }
 }
 
 /// One row at a time, outside any batch (tools and tests).

@@ -381,6 +381,13 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     });
     let config = ControllerConfig::default().concurrency(settings.concurrency.reconciles.max(1));
     resync(ctx.clone(), Duration::from_secs(600));
+    let c = ctx.clone();
+    ctx.projector.audit_against(
+        Arc::new(move || {
+            c.stores.all_experiments().iter().map(|e| (e.namespace().unwrap_or_default(), e.name_any())).collect()
+        }),
+        settings.poll_interval.get() * 10,
+    );
     let lag = ctx.projector.subscribe();
     let lag_changes = futures::stream::unfold(lag, |mut l| async move { l.changed().await.ok().map(|()| ((), l)) });
 
