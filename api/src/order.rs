@@ -334,6 +334,21 @@ pub struct HeartbeatStatus {
     /// No other attempt of the experiment is claimed before it passes or the run has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_expires_at: Option<Time>,
+    /// The runner that owns the run (the first to heartbeat; when two do, the one that started first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerRef>,
+}
+
+/// A runner process as heartbeats name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerRef {
+    /// RunPod's pod id (or the host name) the runner runs on.
+    pub host: String,
+    /// The runner's process id.
+    pub pid: i64,
+    /// When the runner started, RFC 3339 to the nanosecond.
+    pub started_at: String,
 }
 
 /// Progress reported by the training script.

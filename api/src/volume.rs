@@ -6,6 +6,7 @@
 //! are written by the training script, so they accept extra fields.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,9 @@ pub mod keys {
     pub const PROGRESS: &str = "progress.json";
     pub const RESOURCE_USAGE: &str = "resource_usage.json";
     pub const TERMINAL: &str = "terminal.json";
+    /// Written by the operator when two runners heartbeat for one run: the one it names keeps the
+    /// run, every other one stops.
+    pub const OWNER: &str = "owner.json";
     pub const LOGS_DIR: &str = "logs";
     pub const ARTIFACTS_DIR: &str = "artifacts";
     /// Where the runner materializes the payload inside its run.
@@ -89,7 +93,7 @@ pub trait Versioned {
 macro_rules! versioned {
     ($($t:ty),*) => {$(impl Versioned for $t { fn version(&self) -> u32 { self.version } })*};
 }
-versioned!(RunSpec, PayloadManifest, Heartbeat, Verified, ResourceUsage, Terminal);
+versioned!(RunSpec, PayloadManifest, Heartbeat, Verified, ResourceUsage, Terminal, Owner);
 
 /// What the runner must do: written by the operator to `ep/runs/<run-id>/spec.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,6 +199,37 @@ pub struct Heartbeat {
     pub state: RunnerState,
     #[serde(default)]
     pub gpus: Vec<GpuSample>,
+    /// Which runner wrote it: two runners of one run (a duplicate pod, a runner started by hand in
+    /// the pod) tell themselves apart by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerIdentity>,
+}
+
+/// A runner process: the host (RunPod's pod id, else the host name), its pid and when it started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunnerIdentity {
+    pub host: String,
+    pub pid: u32,
+    pub started_at: DateTime<Utc>,
+}
+
+impl fmt::Display for RunnerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "runner pid {} on {} started {}", self.pid, self.host, self.started_at.to_rfc3339())
+    }
+}
+
+/// `ep/runs/<run-id>/owner.json`: the runner that keeps the run when two heartbeat for it (the one
+/// that started first); any other stops its command and writes nothing more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Owner {
+    pub version: u32,
+    pub run_id: String,
+    pub runner: RunnerIdentity,
+    /// Why it was written.
+    pub reason: String,
 }
 
 /// What the runner is doing.

@@ -184,6 +184,7 @@ reasons! {
     CreateLost: Notice, Paid, Now, "A create whose answer was lost never showed in RunPod's pod list; the pod is created again.";
     PodAdopted: Notice, Paid, Now, "A pod of this run already existed (a create whose answer was lost); it was adopted, not duplicated.";
     PodBound: Notice, Paid, Now, "The pod serving the run was recorded.";
+    DuplicateRunnerStopped: Notice, SplitBrain, Now, "Two runners heartbeat for one run with the same claim (a duplicate pod, a runner started by hand): the one that started first keeps it and owner.json stops the other.";
     DuplicatePodTerminated: Notice, SplitBrain, Now, "A second pod for one run was found and terminated.";
     WaitingForRuntime: Progress, Paid, Fast, "The pod exists; RunPod has not started its container yet.";
     WaitingForHeartbeat: Progress, Paid, Fast, "The container runs; the runner's first heartbeat has not arrived.";
@@ -262,6 +263,7 @@ impl Reason {
             Kind::Notice => matches!(
                 self,
                 Self::DuplicatePodTerminated
+                    | Self::DuplicateRunnerStopped
                     | Self::GraphqlRetiring
                     | Self::CreateLost
                     | Self::OrphanPod

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ep_api::volume::{
-    self, FORMAT_VERSION, Heartbeat, Mismatch, MismatchKind, PayloadManifest, ResourceUsage, Results, RunSpec,
-    RunnerState, Terminal, TerminalState, Verified, keys,
+    self, FORMAT_VERSION, Heartbeat, Mismatch, MismatchKind, Owner, PayloadManifest, ResourceUsage, Results, RunSpec,
+    RunnerIdentity, RunnerState, Terminal, TerminalState, Verified, keys,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -55,7 +55,7 @@ struct Beat {
 }
 
 impl Beat {
-    fn new(dir: &Path, spec: &RunSpec) -> Self {
+    fn new(dir: &Path, spec: &RunSpec, me: &RunnerIdentity) -> Self {
         let hb = Heartbeat {
             version: FORMAT_VERSION,
             run_id: spec.run_id.clone(),
@@ -65,6 +65,7 @@ impl Beat {
             fencing_token: spec.fencing_token,
             state: RunnerState::Verifying,
             gpus: Vec::new(),
+            runner: Some(me.clone()),
         };
         Self {
             path: dir.join(keys::HEARTBEAT),
@@ -130,11 +131,47 @@ struct Run {
     spec: RunSpec,
     beat: Beat,
     started: chrono::DateTime<Utc>,
+    me: RunnerIdentity,
+}
+
+/// This runner: RunPod's pod id (else the host name), its pid, now.
+fn identity() -> RunnerIdentity {
+    let host = std::env::var("RUNPOD_POD_ID")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "unknown-host".into());
+    RunnerIdentity { host, pid: std::process::id(), started_at: Utc::now() }
+}
+
+/// The split-brain guard at start: another runner that heartbeats for this run now (within three
+/// intervals), or an owner.json naming another runner, means this one must not run it.
+fn another_runner(dir: &Path, spec: &RunSpec, me: &RunnerIdentity) -> Option<String> {
+    if let Some(owner) = owner(dir).filter(|o| o.runner != *me) {
+        return Some(format!("{} owns run {} ({})", owner.runner, spec.run_id, owner.reason));
+    }
+    let bytes = std::fs::read(dir.join(keys::HEARTBEAT)).ok()?;
+    let hb: Heartbeat = volume::parse(keys::HEARTBEAT, &bytes).ok()?;
+    let other = hb.runner.filter(|r| r != me)?;
+    let fresh = chrono::Duration::seconds(i64::from(spec.heartbeat_interval_seconds.max(1)) * 3 + 5);
+    (hb.state != RunnerState::Finished && Utc::now() - hb.time < fresh)
+        .then(|| format!("{other} heartbeats for run {} (seq {}, {})", spec.run_id, hb.seq, hb.time.to_rfc3339()))
+}
+
+/// owner.json of a run, when the operator wrote one.
+fn owner(dir: &Path) -> Option<Owner> {
+    let bytes = std::fs::read(dir.join(keys::OWNER)).ok()?;
+    volume::parse(keys::OWNER, &bytes).ok()
 }
 
 impl Run {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The runner owner.json names instead of this one: this one must stop and write nothing more.
+    fn displaced_by(&self) -> Option<RunnerIdentity> {
+        owner(&self.dir).map(|o| o.runner).filter(|r| *r != self.me)
     }
 
     fn heartbeat(&self, pid: Option<u32>, state: RunnerState, gpus: Vec<volume::GpuSample>) {
@@ -168,6 +205,10 @@ impl Run {
         reason: String,
         metrics: std::collections::BTreeMap<String, f64>,
     ) -> Result<(), RunError> {
+        if let Some(other) = self.displaced_by() {
+            self.beat.done.store(true, Ordering::Relaxed);
+            return Err(err(format!("displaced by {other}: the run's files are left to it")));
+        }
         self.heartbeat(None, RunnerState::Finishing, Vec::new());
         let written = self.terminal(state, exit_code, signal, reason, metrics);
         self.beat.stop();
@@ -250,8 +291,12 @@ pub fn run(workspace: &Path, run_id: &str, pod_deadline: &AtomicBool) -> Result<
     if spec.run_id != run_id {
         return Err(err(format!("spec.json names run {} instead", spec.run_id)));
     }
-    let beat = Beat::new(&dir, &spec);
-    let run = Run { dir, spec, beat, started: Utc::now() };
+    let me = identity();
+    if let Some(other) = another_runner(&dir, &spec, &me) {
+        return Err(err(format!("{other}: refusing to run it twice (this is {me})")));
+    }
+    let beat = Beat::new(&dir, &spec, &me);
+    let run = Run { dir, spec, beat, started: Utc::now(), me };
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()).map_err(err)?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone()).map_err(err)?;
@@ -365,6 +410,16 @@ fn attempt(
             && now.duration_since(*since) >= grace
         {
             let _ = killpg(group, Signal::SIGKILL);
+        }
+        if now >= next_beat
+            && let Some(other) = run.displaced_by()
+        {
+            // Another runner keeps the run: stop at once, write nothing more (no heartbeat, no
+            // usage, no terminal file) and leave its files to it.
+            run.beat.done.store(true, Ordering::Relaxed);
+            let _ = killpg(group, Signal::SIGKILL);
+            let _ = child.wait();
+            return Err(err(format!("displaced by {other}: stopped; the run's files are left to it")));
         }
         if now >= next_beat {
             let g = gpus();

@@ -325,3 +325,61 @@ async fn the_runner_heartbeats_while_it_hashes_a_1_gib_artifact() {
     assert_eq!(hb.state, RunnerState::Finished, "terminal.json, then the last heartbeat");
     std::fs::remove_file(dir.join("artifacts/big.bin")).unwrap();
 }
+
+/// Waits until the run's training has written progress.
+async fn training(dir: &Path) {
+    let started = Instant::now();
+    while !dir.join(keys::PROGRESS).exists() {
+        assert!(started.elapsed() < Duration::from_secs(20), "training never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_second_runner_for_a_live_run_refuses_and_one_displaced_by_owner_json_stops_writing_nothing() {
+    let v = SimVolume::start(|_, _| {}).await.unwrap();
+    let p = payload(&v).await;
+    prepare(&v, &spec("r-twice", &p.id, &["--epochs", "200", "--epoch-sleep", "0.1"])).await;
+    let mut first = Command::new(env!("CARGO_BIN_EXE_ep-runner"))
+        .args(["run", "--run-id", "r-twice"])
+        .env("EP_WORKSPACE", &v.workspace)
+        .spawn()
+        .unwrap();
+    let dir = v.workspace.join(keys::run_prefix("r-twice"));
+    training(&dir).await;
+    let hb: Heartbeat = read(&dir, keys::HEARTBEAT);
+    let me = hb.runner.clone().unwrap();
+    assert_eq!(me.pid, first.id());
+
+    // By hand (over SSH, or a duplicate pod): refused before it touches anything.
+    let payload_before = tree_hashes(&dir.join(keys::PAYLOAD_DIR));
+    let second = runner(&v.workspace, "r-twice");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("runner pid {}", me.pid)) && err.contains("refusing to run it twice"), "{err}");
+    assert_eq!(tree_hashes(&dir.join(keys::PAYLOAD_DIR)), payload_before);
+
+    // The operator names another runner the owner: this one stops at its next beat, writes no
+    // terminal file and no more heartbeats, and its training process is gone.
+    let pid = hb.pid.unwrap();
+    let other = volume::RunnerIdentity {
+        host: "pod-b".into(),
+        pid: 1,
+        started_at: me.started_at - chrono::Duration::seconds(5),
+    };
+    let owner = volume::Owner {
+        version: volume::FORMAT_VERSION,
+        run_id: "r-twice".into(),
+        runner: other,
+        reason: "test".into(),
+    };
+    std::fs::write(dir.join(keys::OWNER), serde_json::to_vec(&owner).unwrap()).unwrap();
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    assert!(!dir.join(keys::TERMINAL).exists(), "a displaced runner writes no terminal file");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "its training process was stopped");
+    let last: Heartbeat = read(&dir, keys::HEARTBEAT);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later: Heartbeat = read(&dir, keys::HEARTBEAT);
+    assert_eq!(last.seq, later.seq, "no heartbeat after it stopped");
+}

@@ -354,3 +354,42 @@ async fn a_registry_row_that_disagrees_with_the_cluster_is_reported_both_ways_an
     .unwrap();
     assert_eq!(stack.operator.as_ref().unwrap().metric("ep_registry_divergences"), Some(0.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_runner_heartbeating_with_the_same_claim_is_stopped_and_the_first_finishes_the_run() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&ep_testkit::e2e::exp("owned").epochs(12, 0.5).yaml()).unwrap();
+    let order = stack.wait_phase("rpo", "owned-a1", &["RUNNER_ONLINE"]).unwrap();
+    let run_id = order["status"]["runId"].as_str().unwrap().to_owned();
+    let dir = stack.volume_dir("tgb8bx6fwl").join("ep/runs").join(&run_id);
+    // Another runner (a duplicate pod, or one started by hand without the start guard) beats with
+    // the same claim; it started after the pod's runner.
+    let beat: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("heartbeat.json")).unwrap()).unwrap();
+    let owner_host = beat["runner"]["host"].as_str().unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seq = 1_000_000;
+    loop {
+        let events =
+            stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "reason=DuplicateRunnerStopped"]).unwrap();
+        if events.contains("owned-a1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the second runner was never noticed");
+        let mut forged = beat.clone();
+        seq += 1;
+        forged["seq"] = seq.into();
+        forged["time"] = chrono::Utc::now().to_rfc3339().into();
+        forged["runner"] =
+            serde_json::json!({"host": "intruder", "pid": 1, "startedAt": chrono::Utc::now().to_rfc3339()});
+        let tmp = dir.join(".forged.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&forged).unwrap()).unwrap();
+        std::fs::rename(&tmp, dir.join("heartbeat.json")).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let owner: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("owner.json")).unwrap()).unwrap();
+    assert_eq!(owner["runner"]["host"], owner_host.as_str(), "the pod's runner keeps the run: {owner}");
+    let e = stack.wait_phase("exp", "owned", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let order = stack.get("rpo", Some(NS), "owned-a1").unwrap().unwrap();
+    assert_eq!(order["status"]["heartbeat"]["runner"]["host"], owner_host.as_str());
+}

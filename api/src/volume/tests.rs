@@ -76,6 +76,11 @@ fn heartbeat_round_trips() {
                 memory_used_mib: 20_000.0,
                 memory_total_mib: 32_000.0,
             }],
+            runner: Some(RunnerIdentity {
+                host: "5xpma5eg46tqjq".into(),
+                pid: 17,
+                started_at: at("2026-11-30T04:59:58Z"),
+            }),
         },
     );
 }

@@ -10,6 +10,7 @@
 pub mod claim;
 pub mod drain;
 pub mod launch;
+pub mod owner;
 pub mod pass;
 pub mod payload;
 pub mod pod;

@@ -127,22 +127,9 @@ pub async fn run<W: World>(
     if pass.st.accrued_cost_usd.is_none_or(|c| (cost - c).abs() >= 0.01) {
         pass.st.accrued_cost_usd = Some(cost);
     }
-    if let Some(h) = &hb {
-        let beat = HeartbeatStatus {
-            time: time::to_k8s(h.time),
-            seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
-            pid: h.pid.map(i64::from),
-            gpu_ids: gpu_ids(h),
-            lease_expires_at: chrono::Duration::from_std(settings.heartbeat_timeout.get())
-                .ok()
-                .map(|d| time::to_k8s(h.time + d)),
-        };
-        let stale = pass.st.heartbeat.as_ref().is_none_or(|old| {
-            old.pid != beat.pid || old.gpu_ids != beat.gpu_ids || elapsed(time::from_k8s(&old.time), h.time) >= coarse
-        });
-        if stale {
-            pass.st.heartbeat = Some(beat);
-        }
+    let (runner, foreign) = super::owner::check(pass, &conn.store, &run.run_id, hb.as_ref()).await?;
+    if let Some(h) = hb.as_ref().filter(|_| !foreign) {
+        record_beat(pass, h, runner, &settings);
     }
     let mut view = run_view(pass, &settings, run, pod, hb.as_ref(), terminal_present, deleting);
     // Limits are checked against the cost to the second, not the coarse figure in status.
@@ -181,6 +168,28 @@ pub async fn run<W: World>(
             start_drain(pass, conn, pod, hb.as_ref(), terminal_present, reason).await;
             Ok(Some(Duration::ZERO))
         }
+    }
+}
+
+/// The owner's heartbeat into status, coarsely (a new runner, pid or GPU at once).
+fn record_beat(pass: &mut Pass<'_>, h: &Heartbeat, runner: Option<ep_api::order::RunnerRef>, settings: &Settings) {
+    let timeout = settings.heartbeat_timeout.get();
+    let beat = HeartbeatStatus {
+        time: time::to_k8s(h.time),
+        seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
+        pid: h.pid.map(i64::from),
+        gpu_ids: gpu_ids(h),
+        lease_expires_at: chrono::Duration::from_std(timeout).ok().map(|d| time::to_k8s(h.time + d)),
+        runner,
+    };
+    let stale = pass.st.heartbeat.as_ref().is_none_or(|old| {
+        old.pid != beat.pid
+            || old.gpu_ids != beat.gpu_ids
+            || old.runner != beat.runner
+            || elapsed(time::from_k8s(&old.time), h.time) >= coarse(timeout)
+    });
+    if stale {
+        pass.st.heartbeat = Some(beat);
     }
 }
 

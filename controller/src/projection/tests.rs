@@ -111,6 +111,7 @@ fn order(exp: &str, uid: &str, phase: OrderPhase, token: i64) -> RunPodOrder {
             pid: Some(7),
             gpu_ids: None,
             lease_expires_at: None,
+            runner: None,
         }),
         transitions: phases[..=upto]
             .iter()

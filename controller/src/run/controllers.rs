@@ -258,6 +258,14 @@ fn poller(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> impl Stream<Item 
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
 }
 
+/// The registry's divergence audit, against the experiments the caches hold.
+fn audit(ctx: &Arc<Context>, every: Duration) {
+    let c = ctx.clone();
+    let cluster =
+        move || c.stores.all_experiments().iter().map(|e| (e.namespace().unwrap_or_default(), e.name_any())).collect();
+    ctx.projector.audit_against(Arc::new(cluster), every);
+}
+
 /// Re-projects every cached object now and then, so a registry changed or emptied by hand
 /// converges without a restart.
 fn resync(ctx: Arc<Context>, every: Duration) {
@@ -381,13 +389,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     });
     let config = ControllerConfig::default().concurrency(settings.concurrency.reconciles.max(1));
     resync(ctx.clone(), Duration::from_secs(600));
-    let c = ctx.clone();
-    ctx.projector.audit_against(
-        Arc::new(move || {
-            c.stores.all_experiments().iter().map(|e| (e.namespace().unwrap_or_default(), e.name_any())).collect()
-        }),
-        settings.poll_interval.get() * 10,
-    );
+    audit(&ctx, settings.poll_interval.get() * 10);
     let lag = ctx.projector.subscribe();
     let lag_changes = futures::stream::unfold(lag, |mut l| async move { l.changed().await.ok().map(|()| ((), l)) });
 

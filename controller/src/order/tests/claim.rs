@@ -27,6 +27,7 @@ fn first_attempt(beat: i64, phase: OrderPhase, ended: bool) -> Arc<RunPodOrder> 
             pid: Some(7),
             gpu_ids: None,
             lease_expires_at: Some(time::to_k8s(t(beat + 60))),
+            runner: None,
         }),
         outcome: ended.then(|| {
             serde_json::from_value(serde_json::json!({

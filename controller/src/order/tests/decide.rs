@@ -143,6 +143,7 @@ fn hb(at: i64, token: u64) -> Heartbeat {
         fencing_token: token,
         state: RunnerState::Running,
         gpus: vec![],
+        runner: None,
     }
 }
 

@@ -377,6 +377,12 @@ impl Sim {
 
     /// The runner heartbeats now with the claim's fencing token (or another).
     pub fn heartbeat(&self, token: u64) {
+        self.heartbeat_from(token, "pod-a", 0.0);
+    }
+
+    /// A runner on `host` that started at `started` (seconds of the fake clock) heartbeats now.
+    pub fn heartbeat_from(&self, token: u64, host: &str, started: f64) {
+        let runner = ep_api::volume::RunnerIdentity { host: host.into(), pid: 7, started_at: t(started) };
         let hb = Heartbeat {
             version: FORMAT_VERSION,
             run_id: self.run_id(),
@@ -386,6 +392,7 @@ impl Sim {
             fencing_token: token,
             state: RunnerState::Running,
             gpus: vec![],
+            runner: Some(runner),
         };
         let body = serde_json::to_vec(&hb).unwrap_or_default();
         self.world.store().put(&keys::run_file(&self.run_id(), keys::HEARTBEAT), body);

@@ -270,6 +270,25 @@ async fn a_heartbeat_with_another_claims_token_drains_the_run() {
 }
 
 #[tokio::test]
+async fn a_second_runner_with_the_same_claim_is_told_to_stop_and_the_first_keeps_the_run() {
+    let mut s = sim();
+    online(&mut s).await;
+    let first = s.status().heartbeat.unwrap().runner.unwrap();
+    assert_eq!(first.host, "pod-a");
+    // A runner started later on another host writes the run's heartbeat with the same token.
+    s.now += 1.0;
+    s.heartbeat_from(s.token(), "pod-b", s.now);
+    s.pass().await.unwrap();
+    assert!(s.events().contains(&"DuplicateRunnerStopped".to_owned()), "{:?}", s.events());
+    let key = keys::run_file(&s.run_id(), keys::OWNER);
+    let owner = s.world.store().objects.lock().unwrap().get(&key).cloned().expect("owner.json");
+    let owner: ep_api::volume::Owner = serde_json::from_slice(&owner).unwrap();
+    assert_eq!(owner.runner.host, "pod-a", "the runner that started first keeps the run");
+    assert_eq!(s.status().heartbeat.unwrap().runner.unwrap(), first, "status keeps the owner");
+    assert_eq!(s.phase(), Some(OrderPhase::RunnerOnline), "the run goes on");
+}
+
+#[tokio::test]
 async fn deleting_a_running_order_stops_the_runner_collects_then_terminates() {
     let mut s = sim();
     online(&mut s).await;
