@@ -231,10 +231,28 @@ pub struct WorkerAffinity {
     /// Worker ids allowed to take the experiment; empty means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<String>,
+    /// The worker attempts go to first (default: spec.order.workerId). With `exclusive`, an attempt
+    /// whose preferred worker is busy takes the first free one of `workers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_worker: Option<String>,
+    /// The node type (GPU alias or RunPod GPU type id) the worker must be: it must be one of
+    /// spec.gpu.types, and the attempt's order asks for that GPU only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_type: Option<String>,
+    /// A worker takes one run at a time: while an order of the namespace is live on it, an attempt
+    /// waits for it (WorkerBusy) or takes another free worker of `workers`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive: bool,
 }
 
 fn default_runtime() -> String {
     "runpod".to_owned()
+}
+
+impl Default for WorkerAffinity {
+    fn default() -> Self {
+        Self { runtime: default_runtime(), workers: vec![], preferred_worker: None, node_type: None, exclusive: false }
+    }
 }
 
 /// Lifecycle phase of an experiment.

@@ -23,7 +23,7 @@ pub fn quickstart_order(name: &str, attempt: i32) -> RunPodOrder {
         order: Some(name.to_owned()),
         ..Default::default()
     };
-    let mut order = crate::experiment::order_for(&exp, name, crate::experiment::template(&exp, &cur, 0.0));
+    let mut order = crate::experiment::order_for(&exp, name, crate::experiment::template(&exp, &cur, 0.0), None);
     order.metadata.uid = Some(format!("order-uid-{attempt}"));
     order.metadata.generation = Some(1);
     order

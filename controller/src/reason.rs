@@ -171,6 +171,7 @@ reasons! {
     NothingRunnable: Wait, Claim, Person, "The order is bound to no runnable attempt (its experiment is missing or has none waiting).";
     NotBound: Wait, Claim, Person, "The order is not bound to its experiment's current attempt.";
     BindingRepaired: Notice, Claim, Now, "An order made by hand was bound to an attempt that is no longer current (a stale binding); it was re-bound to the attempt being claimed, and the registry records the repair in attempts.reconcile_action.";
+    WorkerBusy: Wait, Claim, Poll, "spec.workerAffinity.exclusive: every allowed worker holds a live order; the attempt starts when one is free.";
     WorkerMismatch: Wait, Claim, Person, "The order's worker is not among the experiment's allowed workers, or the runtime target is not runpod.";
     LeaseHeld: Wait, SplitBrain, Poll, "Another attempt of the experiment has not ended and its runner's lease (last heartbeat + heartbeatTimeout) has not passed; this attempt is claimed after.";
     RunIdCollision: Fatal, SplitBrain, Never, "The run's spec.json on the volume belongs to another claim; it is never overwritten.";

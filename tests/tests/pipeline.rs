@@ -393,3 +393,29 @@ async fn a_second_runner_heartbeating_with_the_same_claim_is_stopped_and_the_fir
     let order = stack.get("rpo", Some(NS), "owned-a1").unwrap().unwrap();
     assert_eq!(order["status"]["heartbeat"]["runner"]["host"], owner_host.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_worker_takes_one_run_at_a_time_and_the_next_waits_with_worker_busy() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    let affinity = "  workerAffinity: {workers: [runpod-1], exclusive: true, nodeType: l4}\n";
+    stack.apply(&(ep_testkit::e2e::exp("solo-a").epochs(8, 0.5).yaml() + affinity)).unwrap();
+    stack.wait_phase("rpo", "solo-a-a1", &["RUNNER_ONLINE"]).unwrap();
+    stack.apply(&(ep_testkit::e2e::exp("solo-b").epochs(2, 0.0).yaml() + affinity)).unwrap();
+    ep_testkit::e2e::wait_until("solo-b waiting for the worker", Duration::from_secs(30), || {
+        let e = stack.get("exp", Some(NS), "solo-b").unwrap();
+        condition(e.as_ref(), "Ready").is_some_and(|c| c["reason"] == "WorkerBusy")
+    })
+    .unwrap();
+    let e = stack.get("exp", Some(NS), "solo-b").unwrap().unwrap();
+    let msg = condition(Some(&e), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("runpod-1 (order solo-a-a1)"), "{msg}");
+    assert!(stack.get("rpo", Some(NS), "solo-b-a1").unwrap().is_none(), "nothing ordered while the worker is busy");
+    // When the first run ends, the second takes the worker, on the node type alone.
+    for name in ["solo-a", "solo-b"] {
+        let e = stack.wait_phase("exp", name, &["Succeeded", "Failed"]).unwrap();
+        assert_eq!(e["status"]["phase"], "Succeeded", "{name}: {}", e["status"]);
+    }
+    let b = stack.get("rpo", Some(NS), "solo-b-a1").unwrap().unwrap();
+    assert_eq!(b["spec"]["gpu"]["types"], serde_json::json!(["l4"]));
+    assert_eq!(b["status"]["gpu"]["typeId"], "NVIDIA L4");
+}

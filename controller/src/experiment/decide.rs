@@ -2,6 +2,7 @@
 //! status, its dependencies, the registry) to the next status, the order to create and the order
 //! to bind. No clients, no clock.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -10,6 +11,7 @@ use ep_api::order::{OrderPhase, OutcomeState, RunTemplate};
 use ep_api::{CONDITION_READY, Experiment, ExperimentStatus, RunPodOrder, find_condition, set_condition};
 use kube::ResourceExt;
 
+pub use super::admit::{choose_worker, intake};
 use crate::names;
 use crate::reason::{Blocked, Reason};
 use crate::registry::RegistryStatus;
@@ -31,6 +33,8 @@ pub struct Observed<'a> {
     pub settings: &'a Settings,
     /// Why the registry does not hold this experiment's rows, when it does not.
     pub registry: Option<Blocked>,
+    /// Workers a live order of the namespace holds (worker -> order), for exclusive affinities.
+    pub busy: BTreeMap<String, String>,
     pub now: DateTime<Utc>,
 }
 
@@ -45,41 +49,6 @@ pub struct Plan {
     /// Events: (reason, note).
     pub events: Vec<(Reason, String)>,
     pub requeue: Option<Duration>,
-}
-
-/// Checks what the schema cannot: names resolve against the settings in force.
-pub fn intake(exp: &Experiment, settings: &Settings) -> Result<(), Blocked> {
-    let s = &exp.spec;
-    if let Err(e) = settings.policy(&s.order.policy) {
-        return Err(Blocked::new(Reason::UnknownPolicy, format!("spec.order.policy: {e}")));
-    }
-    if s.gpu.interruptible {
-        return Err(Blocked::new(
-            Reason::SpotUnavailable,
-            "spec.gpu.interruptible: RunPod no longer offers interruptible (spot) pods; set it to false",
-        ));
-    }
-    if s.checkpoints.as_ref().and_then(|c| c.retention).is_none() {
-        return Err(Blocked::new(
-            Reason::RetentionMissing,
-            "spec.checkpoints.retention is required: Keep, KeepLast or Discard",
-        ));
-    }
-    if let Some(a) = &s.worker_affinity {
-        if a.runtime != "runpod" {
-            let msg = format!("spec.workerAffinity.runtime {:?}: only runpod exists", a.runtime);
-            return Err(Blocked::new(Reason::WorkerMismatch, msg));
-        }
-        if !a.workers.is_empty() && !a.workers.contains(&s.order.worker_id) {
-            let msg = format!(
-                "spec.order.workerId {} is not among spec.workerAffinity.workers ({})",
-                s.order.worker_id,
-                a.workers.join(", ")
-            );
-            return Err(Blocked::new(Reason::WorkerMismatch, msg));
-        }
-    }
-    Ok(())
 }
 
 /// A gate that blocks before any pod until a person fixes the spec or the cluster (the pipeline's
@@ -436,6 +405,13 @@ fn claim(mut b: Builder<'_>) -> Plan {
     let o = b.o;
     let exp = o.exp;
     let n = b.st.attempts + 1;
+    let worker = match choose_worker(exp, &o.busy) {
+        Ok(w) => w,
+        Err(blocked) => {
+            b.phase(ExperimentPhase::Waiting, blocked.reason, &blocked.message);
+            return plan(&mut b, blocked.reason.requeue().after(o.settings.poll_interval.get()));
+        }
+    };
     let uid = exp.uid().unwrap_or_default();
     let run_id = names::run_id(&exp.name_any(), &uid, n);
     let (by_hand, repaired) = by_hand(o, n);
@@ -448,7 +424,7 @@ fn claim(mut b: Builder<'_>) -> Plan {
         run_id: run_id.clone(),
         fencing_token: token,
         order: Some(order.clone()),
-        worker_id: Some(exp.spec.order.worker_id.clone()),
+        worker_id: Some(worker),
         started_at: Some(time::to_k8s(o.now)),
         reconcile_action: repaired.clone(),
         ..AttemptStatus::default()

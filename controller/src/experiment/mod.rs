@@ -3,6 +3,7 @@
 //! everything the attempt runs, and the order's outcome folded back into status. The experiment
 //! reads only its children's status; they never read it.
 
+mod admit;
 mod decide;
 
 use std::sync::Arc;
@@ -29,8 +30,12 @@ pub const KIND: &str = "Experiment";
 pub const FINALIZER_REGISTRY: &str = "ep.dev/registry";
 
 /// The order for an attempt of `exp`, owned by it and carrying what the attempt runs.
-pub fn order_for(exp: &Experiment, name: &str, run: RunTemplate) -> RunPodOrder {
+pub fn order_for(exp: &Experiment, name: &str, run: RunTemplate, worker: Option<&str>) -> RunPodOrder {
     let t = &exp.spec.order;
+    let mut gpu = exp.spec.gpu.clone();
+    if let Some(node) = run.worker_affinity.as_ref().and_then(|a| a.node_type.clone()) {
+        gpu.types = vec![node];
+    }
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(LABEL_EXPERIMENT.to_owned(), exp.name_any());
     labels.insert(LABEL_ATTEMPT.to_owned(), run.attempt.to_string());
@@ -47,8 +52,8 @@ pub fn order_for(exp: &Experiment, name: &str, run: RunTemplate) -> RunPodOrder 
             attempt: Some(run.attempt),
             provider_ref: t.provider_ref.clone(),
             policy: t.policy.clone(),
-            worker_id: t.worker_id.clone(),
-            gpu: exp.spec.gpu.clone(),
+            worker_id: worker.map_or_else(|| t.worker_id.clone(), str::to_owned),
+            gpu,
             data_center: None,
             approved: None,
             approved_by: None,
@@ -103,7 +108,8 @@ async fn apply(ctx: &Context, exp: &Experiment, plan: &Plan) -> Result<(), Error
     let orders = Api::<RunPodOrder>::namespaced(ctx.client.clone(), &ns);
     if let Some((order_name, run)) = &plan.create_order {
         let pp = PostParams { field_manager: Some(MANAGER.into()), ..Default::default() };
-        match orders.create(&pp, &order_for(exp, order_name, run.clone())).await {
+        let worker = plan.status.current_attempt.as_ref().and_then(|a| a.worker_id.as_deref());
+        match orders.create(&pp, &order_for(exp, order_name, run.clone(), worker)).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e.into()),
@@ -117,6 +123,26 @@ async fn apply(ctx: &Context, exp: &Experiment, plan: &Plan) -> Result<(), Error
     Ok(())
 }
 
+/// Workers a live order of the namespace holds, read only for an exclusive affinity (the one case
+/// that needs the namespace's orders).
+fn busy_workers(ctx: &Context, exp: &Experiment) -> std::collections::BTreeMap<String, String> {
+    if !exp.spec.worker_affinity.as_ref().is_some_and(|a| a.exclusive) {
+        return std::collections::BTreeMap::new();
+    }
+    let live = |o: &RunPodOrder| {
+        !matches!(
+            o.status.as_ref().and_then(|s| s.phase),
+            Some(ep_api::order::OrderPhase::Deleted | ep_api::order::OrderPhase::Failed)
+        )
+    };
+    ctx.stores
+        .orders_in(&exp.namespace().unwrap_or_default())
+        .iter()
+        .filter(|o| live(o))
+        .map(|o| (o.spec.worker_id.clone(), o.name_any()))
+        .collect()
+}
+
 /// One pass while the experiment exists.
 async fn step(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
     let (orders, deps) = observe(ctx, exp);
@@ -127,6 +153,7 @@ async fn step(ctx: &Context, exp: &Experiment) -> Result<Action, Error> {
         deps,
         settings: &settings,
         registry: ctx.projector.health(&exp.namespace().unwrap_or_default(), &exp.name_any()),
+        busy: busy_workers(ctx, exp),
         now: time::precise_now(),
     };
     let plan = decide(&observed);

@@ -50,6 +50,17 @@ pub fn claim_gate(spec: &RunPodOrderSpec, run: &RunTemplate, existing: &Existing
                 format!("spec.run.workerAffinity.runtime {:?} is not runpod", aff.runtime),
             ));
         }
+        if let Some(node) = &aff.node_type
+            && !spec.gpu.types.contains(node)
+        {
+            return Err(Blocked::new(
+                Reason::WorkerMismatch,
+                format!(
+                    "spec.gpu.types ({}) do not include the experiment's workerAffinity.nodeType {node}",
+                    spec.gpu.types.join(", ")
+                ),
+            ));
+        }
         if !aff.workers.is_empty() && !aff.workers.contains(&spec.worker_id) {
             return Err(Blocked::new(
                 Reason::WorkerMismatch,

@@ -49,6 +49,7 @@ fn run(e: &Experiment, orders: &[RunPodOrder], deps: Vec<(String, Option<P>)>, n
         deps,
         settings: &settings,
         registry: None,
+        busy: BTreeMap::new(),
         now: t(now),
     })
 }
@@ -160,7 +161,7 @@ fn intake_refuses_what_the_schema_cannot_see() {
     assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "UnknownPolicy");
     let mut w = exp();
     w.spec.worker_affinity =
-        Some(ep_api::experiment::WorkerAffinity { runtime: "runpod".into(), workers: vec!["runpod-2".into()] });
+        Some(ep_api::experiment::WorkerAffinity { workers: vec!["runpod-2".into()], ..Default::default() });
     let p = run(&w, &[], vec![], 0);
     assert_eq!(created(&p), None);
     assert_eq!(find_condition(&p.status.conditions, CONDITION_READY).unwrap().reason, "WorkerMismatch");
@@ -185,6 +186,7 @@ fn the_registry_lag_shows_as_a_condition() {
         deps: vec![],
         settings: &settings,
         registry: Some(Blocked::new(Reason::RegistryUnavailable, "3 writes wait")),
+        busy: BTreeMap::new(),
         now: t(0),
     });
     let c = find_condition(&p.status.conditions, CONDITION_REGISTRY).unwrap();
@@ -258,4 +260,67 @@ fn the_registry_says_running_only_once_the_runner_is_online_and_needs_rerun_when
     }
     assert_eq!(registry_while("RunnerOnline", true, true), "RUNNING");
     assert_eq!(registry_while("HeartbeatLost", false, true), "RUNNING", "draining: the runner may still write");
+}
+
+fn affine(a: ep_api::experiment::WorkerAffinity) -> Experiment {
+    let mut e = exp();
+    e.spec.worker_affinity = Some(a);
+    e
+}
+
+#[test]
+fn worker_affinity_prefers_a_worker_keeps_exclusive_workers_to_one_run_and_pins_the_node_type() {
+    use ep_api::experiment::WorkerAffinity;
+    let settings = Settings::embedded_default();
+    // Preferred worker: attempts go there, and it must be an allowed one.
+    let e = affine(WorkerAffinity { preferred_worker: Some("w2".into()), ..Default::default() });
+    assert_eq!(choose_worker(&e, &BTreeMap::new()).unwrap(), "w2");
+    let e = affine(WorkerAffinity {
+        preferred_worker: Some("w9".into()),
+        workers: vec!["w1".into(), "w2".into()],
+        ..Default::default()
+    });
+    let b = intake(&e, &settings).unwrap_err();
+    assert!(b.reason == Reason::WorkerMismatch && b.message.contains("preferredWorker w9"), "{}", b.message);
+    // Exclusive: a busy preferred worker passes the attempt to the next free one, or it waits.
+    let e = affine(WorkerAffinity {
+        preferred_worker: Some("w1".into()),
+        workers: vec!["w1".into(), "w2".into()],
+        exclusive: true,
+        ..Default::default()
+    });
+    let busy = BTreeMap::from([("w1".to_owned(), "other-a1".to_owned())]);
+    assert_eq!(choose_worker(&e, &busy).unwrap(), "w2");
+    let busy = BTreeMap::from([("w1".to_owned(), "other-a1".to_owned()), ("w2".to_owned(), "x-a3".to_owned())]);
+    let b = choose_worker(&e, &busy).unwrap_err();
+    assert_eq!(b.reason, Reason::WorkerBusy);
+    assert!(b.message.contains("w1 (order other-a1)") && b.message.contains("w2 (order x-a3)"), "{}", b.message);
+    let p = decide(&Observed {
+        exp: &e,
+        orders: vec![],
+        deps: vec![],
+        settings: &settings,
+        registry: None,
+        busy,
+        now: t(0),
+    });
+    assert_eq!(p.status.phase, Some(P::Waiting));
+    assert!(
+        p.create_order.is_none() && p.status.current_attempt.is_none(),
+        "nothing claimed while every worker is busy"
+    );
+    // Not exclusive: the preferred worker, busy or not.
+    let e = affine(WorkerAffinity { preferred_worker: Some("w1".into()), ..Default::default() });
+    assert_eq!(choose_worker(&e, &BTreeMap::from([("w1".to_owned(), "o".to_owned())])).unwrap(), "w1");
+    // Node type: one of the GPU choices, and the order asks for it alone.
+    let e = affine(WorkerAffinity { node_type: Some("h100".into()), ..Default::default() });
+    let b = intake(&e, &settings).unwrap_err();
+    assert!(b.reason == Reason::WorkerMismatch && b.message.contains("nodeType h100"), "{}", b.message);
+    let e = affine(WorkerAffinity { node_type: Some("l4".into()), ..Default::default() });
+    assert!(intake(&e, &settings).is_ok());
+    let p = run(&e, &[], vec![], 0);
+    let (name, t) = p.create_order.clone().unwrap();
+    let order = crate::experiment::order_for(&e, &name, t, Some("w7"));
+    assert_eq!(order.spec.gpu.types, ["l4"]);
+    assert_eq!(order.spec.worker_id, "w7");
 }

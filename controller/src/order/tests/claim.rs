@@ -56,3 +56,21 @@ fn a_new_attempt_is_not_claimed_while_the_earlier_runners_lease_holds() {
     other.spec.experiment_ref.as_mut().unwrap().name = "other".into();
     assert!(lease_gate(&second, &[Arc::new(other)], t(30)).is_ok());
 }
+
+#[test]
+fn the_claim_refuses_a_worker_or_node_type_outside_the_experiments_affinity() {
+    use crate::order::claim::{ClaimStep, Existing, claim_gate};
+    let o = quickstart_order("quickstart-a1", 1);
+    let mut t = o.spec.run.clone().unwrap();
+    assert_eq!(claim_gate(&o.spec, &t, &Existing::None), Ok(ClaimStep::Write));
+    t.worker_affinity = Some(ep_api::experiment::WorkerAffinity { runtime: "slurm".into(), ..Default::default() });
+    let b = claim_gate(&o.spec, &t, &Existing::None).unwrap_err();
+    assert!(b.reason == Reason::WorkerMismatch && b.message.contains("runtime \"slurm\""), "{}", b.message);
+    t.worker_affinity = Some(ep_api::experiment::WorkerAffinity { workers: vec!["w9".into()], ..Default::default() });
+    let b = claim_gate(&o.spec, &t, &Existing::None).unwrap_err();
+    assert!(b.reason == Reason::WorkerMismatch && b.message.contains("not among"), "{}", b.message);
+    t.worker_affinity =
+        Some(ep_api::experiment::WorkerAffinity { node_type: Some("a100-80g".into()), ..Default::default() });
+    let b = claim_gate(&o.spec, &t, &Existing::None).unwrap_err();
+    assert!(b.reason == Reason::WorkerMismatch && b.message.contains("nodeType a100-80g"), "{}", b.message);
+}
