@@ -419,3 +419,23 @@ async fn an_exclusive_worker_takes_one_run_at_a_time_and_the_next_waits_with_wor
     assert_eq!(b["spec"]["gpu"]["types"], serde_json::json!(["l4"]));
     assert_eq!(b["status"]["gpu"]["typeId"], "NVIDIA L4");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_script_the_payload_lacks_is_refused_before_any_pod_and_needs_a_rerun() {
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    let yaml = ep_testkit::e2e::exp("typo").yaml().replace("[python3, train.py]", "[python3, trian.py]");
+    stack.apply(&yaml).unwrap();
+    let order = stack
+        .wait_for("rpo", Some(NS), "typo-a1", Duration::from_secs(60), "InvalidPayload", |o| {
+            condition(o, "Ready").is_some_and(|c| c["reason"] == "InvalidPayload")
+        })
+        .unwrap()
+        .unwrap();
+    let msg = condition(Some(&order), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("spec.entry runs trian.py") && msg.contains("train.py"), "{msg}");
+    assert!(stack.live_pods().await.unwrap().is_empty());
+    let world = stack.world().await.unwrap();
+    let pods = world["pods"].as_object().expect("runpod-sim's world lists pods by id");
+    assert!(pods.is_empty(), "runpod-sim never saw a create: {world}");
+    wait_registry(&stack.database_url, "typo", "NEEDS_RERUN").await;
+}

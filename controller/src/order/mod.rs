@@ -9,6 +9,7 @@
 
 pub mod claim;
 pub mod drain;
+pub mod entry;
 pub mod launch;
 pub mod owner;
 pub mod pass;

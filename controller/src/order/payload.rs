@@ -160,9 +160,9 @@ async fn declared_part<S: VolumeStore>(
     id: &str,
     manifest: &PayloadManifest,
     spec: &PayloadSpec,
-) -> Result<Result<String, Blocked>, StoreError> {
+) -> Result<Result<(String, PayloadManifest), Blocked>, StoreError> {
     if spec.locations.is_empty() && spec.excludes.is_empty() {
-        return Ok(Ok(id.to_owned()));
+        return Ok(Ok((id.to_owned(), manifest.clone())));
     }
     let narrowed = match ep_volume::manifest::select(manifest, &spec.locations, &spec.excludes) {
         Ok(m) => m,
@@ -176,14 +176,14 @@ async fn declared_part<S: VolumeStore>(
         return Ok(Err(Blocked::new(Reason::InvalidPayload, msg)));
     }
     if narrowed == *manifest {
-        return Ok(Ok(id.to_owned()));
+        return Ok(Ok((id.to_owned(), narrowed)));
     }
     let body = serde_json::to_vec(&narrowed).unwrap_or_default();
     let sha = hex::encode(Sha256::digest(&body));
     if store.head(&keys::payload_manifest(&sha)).await?.is_none_or(|i| i.size != body.len() as u64) {
         store.put_bytes(&keys::payload_manifest(&sha), body.into(), &sha).await?;
     }
-    Ok(Ok(sha))
+    Ok(Ok((sha, narrowed)))
 }
 
 /// The file's path when the volume lacks its blob or holds another content under its key.
@@ -203,7 +203,7 @@ async fn push_config_map<W: World>(
     conn: &Conn<W::Api, W::Store>,
     spec: &PayloadSpec,
     cm_name: &str,
-) -> Result<Result<String, Blocked>, Error> {
+) -> Result<Result<(String, PayloadManifest), Blocked>, Error> {
     let Some(cm) = w.config_map(&pass.ns, cm_name).await? else {
         return Ok(Err(Blocked::new(
             Reason::PayloadMissing,
@@ -242,7 +242,7 @@ async fn push_config_map<W: World>(
     match pushed {
         Ok(report) => {
             tracing::info!(order = %pass.name, payload = %report.payload_id, uploaded = report.uploaded_files, "payload synced");
-            Ok(Ok(report.payload_id))
+            Ok(Ok((report.payload_id, payload.manifest)))
         }
         Err(SyncError::Store(e)) => store_result(Err(e)),
         Err(e) => Err(e.into()),
@@ -265,7 +265,7 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
         Err(b) => return Ok(pass.block(with_figures(&conn, b).await)),
     }
     let payload = &t.payload;
-    let id = match (&payload.digest, &payload.config_map) {
+    let (id, manifest) = match (&payload.digest, &payload.config_map) {
         (Some(d), _) => {
             let id = d.trim_start_matches("sha256:");
             let manifest = match store_result(verify_sealed(&conn.store, id).await)? {
@@ -273,12 +273,12 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
                 Ok(Err(b)) | Err(b) => return Ok(pass.block(b)),
             };
             match store_result(declared_part(&conn.store, id, &manifest, payload).await)? {
-                Ok(Ok(id)) => id,
+                Ok(Ok(part)) => part,
                 Ok(Err(b)) | Err(b) => return Ok(pass.block(b)),
             }
         }
         (None, Some(cm)) => match push_config_map(w, pass, &conn, payload, &cm.name).await? {
-            Ok(id) => id,
+            Ok(part) => part,
             Err(b) => return Ok(pass.block(with_figures(&conn, b).await)),
         },
         (None, None) => {
@@ -286,6 +286,9 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
             return Ok(pass.block(b));
         }
     };
+    if let Err(b) = super::entry::gate(&t.entry, &manifest, &id) {
+        return Ok(pass.block(b));
+    }
     let msg = format!("payload sha256:{id} and runner {} verified on volume {}", w.runner().version, conn.volume_id);
     pass.st.payload_id = Some(id);
     pass.enter(OrderPhase::Synced, Reason::Synced, &msg);
