@@ -439,3 +439,26 @@ async fn an_entry_script_the_payload_lacks_is_refused_before_any_pod_and_needs_a
     assert!(pods.is_empty(), "runpod-sim never saw a create: {world}");
     wait_registry(&stack.database_url, "typo", "NEEDS_RERUN").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_files_s3_listings_leave_out_is_still_collected_because_nothing_is_listed() {
+    use ep_volume::VolumeStore;
+    let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
+    // RunPod's listings leave out (or are slow to show) files written inside the pod.
+    stack.faults(serde_json::json!({"s3HidePodFiles": true})).await.unwrap();
+    stack.apply(&ep_testkit::e2e::exp("unlisted").yaml()).unwrap();
+    let e = stack.wait_phase("exp", "unlisted", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    assert!(e["status"]["results"]["f1"].is_f64(), "{}", e["status"]);
+    let store = ep_volume::store::S3Volume::new(ep_volume::store::S3Settings::new(
+        &stack.runpod.get("s3"),
+        "EU-RO-1",
+        "tgb8bx6fwl",
+        &stack.runpod.get("s3_access_key"),
+        &stack.runpod.get("s3_secret_key"),
+    ));
+    let hidden = store.usage().await.unwrap().unwrap().objects;
+    stack.faults(serde_json::json!({"s3HidePodFiles": false})).await.unwrap();
+    let all = store.usage().await.unwrap().unwrap().objects;
+    assert!(hidden < all, "the listing hid the pod's files ({hidden} of {all} objects listed)");
+}
