@@ -219,9 +219,20 @@ async fn a_tampered_artifact_fails_collection() {
         })
         .collect();
     assert_ne!(tampered, text);
-    std::fs::write(&results, tampered).unwrap();
+    std::fs::write(&results, &tampered).unwrap();
     let err = collect(&v.store, "r-tamper", TOKEN, &contract()).await.unwrap_err();
     assert!(matches!(&err, CollectError::Tampered { path, .. } if path == "results.json"), "{err}");
+    std::fs::write(&results, &text).unwrap();
+    // A checkpoint (never downloaded) changed in place, same size: its MD5 ETag tells.
+    let ckpt = v.workspace.join(keys::run_prefix("r-tamper")).join("artifacts/checkpoints/epoch-002.json");
+    let original = std::fs::read(&ckpt).unwrap();
+    let mut changed = original.clone();
+    let last = changed.len() - 2;
+    changed[last] = if changed[last] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&ckpt, &changed).unwrap();
+    let err = collect(&v.store, "r-tamper", TOKEN, &contract()).await.unwrap_err();
+    assert!(matches!(&err, CollectError::Tampered { path, .. } if path == "checkpoints/epoch-002.json"), "{err}");
+    std::fs::write(&ckpt, &original).unwrap();
     std::fs::remove_file(v.workspace.join(keys::run_prefix("r-tamper")).join("artifacts/checkpoints/epoch-001.json"))
         .unwrap();
     let err = collect(&v.store, "r-tamper", TOKEN, &contract()).await.unwrap_err();
