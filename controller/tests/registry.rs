@@ -51,6 +51,8 @@ fn attempt(run_id: &str, token: i64, status: &str) -> AttemptRow {
         finished_at: None,
         extra: json!({}),
         reconcile_action: None,
+        heartbeat_at: Some(t(90)),
+        heartbeat_seq: Some(12),
     }
 }
 

@@ -158,11 +158,12 @@ async fn two_runs_on_one_worker_are_one_heartbeat_row_with_two_running_jobs_and_
     }
     let leases = rows(
         &url,
-        "SELECT run_id, lease_expires_at > now() AS live FROM exp_registry.attempts WHERE status = 'RUNNING' ORDER BY run_id",
+        "SELECT run_id, lease_expires_at > now() AS live, heartbeat_seq > 0 AS beating FROM exp_registry.attempts \
+         WHERE status = 'RUNNING' ORDER BY run_id",
     )
     .await;
     assert_eq!(leases.len(), 2, "{leases:?}");
-    assert!(leases.iter().all(|r| r[0] == "live=true"), "{leases:?}");
+    assert!(leases.iter().all(|r| r[1] == "live=true" && r[0] == "beating=true"), "{leases:?}");
     // Both end: the row stays one row, with nothing running.
     for name in ["twin-a", "twin-b"] {
         stack.kubectl_ep(&["stop", name, "-n", NS, "--reason", "enough"]).unwrap();

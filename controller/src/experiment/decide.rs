@@ -415,7 +415,7 @@ fn claim(mut b: Builder<'_>) -> Plan {
     let uid = exp.uid().unwrap_or_default();
     let run_id = names::run_id(&exp.name_any(), &uid, n);
     let (by_hand, repaired) = by_hand(o, n);
-    let order = by_hand.map_or_else(|| names::order_name(&exp.name_any(), n), |x| x.name_any());
+    let order = by_hand.map_or_else(|| names::order_name(&exp.name_any(), n), kube::ResourceExt::name_any);
     // Fencing tokens grow with every claim: the claim time in milliseconds, never below the last.
     let last = b.st.history.iter().map(|a| a.fencing_token).max().unwrap_or(0);
     let token = o.now.timestamp_millis().max(last + 1);

@@ -205,6 +205,8 @@ fn attempt_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> Option<AttemptRow> {
         finished_at: outcome.map(|x| time::from_k8s(&x.finished_at)),
         extra: json!({}),
         reconcile_action: spec.template(o.status.as_ref()).and_then(|t| t.reconcile_action.clone()),
+        heartbeat_at: st.heartbeat.as_ref().map(|h| time::from_k8s(&h.time)),
+        heartbeat_seq: st.heartbeat.as_ref().map(|h| h.seq),
     })
 }
 

@@ -183,6 +183,9 @@ pub struct AttemptRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// What the operator repaired to bind the attempt (a stale binding), if anything.
     pub reconcile_action: Option<String>,
+    /// The run's newest heartbeat (as status holds it) and its sequence number.
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    pub heartbeat_seq: Option<i64>,
     pub extra: Value,
 }
 

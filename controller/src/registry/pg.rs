@@ -221,16 +221,17 @@ impl PgRegistry {
         let applied = sqlx::query(
             "INSERT INTO exp_registry.attempts (run_id, experiment_id, attempt, fencing_token, status, order_name, \
                worker_id, pod_id, pid, gpu_id, lease_expires_at, exit_code, reason, result_f1, result_auc, receipt, \
-               cost_usd, started_at, finished_at, extra, reconcile_action, updated_at) \
+               cost_usd, started_at, finished_at, extra, reconcile_action, heartbeat_at, heartbeat_seq, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, \
-               now()) \
+               $22, $23, now()) \
              ON CONFLICT (run_id) DO UPDATE SET fencing_token = EXCLUDED.fencing_token, status = EXCLUDED.status, \
                order_name = EXCLUDED.order_name, worker_id = EXCLUDED.worker_id, pod_id = EXCLUDED.pod_id, \
                pid = EXCLUDED.pid, gpu_id = EXCLUDED.gpu_id, lease_expires_at = EXCLUDED.lease_expires_at, \
                exit_code = EXCLUDED.exit_code, reason = EXCLUDED.reason, result_f1 = EXCLUDED.result_f1, \
                result_auc = EXCLUDED.result_auc, receipt = EXCLUDED.receipt, cost_usd = EXCLUDED.cost_usd, \
                finished_at = EXCLUDED.finished_at, extra = EXCLUDED.extra, \
-               reconcile_action = EXCLUDED.reconcile_action, updated_at = now() \
+               reconcile_action = EXCLUDED.reconcile_action, heartbeat_at = EXCLUDED.heartbeat_at, \
+               heartbeat_seq = EXCLUDED.heartbeat_seq, updated_at = now() \
              WHERE exp_registry.attempts.fencing_token <= EXCLUDED.fencing_token",
         )
         .bind(&r.run_id)
@@ -254,6 +255,8 @@ impl PgRegistry {
         .bind(r.finished_at)
         .bind(&r.extra)
         .bind(&r.reconcile_action)
+        .bind(r.heartbeat_at)
+        .bind(r.heartbeat_seq)
         .execute(&mut *c)
         .await
         .map_err(RegistryError::classify)?
