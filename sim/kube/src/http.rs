@@ -10,7 +10,11 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::admission;
+use crate::auth::UserInfo;
 use crate::errors::ApiError;
+use crate::protobuf;
+use crate::rbac::{self, Attributes};
 use crate::registry::{Registry, Resource};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{State as Api, Via, WriteOptions};
@@ -90,13 +94,14 @@ fn wants_table(headers: &HeaderMap) -> bool {
 
 fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json");
-    if ct.contains("protobuf") || ct.contains("cbor") {
+    if ct.contains("protobuf") {
+        return protobuf::decode(body);
+    }
+    if ct.contains("cbor") {
         return Err(ApiError {
             code: 415,
             reason: "UnsupportedMediaType",
-            message: format!(
-                "kube-sim accepts JSON and YAML bodies, not {ct} (kubectl's imperative generators send protobuf; use `kubectl apply -f` or `kubectl create -f`)"
-            ),
+            message: format!("kube-sim accepts JSON, YAML and protobuf bodies, not {ct}"),
             details: None,
         });
     }
@@ -107,13 +112,10 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     }
 }
 
-/// Records one resource request as the API server's audit log would: the RBAC verb, group,
-/// resource, subresource, namespace, name and the client's User-Agent.
-fn audit(state: &Shared, method: &Method, t: &Target, q: &HashMap<String, String>, headers: &HeaderMap) {
-    let mut api = lock(state);
-    let Some(file) = api.audit.as_mut() else { return };
+/// The RBAC verb of a resource request ("Authorization › Determine the request verb").
+fn verb(method: &Method, t: &Target, q: &HashMap<String, String>) -> &'static str {
     let watching = t.watch || q.get("watch").is_some_and(|w| w == "true" || w == "1");
-    let verb = match (method, &t.name) {
+    match (method, &t.name) {
         (&Method::GET, _) if watching => "watch",
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
@@ -123,13 +125,98 @@ fn audit(state: &Shared, method: &Method, t: &Target, q: &HashMap<String, String
         (&Method::DELETE, None) => "deletecollection",
         (&Method::DELETE, Some(_)) => "delete",
         _ => "unknown",
-    };
+    }
+}
+
+/// What RBAC is asked about a resource request. A list or watch of one object by
+/// `fieldSelector=metadata.name=X` is authorized for that name, as the API server does.
+fn attributes(method: &Method, t: &Target, q: &HashMap<String, String>) -> Attributes {
+    let verb = verb(method, t, q);
+    let by_field = q
+        .get("fieldSelector")
+        .and_then(|f| f.strip_prefix("metadata.name="))
+        .filter(|n| !n.contains(',') && matches!(verb, "list" | "watch"));
+    Attributes {
+        verb: verb.into(),
+        group: t.res.group.clone(),
+        resource: t.res.plural.clone(),
+        subresource: t.sub.clone().unwrap_or_default(),
+        namespace: t.namespace.clone().unwrap_or_default(),
+        name: t.name.clone().or_else(|| by_field.map(str::to_owned)).unwrap_or_default(),
+        path: None,
+    }
+}
+
+/// Records one resource request as the API server's audit log would: the user, the RBAC verb,
+/// group, resource, subresource, namespace, name and the client's User-Agent.
+fn audit(state: &Shared, user: &UserInfo, a: &Attributes, t: &Target, headers: &HeaderMap) {
+    let mut api = lock(state);
+    let Some(file) = api.audit.as_mut() else { return };
     let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
     let line = json!({
-        "verb": verb, "apiGroup": t.res.group, "resource": t.res.plural, "subresource": t.sub,
+        "user": user.name, "verb": a.verb, "apiGroup": t.res.group, "resource": t.res.plural, "subresource": t.sub,
         "namespace": t.namespace, "name": t.name, "userAgent": agent,
     });
     let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+}
+
+/// The request's user; health checks need none (as with anonymous access to the health endpoints).
+fn authenticate(state: &Shared, method: &Method, segs: &[&str], headers: &HeaderMap) -> Result<UserInfo, ApiError> {
+    let found = lock(state).auth.authenticate(headers);
+    match found {
+        Err(_) if method == Method::GET && matches!(segs, ["healthz" | "livez" | "readyz"]) => Ok(UserInfo::admin()),
+        other => other,
+    }
+}
+
+/// 403 unless RBAC allows the request (always allowed without a users file).
+fn authorize(state: &Shared, user: &UserInfo, a: &Attributes) -> Result<(), ApiError> {
+    let api = lock(state);
+    if !api.auth.enforcing() || user.is_master() || api.policy(&a.namespace).allows(user, a) {
+        return Ok(());
+    }
+    Err(rbac::forbidden(user, a))
+}
+
+/// SelfSubjectAccessReview, SelfSubjectRulesReview and SelfSubjectReview: answered for the
+/// caller, returned with their status, never stored.
+fn review(state: &Shared, user: &UserInfo, t: &Target, body: &Value) -> Result<Response, ApiError> {
+    let mut out = body.clone();
+    out["apiVersion"] = json!(t.res.api_version());
+    out["kind"] = json!(t.res.kind);
+    let api = lock(state);
+    out["status"] = match t.res.kind.as_str() {
+        "SelfSubjectAccessReview" => {
+            let spec = &body["spec"];
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+            let a = if let Some(r) = spec.get("resourceAttributes").filter(|r| r.is_object()) {
+                Attributes {
+                    verb: s(&r["verb"]),
+                    group: s(&r["group"]),
+                    resource: s(&r["resource"]),
+                    subresource: s(&r["subresource"]),
+                    namespace: s(&r["namespace"]),
+                    name: s(&r["name"]),
+                    path: None,
+                }
+            } else if let Some(n) = spec.get("nonResourceAttributes").filter(|n| n.is_object()) {
+                Attributes { verb: s(&n["verb"]), path: Some(s(&n["path"])), ..Attributes::default() }
+            } else {
+                return Err(ApiError::bad_request(
+                    "spec: exactly one of resourceAttributes or nonResourceAttributes must be set".into(),
+                ));
+            };
+            let allowed = !api.auth.enforcing() || api.policy(&a.namespace).allows(user, &a);
+            if allowed { json!({"allowed": true, "reason": "RBAC: allowed"}) } else { json!({"allowed": false}) }
+        }
+        "SelfSubjectRulesReview" => {
+            let ns = body.pointer("/spec/namespace").and_then(Value::as_str).unwrap_or_default();
+            let viewer = if api.auth.enforcing() { user.clone() } else { UserInfo::admin() };
+            rbac::rules_review(&api.policy(ns), &viewer, ns)
+        }
+        _ => json!({"userInfo": user.to_json()}),
+    };
+    Ok(json_response(StatusCode::CREATED, &out, &[]))
 }
 
 /// Every request goes through here.
@@ -190,6 +277,18 @@ async fn handle(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v, &[]));
+    let user = authenticate(state, method, segs, headers)?;
+    if !matches!(segs, ["api", _, _, ..] | ["apis", _, _, _, ..]) {
+        authorize(
+            state,
+            &user,
+            &Attributes {
+                verb: method.as_str().to_ascii_lowercase(),
+                path: Some(format!("/{}", segs.join("/"))),
+                ..Attributes::default()
+            },
+        )?;
+    }
     // Discovery and OpenAPI.
     match (method, segs) {
         (&Method::GET, ["version"]) => {
@@ -245,7 +344,15 @@ async fn handle(
         parse_target(&api, segs)?
     };
     let Some(t) = target else { return Err(ApiError::not_found_path(&segs.join("/"))) };
-    audit(state, method, &t, q, headers);
+    let attrs = attributes(method, &t, q);
+    audit(state, &user, &attrs, &t, headers);
+    authorize(state, &user, &attrs)?;
+    if t.res.review {
+        return match method {
+            &Method::POST => review(state, &user, &t, &parse_body(headers, body)?),
+            _ => Err(ApiError::method_not_allowed(&format!("{method} {}", segs.join("/")))),
+        };
+    }
     let ns = t.namespace.clone().unwrap_or_default();
     let opts = WriteOptions {
         field_manager: q.get("fieldManager").cloned(),
@@ -253,6 +360,8 @@ async fn handle(
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
         applied: None,
         force: q.get("force").is_some_and(|f| f == "true"),
+        user: Some(user.clone()),
+        subresource: t.sub.clone().unwrap_or_default(),
     };
     let status_only = t.sub.is_some();
     match (method, &t.name) {
@@ -360,7 +469,19 @@ async fn handle(
             let propagation =
                 q.get("propagationPolicy").cloned().or_else(|| opts["propagationPolicy"].as_str().map(str::to_owned));
             let pre_rv = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_owned);
-            let obj = lock(state).delete(&t.res, &ns, name, propagation.as_deref(), pre_rv.as_deref())?;
+            let mut api = lock(state);
+            let old = api.get(&t.res, &ns, name)?;
+            let req = admission::Request {
+                operation: "DELETE",
+                user: &user,
+                res: &t.res,
+                subresource: "",
+                namespace: &ns,
+                name,
+                dry_run: false,
+            };
+            admission::validate(&api, &req, None, Some(&old))?;
+            let obj = api.delete(&t.res, &ns, name, propagation.as_deref(), pre_rv.as_deref())?;
             ok(obj)
         }
         (&Method::DELETE, None) => {

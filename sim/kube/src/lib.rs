@@ -6,13 +6,19 @@
 //! Table output from printer columns, so that kube-rs and kubectl 1.35 work against it as they
 //! are. Production always runs on a real cluster; see README.md for what this does less of.
 
+pub mod admission;
+pub mod auth;
+pub mod builtin;
 pub mod errors;
 pub mod fields;
 pub mod http;
+pub mod protobuf;
+pub mod rbac;
 pub mod registry;
 pub mod selectors;
 pub mod store;
 pub mod table;
+pub mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -35,6 +41,9 @@ pub struct Options {
     /// Append every resource request to this file as a JSON line (verb, apiGroup, resource,
     /// subresource, namespace, name, userAgent), e.g. to check RBAC rules against real calls.
     pub audit_log: Option<PathBuf>,
+    /// Users, tokens and groups (see [`auth`]); with it every request is authenticated and
+    /// authorized by RBAC, without it everyone is an administrator.
+    pub users: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -45,6 +54,7 @@ impl Default for Options {
             crds: None,
             history: store::HISTORY,
             audit_log: None,
+            users: None,
         }
     }
 }
@@ -53,6 +63,8 @@ impl Default for Options {
 pub struct RunningKubeSim {
     pub addr: SocketAddr,
     pub url: String,
+    /// The CA (PEM) of the serving certificate when kube-sim serves HTTPS (with `--users`).
+    pub ca_pem: Option<String>,
     pub kubeconfig: Option<PathBuf>,
     pub state: http::Shared,
     task: JoinHandle<()>,
@@ -72,12 +84,10 @@ impl Drop for RunningKubeSim {
     }
 }
 
-/// Writes a kubeconfig pointing at `url` (cluster, user and context named `kube-sim`).
+/// Writes a kubeconfig pointing at `url` with the administrator's context `kube-sim` (the
+/// default); [`auth::write_kubeconfig`] adds one context per user.
 pub fn write_kubeconfig(path: &Path, url: &str) -> std::io::Result<()> {
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\nusers:\n- name: kube-sim\n  user:\n    token: kube-sim\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\n"
-    );
-    std::fs::write(path, text)
+    auth::write_kubeconfig(path, url, None, &[])
 }
 
 /// Loads every CRD document found in `dir`'s `.yaml`/`.yml`/`.json` files.
@@ -109,21 +119,31 @@ pub async fn start(opts: Options) -> std::io::Result<RunningKubeSim> {
     if let Some(path) = &opts.audit_log {
         st.audit = Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
     }
+    if let Some(path) = &opts.users {
+        st.auth = auth::Authenticator::from_file(path)?;
+    }
+    let users = st.auth.users.clone();
     let state: http::Shared = Arc::new(Mutex::new(st));
     if let Some(dir) = &opts.crds {
         load_crds(&state, dir)?;
     }
     let listener = tokio::net::TcpListener::bind(opts.listen).await?;
     let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
+    // Users mean tokens, and tokens travel only over TLS.
+    let tls = if opts.users.is_some() { Some(tls::generate(addr)?) } else { None };
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
+    let ca_pem = tls.as_ref().map(|t| t.ca_pem.clone());
     if let Some(path) = &opts.kubeconfig_out {
-        write_kubeconfig(path, &url)?;
+        auth::write_kubeconfig(path, &url, ca_pem.as_deref(), &users)?;
     }
     let app = Router::new().fallback(http::dispatch).with_state(state.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "kube-sim listener stopped");
-        }
-    });
-    Ok(RunningKubeSim { addr, url, kubeconfig: opts.kubeconfig_out, state, task })
+    let task = match tls {
+        Some(t) => tokio::spawn(tls::serve(listener, t.acceptor, app)),
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "kube-sim listener stopped");
+            }
+        }),
+    };
+    Ok(RunningKubeSim { addr, url, ca_pem, kubeconfig: opts.kubeconfig_out, state, task })
 }

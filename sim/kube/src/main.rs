@@ -25,6 +25,10 @@ struct Cli {
     /// Append every resource request (verb, group, resource, namespace, name, User-Agent) to this file.
     #[arg(long)]
     audit_log: Option<PathBuf>,
+    /// Users, tokens and groups (YAML: `users: [{name, token, groups}]`): requests are then
+    /// authenticated and authorized by RBAC, and the kubeconfig gets one context per user.
+    #[arg(long)]
+    users: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -42,6 +46,7 @@ async fn main() -> ExitCode {
         kubeconfig_out: cli.kubeconfig_out,
         crds: cli.crds,
         audit_log: cli.audit_log,
+        users: cli.users,
         ..kube_sim::Options::default()
     };
     let running = match kube_sim::start(opts).await {

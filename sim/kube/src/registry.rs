@@ -24,6 +24,8 @@ pub struct Resource {
     pub selectable_fields: Vec<String>,
     /// Whether this kind came from a CRD (validated against its schema).
     pub custom: bool,
+    /// A review (SelfSubjectAccessReview, ...): create only, answered and never stored.
+    pub review: bool,
 }
 
 impl Resource {
@@ -93,7 +95,14 @@ impl Resource {
                 Vec::new()
             },
             custom: false,
+            review: false,
         }
+    }
+
+    #[must_use]
+    fn create_only(mut self) -> Self {
+        self.review = true;
+        self
     }
 
     /// Whether a fieldSelector may use `field` on this kind.
@@ -127,6 +136,66 @@ impl Registry {
             Resource::builtin("", "v1", "ServiceAccount", "serviceaccounts", true, &["sa"], false),
             Resource::builtin("events.k8s.io", "v1", "Event", "events", true, &["ev"], false),
             Resource::builtin("coordination.k8s.io", "v1", "Lease", "leases", true, &[], false),
+            Resource::builtin("rbac.authorization.k8s.io", "v1", "Role", "roles", true, &[], false),
+            Resource::builtin("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false, &[], false),
+            Resource::builtin("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true, &[], false),
+            Resource::builtin(
+                "rbac.authorization.k8s.io",
+                "v1",
+                "ClusterRoleBinding",
+                "clusterrolebindings",
+                false,
+                &[],
+                false,
+            ),
+            Resource::builtin(
+                "admissionregistration.k8s.io",
+                "v1",
+                "ValidatingAdmissionPolicy",
+                "validatingadmissionpolicies",
+                false,
+                &[],
+                true,
+            ),
+            Resource::builtin(
+                "admissionregistration.k8s.io",
+                "v1",
+                "ValidatingAdmissionPolicyBinding",
+                "validatingadmissionpolicybindings",
+                false,
+                &[],
+                false,
+            ),
+            Resource::builtin(
+                "authorization.k8s.io",
+                "v1",
+                "SelfSubjectAccessReview",
+                "selfsubjectaccessreviews",
+                false,
+                &[],
+                false,
+            )
+            .create_only(),
+            Resource::builtin(
+                "authorization.k8s.io",
+                "v1",
+                "SelfSubjectRulesReview",
+                "selfsubjectrulesreviews",
+                false,
+                &[],
+                false,
+            )
+            .create_only(),
+            Resource::builtin(
+                "authentication.k8s.io",
+                "v1",
+                "SelfSubjectReview",
+                "selfsubjectreviews",
+                false,
+                &[],
+                false,
+            )
+            .create_only(),
             Resource::builtin(
                 "apiextensions.k8s.io",
                 "v1",
@@ -193,6 +262,7 @@ impl Registry {
                         })
                         .unwrap_or_default(),
                     custom: true,
+                    review: false,
                 })
             })
             .collect())
@@ -241,9 +311,13 @@ impl Registry {
         }
         let mut list = Vec::new();
         for r in rs {
+            let verbs = if r.review {
+                json!(["create"])
+            } else {
+                json!(["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
+            };
             let mut entry = json!({
-                "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
-                "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+                "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind, "verbs": verbs,
             });
             if !r.short_names.is_empty() {
                 entry["shortNames"] = json!(r.short_names);

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::auth::{Authenticator, UserInfo};
 use crate::errors::ApiError;
 use crate::registry::{Registry, Resource};
-use crate::validate;
+use crate::{admission, builtin, rbac, validate};
 
 /// Where an object lives.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,6 +44,8 @@ pub struct State {
     history_cap: usize,
     /// Where every resource request is recorded as one JSON line (see `Options::audit_log`).
     pub audit: Option<std::fs::File>,
+    /// Who may call (see `Options::users`); everyone is an administrator without a users file.
+    pub auth: Authenticator,
 }
 
 /// Request options that shape a write.
@@ -56,6 +59,10 @@ pub struct WriteOptions {
     pub applied: Option<Value>,
     /// A server-side apply takes fields other managers own instead of failing with a conflict.
     pub force: bool,
+    /// Who writes: admission policies run for requests from users (never for kube-sim's own writes).
+    pub user: Option<UserInfo>,
+    /// The subresource written (`status`), as admission matches it.
+    pub subresource: String,
 }
 
 /// How an update arrived.
@@ -81,6 +88,14 @@ fn now() -> String {
 fn uid() -> String {
     let h = |n: usize| (0..n).map(|_| char::from(b"0123456789abcdef"[fastrand::usize(..16)])).collect::<String>();
     format!("{}-{}-4{}-{}-{}", h(8), h(4), h(3), h(4), h(12))
+}
+
+/// Why `name` is not a valid path segment name (the rule for RBAC object names), if it is not.
+fn path_segment_problem(name: &str) -> Option<String> {
+    if name == "." || name == ".." {
+        return Some(format!("may not be '{name}'"));
+    }
+    ["/", "%"].iter().find(|c| name.contains(**c)).map(|c| format!("may not contain '{c}'"))
 }
 
 fn dns_subdomain(s: &str) -> bool {
@@ -184,6 +199,7 @@ impl State {
             tx,
             history_cap,
             audit: None,
+            auth: Authenticator::default(),
         };
         for ns in ["default", "kube-system", "kube-public"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -191,7 +207,42 @@ impl State {
                 let _ = s.create(&res, "", body, &WriteOptions::default());
             }
         }
+        for (plural, body) in rbac::bootstrap() {
+            if let Some(res) = s.registry.get(rbac::GROUP, "v1", plural).cloned()
+                && let Err(e) = s.create(&res, "", body, &WriteOptions::default())
+            {
+                // A bootstrap role that cannot be stored is a kube-sim bug: say so loudly.
+                tracing::error!(plural, error = %e.message, "bootstrap RBAC object refused");
+            }
+        }
         s
+    }
+
+    /// The RBAC objects that decide a request in `namespace` (cluster-wide ones always).
+    pub fn policy(&self, namespace: &str) -> rbac::Policy {
+        // Keys sort by group, plural, namespace: each list is one range of the map.
+        let list = |plural: &str, ns: Option<&str>| {
+            let start = Key {
+                group: rbac::GROUP.into(),
+                plural: plural.into(),
+                namespace: ns.unwrap_or_default().into(),
+                name: String::new(),
+            };
+            self.objects
+                .range(start..)
+                .take_while(|(k, _)| {
+                    k.group == rbac::GROUP && k.plural == plural && ns.is_none_or(|n| k.namespace == n)
+                })
+                .map(|(_, o)| o.clone())
+                .collect::<Vec<_>>()
+        };
+        let ns = (!namespace.is_empty()).then_some(namespace);
+        rbac::Policy {
+            cluster_roles: list("clusterroles", None),
+            cluster_role_bindings: list("clusterrolebindings", None),
+            roles: ns.map(|n| list("roles", Some(n))).unwrap_or_default(),
+            role_bindings: ns.map(|n| list("rolebindings", Some(n))).unwrap_or_default(),
+        }
     }
 
     /// Oldest resource version a watch can still resume from.
@@ -249,6 +300,10 @@ impl State {
     ) -> Result<Vec<String>, ApiError> {
         let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
         let mut warnings = Vec::new();
+        let errors = builtin::prepare(&res.group, &res.kind, obj, old);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(res, &name, &errors));
+        }
         if let Some(schema) = res.schema.as_ref().filter(|_| res.custom) {
             let outcome = validate::structural(schema, obj);
             if !outcome.unknown.is_empty() {
@@ -284,6 +339,19 @@ impl State {
                     &[validate::FieldError { field: "spec".into(), reason: "FieldValueInvalid", message: m }],
                 )
             })?;
+        }
+        if let Some(user) = &opts.user {
+            let namespace = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let req = admission::Request {
+                operation: if old.is_some() { "UPDATE" } else { "CREATE" },
+                user,
+                res,
+                subresource: &opts.subresource,
+                namespace: &namespace,
+                name: &name,
+                dry_run: opts.dry_run,
+            };
+            warnings.extend(admission::validate(self, &req, Some(obj), old)?);
         }
         Ok(warnings)
     }
@@ -359,7 +427,20 @@ impl State {
                 }
             },
         };
-        if !dns_subdomain(&name) {
+        if res.group == rbac::GROUP {
+            // RBAC names are path segments ("system:basic-user"), as ValidateRBACName allows.
+            if let Some(why) = path_segment_problem(&name) {
+                return Err(ApiError::invalid(
+                    res,
+                    &name,
+                    &[validate::FieldError {
+                        field: "metadata.name".into(),
+                        reason: "FieldValueInvalid",
+                        message: format!("metadata.name: Invalid value: {name:?}: {why}"),
+                    }],
+                ));
+            }
+        } else if !dns_subdomain(&name) {
             return Err(ApiError::invalid(
                 res,
                 &name,
