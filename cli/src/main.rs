@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    target: orders::Target,
 }
 
 #[derive(Subcommand)]
@@ -207,26 +209,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let target = cli.target;
     let result = match cli.command {
         Command::Push(args) => rt.block_on(run_push(args)),
         Command::Approve { order, namespace } => rt.block_on(async {
-            let (client, ns, user) = orders::connect(namespace).await?;
+            let (client, ns, user) = orders::connect(namespace, &target).await?;
             orders::approve(client, &ns, &order, &user).await
         }),
         Command::Gpus { provider, min_vram, max_price, data_center, output } => rt.block_on(async {
-            let (client, _, _) = orders::connect(None).await?;
+            let (client, _, _) = orders::connect(None, &target).await?;
             let f = runpod::GpuFilter { provider, min_vram, max_price, data_center };
             runpod::gpus(client, &f, output).await
         }),
         Command::Logs { name, container, tail, namespace } => rt.block_on(async {
-            let (client, ns, _) = orders::connect(namespace).await?;
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
             runpod::logs(client, &ns, &runpod::LogsArgs { name, container, tail }).await
         }),
         Command::Stop { name, reason, namespace } => rt.block_on(async {
             if reason.trim().is_empty() {
                 return Err("--reason must say why the run stops".to_owned());
             }
-            let (client, ns, _) = orders::connect(namespace).await?;
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
             orders::stop(client, &ns, &name, &reason).await
         }),
     };

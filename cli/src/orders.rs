@@ -7,27 +7,62 @@ use serde_json::json;
 
 const MANAGER: &str = "kubectl-ep";
 
-/// A client and namespace from the kubeconfig (KUBECONFIG, ~/.kube/config or in-cluster).
-pub async fn connect(namespace: Option<String>) -> Result<(Client, String, String), String> {
-    let config = kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+/// Which cluster and identity, as kubectl's own flags choose them.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Target {
+    /// The kubeconfig context to use (as `kubectl --context`).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// The kubeconfig file (as `kubectl --kubeconfig`; default KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+/// A client, the namespace (the flag, else the context's) and who the API server says we are.
+pub async fn connect(namespace: Option<String>, target: &Target) -> Result<(Client, String, String), String> {
+    let opts = kube::config::KubeConfigOptions { context: target.context.clone(), ..Default::default() };
+    let config = match (&target.kubeconfig, &target.context) {
+        (Some(path), _) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| e.to_string())?
+        }
+        (None, Some(_)) => kube::Config::from_kubeconfig(&opts).await.map_err(|e| e.to_string())?,
+        (None, None) => kube::Config::infer().await.map_err(|e| format!("no Kubernetes configuration: {e}"))?,
+    };
     let ns = namespace.unwrap_or_else(|| config.default_namespace.clone());
-    let user = kube::config::Kubeconfig::read()
-        .ok()
-        .and_then(|kc| {
-            let ctx = kc.current_context.clone()?;
-            kc.contexts.iter().find(|c| c.name == ctx)?.context.as_ref()?.user.clone()
-        })
-        .or_else(|| std::env::var("USER").ok())
-        .unwrap_or_else(|| "unknown".into());
     let client = Client::try_from(config).map_err(|e| e.to_string())?;
+    let user = whoami(&client).await?;
     Ok((client, ns, user))
+}
+
+/// The user name the API server authenticates this client as (`kubectl auth whoami`), so what the
+/// plugin records as a person is who the cluster says sent the request, not a kubeconfig label.
+async fn whoami(client: &Client) -> Result<String, String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = kube::Api::<SelfSubjectReview>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .map_err(|e| format!("asking the API server who this is (SelfSubjectReview): {e}"))?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .ok_or_else(|| "the API server's SelfSubjectReview named no user".to_owned())
+}
+
+/// An API error as the API server worded it (kubectl prints the Status message alone).
+pub fn api_error(e: kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) if !s.message.is_empty() => format!("Error from server ({}): {}", s.reason, s.message),
+        other => other.to_string(),
+    }
 }
 
 /// Sets `spec.approved` (and who approved) on an order.
 pub async fn approve(client: Client, ns: &str, order: &str, by: &str) -> Result<(), String> {
     let api = Api::<RunPodOrder>::namespaced(client, ns);
     let current =
-        api.get_opt(order).await.map_err(|e| e.to_string())?.ok_or_else(|| {
+        api.get_opt(order).await.map_err(api_error)?.ok_or_else(|| {
             format!("RunPodOrder {ns}/{order} does not exist (kubectl get rpo -n {ns} lists the orders)")
         })?;
     if current.spec.approved == Some(true) {
@@ -38,7 +73,7 @@ pub async fn approve(client: Client, ns: &str, order: &str, by: &str) -> Result<
         return Ok(());
     }
     let patch = json!({"spec": {"approved": true, "approvedBy": by}});
-    api.patch(order, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await.map_err(|e| e.to_string())?;
+    api.patch(order, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await.map_err(api_error)?;
     println!("runpodorder.ep.dev/{order} approved by {by}");
     Ok(())
 }
@@ -46,13 +81,13 @@ pub async fn approve(client: Client, ns: &str, order: &str, by: &str) -> Result<
 /// Asks an order (or the current order of an experiment) to drain.
 pub async fn stop(client: Client, ns: &str, name: &str, reason: &str) -> Result<(), String> {
     let orders = Api::<RunPodOrder>::namespaced(client.clone(), ns);
-    let order = match orders.get_opt(name).await.map_err(|e| e.to_string())? {
+    let order = match orders.get_opt(name).await.map_err(api_error)? {
         Some(_) => name.to_owned(),
         None => {
             let exp = Api::<Experiment>::namespaced(client, ns)
                 .get_opt(name)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(api_error)?
                 .ok_or_else(|| format!("neither a RunPodOrder nor an Experiment named {name} exists in {ns}"))?;
             exp.status
                 .and_then(|s| s.current_attempt)
@@ -61,7 +96,7 @@ pub async fn stop(client: Client, ns: &str, name: &str, reason: &str) -> Result<
         }
     };
     let patch = json!({"spec": {"stop": {"reason": reason}}});
-    orders.patch(&order, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await.map_err(|e| e.to_string())?;
+    orders.patch(&order, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await.map_err(api_error)?;
     println!("runpodorder.ep.dev/{order} stopping: {reason}");
     Ok(())
 }

@@ -148,13 +148,13 @@ fn print_table(rows: &[Vec<String>]) {
 /// experiment of that name.
 async fn resolve_order(client: &Client, ns: &str, name: &str) -> Result<RunPodOrder, String> {
     let orders = Api::<RunPodOrder>::namespaced(client.clone(), ns);
-    if let Some(o) = orders.get_opt(name).await.map_err(|e| e.to_string())? {
+    if let Some(o) = orders.get_opt(name).await.map_err(crate::orders::api_error)? {
         return Ok(o);
     }
     let exp = Api::<Experiment>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(crate::orders::api_error)?
         .ok_or_else(|| format!("neither a RunPodOrder nor an Experiment named {name} exists in {ns}"))?;
     let st = exp.status.unwrap_or_default();
     let order = st
@@ -162,7 +162,7 @@ async fn resolve_order(client: &Client, ns: &str, name: &str) -> Result<RunPodOr
         .and_then(|a| a.order)
         .or_else(|| st.history.iter().rev().find_map(|a| a.order.clone()))
         .ok_or_else(|| format!("experiment {ns}/{name} has no attempt yet"))?;
-    orders.get_opt(&order).await.map_err(|e| e.to_string())?.ok_or_else(|| {
+    orders.get_opt(&order).await.map_err(crate::orders::api_error)?.ok_or_else(|| {
         format!("experiment {ns}/{name}: its order {order} no longer exists (the registry keeps its history)")
     })
 }
@@ -195,7 +195,7 @@ pub async fn logs(client: Client, ns: &str, a: &LogsArgs) -> Result<(), String> 
     let provider = Api::<RunPodProvider>::all(client.clone())
         .get_opt(&order.spec.provider_ref)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(crate::orders::api_error)?
         .ok_or_else(|| {
             format!("RunPodOrder {ns}/{oname}: spec.providerRef {} does not exist", order.spec.provider_ref)
         })?;

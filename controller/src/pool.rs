@@ -311,11 +311,10 @@ pub struct ProviderPool {
     sequence: Arc<Sequence>,
 }
 
+/// A key of a Secret's `data` (the API server merges `stringData` into `data` on write and never
+/// returns `stringData`).
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
-    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
-        return String::from_utf8(v.0.clone()).ok();
-    }
-    secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
+    secret.data.as_ref().and_then(|d| d.get(key)).and_then(|v| String::from_utf8(v.0.clone()).ok())
 }
 
 /// Reads `keys` of one Secret. Returns their values (trimmed, in order) and the Secret's

@@ -3,6 +3,7 @@
 //! Everything a test needs is started here, on free ports, and stopped on drop; nothing depends on
 //! a service left running by hand.
 
+pub mod authority;
 pub mod e2e;
 pub mod platform;
 pub mod postgres;

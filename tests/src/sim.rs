@@ -127,10 +127,25 @@ impl KubeSimProcess {
         crds: Option<&std::path::Path>,
         audit_log: Option<&std::path::Path>,
     ) -> Result<Self, HarnessError> {
+        Self::start_with(crds, audit_log, None)
+    }
+
+    /// Starts kube-sim; with `users` (a `--users` file's YAML) it authenticates those tokens over
+    /// HTTPS and authorizes with RBAC, and the kubeconfig holds one context per user.
+    pub fn start_with(
+        crds: Option<&std::path::Path>,
+        audit_log: Option<&std::path::Path>,
+        users: Option<&str>,
+    ) -> Result<Self, HarnessError> {
         let dir =
             tempfile::Builder::new().prefix("kube-sim-").tempdir().map_err(HarnessError::io("create temp dir"))?;
         let mut cmd = Command::new(workspace_bin("kube-sim")?);
         cmd.arg("--kubeconfig-out").arg(dir.path().join("kubeconfig"));
+        if let Some(yaml) = users {
+            let path = dir.path().join("users.yaml");
+            std::fs::write(&path, yaml).map_err(HarnessError::io("write users"))?;
+            cmd.arg("--users").arg(path);
+        }
         if let Some(c) = crds {
             cmd.arg("--crds").arg(c);
         }

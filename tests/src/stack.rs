@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::authority;
 use crate::postgres::TempPostgres;
 use crate::sim::{KubeSimProcess, RunPodSimProcess, workspace_bin};
 use crate::{HarnessError, free_port, tools, workspace_root};
@@ -148,7 +149,10 @@ impl Stack {
         let runpod = RunPodSimProcess::start(opts.world.as_deref(), &["--clock-speed", &speed])?;
         let dir = tempfile::Builder::new().prefix("ep-stack-").tempdir().map_err(HarnessError::io("temp dir"))?;
         let audit = opts.audit.then(|| dir.path().join("audit.jsonl"));
-        let kube = KubeSimProcess::start_audited(Some(&workspace_root().join("crds")), audit.as_deref())?;
+        let kube =
+            KubeSimProcess::start_with(Some(&workspace_root().join("crds")), audit.as_deref(), Some(authority::USERS))?;
+        authority::install(&kube.kubeconfig(), dir.path())?;
+        authority::kubeconfig_as(&kube.kubeconfig(), authority::OPERATOR_USER, dir.path())?;
         std::fs::write(dir.path().join("settings.yaml"), &opts.settings).map_err(HarnessError::io("write settings"))?;
         let lease_duration = opts.lease_duration.clone();
         let mut stack = Self {
@@ -175,8 +179,24 @@ impl Stack {
         self.dir.path().join("settings.yaml")
     }
 
+    /// The administrator's kubeconfig (kube-sim's, with a context per person).
     pub fn kubeconfig(&self) -> PathBuf {
         self.kube.kubeconfig()
+    }
+
+    /// The operator's kubeconfig: the chart's ServiceAccount, held to the chart's RBAC.
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join(format!("kubeconfig-{}", authority::OPERATOR_USER.replace(':', "-")))
+    }
+
+    /// Runs kubectl as one of [`authority::USERS`] (`wren`, `aster`, `lark`, `finch`).
+    pub fn kubectl_as(&self, user: &str, args: &[&str]) -> Result<String, HarnessError> {
+        self.kubectl(&[args, &["--context", user]].concat())
+    }
+
+    /// Runs `kubectl ep` as one of [`authority::USERS`].
+    pub fn kubectl_ep_as(&self, user: &str, args: &[&str]) -> Result<String, HarnessError> {
+        run_plugin(&authority::kubeconfig_as(&self.kubeconfig(), user, self.dir.path())?, args)
     }
 
     /// Starts (or restarts) the operator binary and waits until /readyz answers.
@@ -224,7 +244,7 @@ impl Stack {
         let child = Command::new(workspace_bin("ep-operator")?)
             .arg("run")
             .arg("--kubeconfig")
-            .arg(self.kubeconfig())
+            .arg(self.operator_kubeconfig())
             .arg("--settings")
             .arg(self.settings_path())
             .arg("--database-url")
@@ -261,10 +281,7 @@ impl Stack {
 
     /// Runs kubectl with this workspace's `kubectl-ep` on PATH, so `kubectl ep ...` works as a plugin.
     pub fn kubectl_ep(&self, args: &[&str]) -> Result<String, HarnessError> {
-        let plugin = workspace_bin("kubectl-ep")?;
-        let dir = plugin.parent().map(Path::to_path_buf).unwrap_or_default();
-        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-        run_kubectl(&self.kubeconfig(), Some(&path), &[&["ep"], args].concat())
+        run_plugin(&self.kubeconfig(), args)
     }
 
     /// Copies `dir`'s YAML files with the provider and its Secrets pointed at runpod-sim (the only
@@ -276,18 +293,30 @@ impl Stack {
         Ok(staged)
     }
 
-    /// Applies `examples/quickstart/` pointed at runpod-sim; without its Experiment when
-    /// `with_experiment` is false (provider, Secrets, namespaces and the code ConfigMap only).
+    /// Installs `examples/quickstart/` pointed at runpod-sim as a person would from a terminal:
+    /// the namespaces, then the two Secrets with `kubectl create secret generic --from-literal`
+    /// (keys never written to a file), then the rest with `kubectl apply`; without the Experiment
+    /// when `with_experiment` is false. Returns what kubectl printed.
     pub fn apply_quickstart(&self, with_experiment: bool) -> Result<String, HarnessError> {
         let staged = self.stage(&workspace_root().join("examples/quickstart"))?;
         let provider = staged.join("20-provider.yaml");
         let text = std::fs::read_to_string(&provider).map_err(HarnessError::io("read provider"))?;
         let text = text.replace("transport: restV2", &format!("transport: {}", self.transport));
         std::fs::write(&provider, text).map_err(HarnessError::io("stage provider"))?;
+        let unstage = |f: &str| std::fs::remove_file(staged.join(f)).map_err(HarnessError::io("unstage"));
+        unstage("10-secrets.yaml")?;
         if !with_experiment {
-            std::fs::remove_file(staged.join("30-experiment.yaml")).map_err(HarnessError::io("unstage experiment"))?;
+            unstage("30-experiment.yaml")?;
         }
-        self.kubectl(&["apply", "-f", &staged.display().to_string()])
+        let mut out = self.kubectl(&["apply", "-f", &staged.join("00-namespaces.yaml").display().to_string()])?;
+        let literal = |k: &str, v: &str| format!("--from-literal={k}={v}");
+        let api_key = literal("apiKey", &self.runpod.get("api_key"));
+        out += &self.kubectl(&["create", "secret", "generic", "runpod", "-n", "ep-system", &api_key])?;
+        let (id, secret) = (self.runpod.get("s3_access_key"), self.runpod.get("s3_secret_key"));
+        let (id, secret) = (literal("accessKeyId", &id), literal("secretAccessKey", &secret));
+        out += &self.kubectl(&["create", "secret", "generic", "runpod-s3", "-n", "ep-system", &id, &secret])?;
+        out += &self.kubectl(&["apply", "-f", &staged.display().to_string()])?;
+        Ok(out)
     }
 
     /// `kubectl patch --type merge` of one object (`ns` None for cluster-scoped kinds).
@@ -393,6 +422,14 @@ impl Stack {
 /// Runs kubectl with a kubeconfig.
 pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, HarnessError> {
     run_kubectl(kubeconfig, None, args)
+}
+
+/// `kubectl ep ARGS` with this workspace's `kubectl-ep` on PATH.
+fn run_plugin(kubeconfig: &Path, args: &[&str]) -> Result<String, HarnessError> {
+    let plugin = workspace_bin("kubectl-ep")?;
+    let dir = plugin.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    run_kubectl(kubeconfig, Some(&path), &[&["ep"], args].concat())
 }
 
 fn run_kubectl(kubeconfig: &Path, path: Option<&str>, args: &[&str]) -> Result<String, HarnessError> {

@@ -82,10 +82,16 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
     let exp = stack.get("exp", Some(NS), "gated").unwrap();
     assert_eq!(cond(exp.as_ref(), "Ready").unwrap()["reason"], "AwaitingApproval", "the experiment says why it waits");
 
-    let out = stack.kubectl_ep(&["approve", "gated-a1", "-n", NS]).unwrap();
-    assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by"), "{out}");
+    // Only an approver may approve: the author's RBAC does not let her edit orders, and the
+    // chart's admission policy refuses the platform admin, whose RBAC does.
+    let err = stack.kubectl_ep_as("wren", &["approve", "gated-a1", "-n", NS]).unwrap_err().to_string();
+    assert!(err.contains(r#"User "wren" cannot patch resource "runpodorders" in API group "ep.dev""#), "{err}");
+    let err = stack.kubectl_ep_as("lark", &["approve", "gated-a1", "-n", NS]).unwrap_err().to_string();
+    assert!(err.contains("only members of ep:approvers may approve spending; lark is not"), "{err}");
+    let out = stack.kubectl_ep_as("aster", &["approve", "gated-a1", "-n", NS]).unwrap();
+    assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by aster"), "{out}");
     let order = stack.get("rpo", Some(NS), "gated-a1").unwrap().unwrap();
-    assert!(order["spec"]["approvedBy"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(order["spec"]["approvedBy"], "aster");
     stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     assert_eq!(stack.live_pods().await.unwrap().len(), 1);
     // The live pod's container log: on REST v2 from RunPod; GraphQL has none and says so.

@@ -71,13 +71,27 @@ async fn query(url: &str, sql: &str) -> Vec<Vec<String>> {
 
 async fn quickstart_completes_and_leaves_nothing_billing(transport: &'static str) {
     init_tls();
-    let stack = Stack::start(&StackOptions { transport, ..StackOptions::default() }).await.unwrap();
+    let stack = Stack::start(&StackOptions { transport, audit: true, ..StackOptions::default() }).await.unwrap();
     let out = stack.apply_quickstart(true).unwrap();
+    // The Secrets were made with `kubectl create secret generic --from-literal`, as by hand.
+    assert!(out.contains("secret/runpod created") && out.contains("secret/runpod-s3 created"), "{out}");
     assert!(out.contains("experiment.ep.dev/quickstart created"), "{out}");
     let exp = stack.wait_phase("exp", "quickstart", &["Succeeded", "Failed"]).unwrap();
     let st = &exp["status"];
     assert_eq!(st["phase"], "Succeeded", "{}", serde_json::to_string_pretty(st).unwrap());
     assert_eq!(st["registryStatus"], "COMPLETED");
+
+    // The operator did all of it as the chart's ServiceAccount, and RBAC refused none of its calls.
+    let audit = std::fs::read_to_string(stack.audit_log()).unwrap();
+    let calls: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|c| c["userAgent"].as_str().is_some_and(|a| !a.starts_with("kubectl")))
+        .collect();
+    assert!(calls.len() > 20, "{} operator calls", calls.len());
+    let strays: Vec<&Value> =
+        calls.iter().filter(|c| c["user"] != ep_testkit::authority::OPERATOR_USER || c["decision"] != "allow").collect();
+    assert!(strays.is_empty(), "{strays:?}");
 
     // f1 and auc in status are the ones the training script wrote.
     let run_id = st["history"][0]["runId"].as_str().unwrap();

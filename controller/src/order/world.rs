@@ -138,10 +138,8 @@ impl World for KubeWorld<'_> {
 
     async fn secret_key(&self, namespace: &str, name: &str, key: &str) -> Result<Option<String>, Error> {
         let secret = Api::<Secret>::namespaced(self.ctx.client.clone(), namespace).get_opt(name).await?;
-        Ok(secret.and_then(|s| {
-            let data = s.data.as_ref().and_then(|d| d.get(key)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-            data.or_else(|| s.string_data.as_ref().and_then(|d| d.get(key)).cloned())
-        }))
+        // `data` only: the API server merges `stringData` into it and never returns `stringData`.
+        Ok(secret.and_then(|s| s.data?.get(key).map(|b| String::from_utf8_lossy(&b.0).into_owned())))
     }
 
     async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMap>, Error> {

@@ -148,14 +148,16 @@ fn attributes(method: &Method, t: &Target, q: &HashMap<String, String>) -> Attri
 }
 
 /// Records one resource request as the API server's audit log would: the user, the RBAC verb,
-/// group, resource, subresource, namespace, name and the client's User-Agent.
-fn audit(state: &Shared, user: &UserInfo, a: &Attributes, t: &Target, headers: &HeaderMap) {
+/// group, resource, subresource, namespace, name, the client's User-Agent and whether RBAC
+/// allowed it (`authorization.k8s.io/decision`).
+fn audit(state: &Shared, user: &UserInfo, a: &Attributes, t: &Target, headers: &HeaderMap, allowed: bool) {
     let mut api = lock(state);
     let Some(file) = api.audit.as_mut() else { return };
     let agent = headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("");
     let line = json!({
         "user": user.name, "verb": a.verb, "apiGroup": t.res.group, "resource": t.res.plural, "subresource": t.sub,
         "namespace": t.namespace, "name": t.name, "userAgent": agent,
+        "decision": if allowed { "allow" } else { "forbid" },
     });
     let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
 }
@@ -345,8 +347,9 @@ async fn handle(
     };
     let Some(t) = target else { return Err(ApiError::not_found_path(&segs.join("/"))) };
     let attrs = attributes(method, &t, q);
-    audit(state, &user, &attrs, &t, headers);
-    authorize(state, &user, &attrs)?;
+    let decision = authorize(state, &user, &attrs);
+    audit(state, &user, &attrs, &t, headers, decision.is_ok());
+    decision?;
     if t.res.review {
         return match method {
             &Method::POST => review(state, &user, &t, &parse_body(headers, body)?),
@@ -464,11 +467,13 @@ async fn handle(
             Ok(json_response(code, &w.object, &w.warnings))
         }
         (&Method::DELETE, Some(name)) => {
-            let opts: Value =
+            let body_opts: Value =
                 if body.is_empty() { json!({}) } else { serde_json::from_slice(body).unwrap_or_else(|_| json!({})) };
-            let propagation =
-                q.get("propagationPolicy").cloned().or_else(|| opts["propagationPolicy"].as_str().map(str::to_owned));
-            let pre_rv = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_owned);
+            let propagation = q
+                .get("propagationPolicy")
+                .cloned()
+                .or_else(|| body_opts["propagationPolicy"].as_str().map(str::to_owned));
+            let pre_rv = body_opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_owned);
             let mut api = lock(state);
             let old = api.get(&t.res, &ns, name)?;
             let req = admission::Request {
@@ -478,9 +483,17 @@ async fn handle(
                 subresource: "",
                 namespace: &ns,
                 name,
-                dry_run: false,
+                dry_run: opts.dry_run,
             };
             admission::validate(&api, &req, None, Some(&old))?;
+            let dry_run = opts.dry_run || body_opts["dryRun"].as_array().is_some_and(|d| d.iter().any(|x| x == "All"));
+            if dry_run {
+                // Checked as a delete would be, and nothing changes.
+                if pre_rv.as_deref().is_some_and(|rv| old["metadata"]["resourceVersion"] != rv) {
+                    return Err(ApiError::conflict(&t.res, name));
+                }
+                return ok(old);
+            }
             let obj = api.delete(&t.res, &ns, name, propagation.as_deref(), pre_rv.as_deref())?;
             ok(obj)
         }

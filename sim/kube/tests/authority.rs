@@ -328,3 +328,183 @@ async fn the_charts_approval_policy_lets_only_approvers_approve() {
     k.ok(&["apply", "-f", order.to_str().unwrap(), "--context", "wren"]);
     assert_eq!(k.json(&["get", "rpo", "o2", "-n", "ml"])["spec"]["approved"], true);
 }
+
+/// One thing a person (or the operator) does, as a kubectl request and as `kubectl auth can-i`.
+struct Action {
+    what: &'static str,
+    request: &'static [&'static str],
+    can_i: &'static [&'static str],
+}
+
+const ACTIONS: [Action; 6] = [
+    Action {
+        what: "create an Experiment",
+        request: &["create", "-f", "EXP2", "--dry-run=server"],
+        can_i: &["create", "experiments.ep.dev"],
+    },
+    Action {
+        what: "patch an Experiment",
+        request: &[
+            "patch",
+            "exp",
+            "e1",
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"labels":{"team":"vision"}}}"#,
+            "--dry-run=server",
+        ],
+        can_i: &["patch", "experiments.ep.dev/e1"],
+    },
+    Action {
+        what: "delete an Experiment",
+        request: &["delete", "exp", "e1", "--dry-run=server"],
+        can_i: &["delete", "experiments.ep.dev/e1"],
+    },
+    Action {
+        what: "approve an order",
+        request: &["patch", "rpo", "o1", "--type=merge", "-p", r#"{"spec":{"approved":true}}"#, "--dry-run=server"],
+        can_i: &["patch", "runpodorders.ep.dev/o1"],
+    },
+    Action { what: "read a Secret", request: &["get", "secret", "runpod"], can_i: &["get", "secrets/runpod"] },
+    Action {
+        what: "patch an order's status",
+        request: &[
+            "patch",
+            "rpo",
+            "o1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"REQUESTED"}}"#,
+            "--dry-run=server",
+        ],
+        can_i: &["patch", "runpodorders.ep.dev/o1", "--subresource=status"],
+    },
+];
+
+/// Who may do what, as the chart's roles grant it on a real cluster: (request allowed, can-i).
+/// They differ only where RBAC allows a patch of spec.approved that the admission policy refuses.
+const MATRIX: [(&str, [(bool, bool); 6]); 5] = [
+    // create, patch, delete experiment, approve, read Secret, patch order status
+    ("wren", [(true, true), (true, true), (true, true), (false, false), (false, false), (false, false)]),
+    ("aster", [(false, false), (false, false), (false, false), (true, true), (false, false), (false, false)]),
+    ("lark", [(true, true), (true, true), (true, true), (false, true), (false, false), (false, false)]),
+    ("finch", [(false, false), (false, false), (false, false), (false, false), (false, false), (false, false)]),
+    // The operator's token in kubectl: its patches need a get first, which its role does not hold.
+    (
+        ep_testkit::authority::OPERATOR_USER,
+        [(false, false), (false, true), (false, false), (false, true), (true, true), (false, true)],
+    ),
+];
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ml}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: runpod, namespace: ml}
+stringData: {apiKey: rp_1}
+---
+apiVersion: ep.dev/v1alpha1
+kind: Experiment
+metadata: {name: e1, namespace: ml}
+spec:
+  entry: {command: [python3, train.py]}
+  image: runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404
+  payload: {digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000"}
+  gpu: {types: [l4], count: 1}
+  order: {policy: smoke, workerId: runpod-1}
+  checkpoints: {retention: KeepLast}
+---
+apiVersion: ep.dev/v1alpha1
+kind: RunPodOrder
+metadata: {name: o1, namespace: ml}
+spec:
+  policy: paper-train
+  workerId: runpod-1
+  gpu: {types: [rtx-pro-4500], count: 1}
+"#;
+
+/// The chart's personas and the operator's ServiceAccount, through kubectl 1.35: each request is
+/// allowed or refused as on a cluster with the chart installed, and `kubectl auth can-i` agrees
+/// with RBAC (the approval policy being admission, which can-i does not see).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_persona_of_the_chart_may_do_what_its_role_says_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let users = dir.path().join("users.yaml");
+    std::fs::write(&users, ep_testkit::authority::USERS).unwrap();
+    let _sim = kube_sim::start(kube_sim::Options {
+        kubeconfig_out: Some(kubeconfig.clone()),
+        users: Some(users),
+        crds: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds")),
+        ..kube_sim::Options::default()
+    })
+    .await
+    .unwrap();
+    let k = Kubectl::new(kubeconfig);
+    let chart = dir.path().join("chart.yaml");
+    let ns = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ep-system}\n---\n";
+    std::fs::write(&chart, ns.to_owned() + &ep_testkit::authority::render_chart_authority().unwrap()).unwrap();
+    k.ok(&["apply", "-f", chart.to_str().unwrap()]);
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(&objects, OBJECTS).unwrap();
+    k.ok(&["apply", "-f", objects.to_str().unwrap()]);
+    let exp2 = dir.path().join("exp2.yaml");
+    let second = OBJECTS.split("---").nth(2).unwrap().replace("name: e1", "name: e2");
+    std::fs::write(&exp2, second).unwrap();
+
+    let mut wrong = Vec::new();
+    for (user, expected) in MATRIX {
+        for (action, (allowed, can)) in ACTIONS.iter().zip(expected) {
+            let args: Vec<&str> =
+                action.request.iter().map(|a| if *a == "EXP2" { exp2.to_str().unwrap() } else { a }).collect();
+            let out = k.run(&[&args[..], &["-n", "ml", "--context", user]].concat());
+            let said = k.run(&[&["auth", "can-i"], action.can_i, &["-n", "ml", "--context", user]].concat());
+            let said = String::from_utf8_lossy(&said.stdout).trim() == "yes";
+            if out.status.success() != allowed || said != can {
+                wrong.push(format!(
+                    "{user} {}: request {} (want {}), can-i {said} (want {can}): {}",
+                    action.what,
+                    out.status.success(),
+                    allowed,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            if !out.status.success() && allowed == can {
+                // A refusal RBAC made reads as the API server's, naming the user and resource.
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains(&format!("User \"{user}\" cannot")), "{user} {}: {err}", action.what);
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Nothing above changed anything: every write was a server-side dry run.
+    let e1 = k.json(&["get", "exp", "e1", "-n", "ml"]);
+    assert!(e1["metadata"]["labels"].get("team").is_none(), "{e1}");
+    assert!(k.json(&["get", "rpo", "o1", "-n", "ml"])["spec"].get("approved").is_none());
+
+    // The operator's own calls, through kube-rs as its ServiceAccount: what the chart grants works,
+    // what it does not is refused.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let kc = kube::config::Kubeconfig::read_from(&k.kubeconfig).unwrap();
+    let opts = kube::config::KubeConfigOptions {
+        context: Some(ep_testkit::authority::OPERATOR_USER.into()),
+        ..Default::default()
+    };
+    let client = kube::Client::try_from(kube::Config::from_custom_kubeconfig(kc, &opts).await.unwrap()).unwrap();
+    let exps = kube::Api::<ep_api::Experiment>::namespaced(client.clone(), "ml");
+    let orders = kube::Api::<ep_api::RunPodOrder>::namespaced(client.clone(), "ml");
+    let dry = kube::api::PatchParams { dry_run: true, ..Default::default() };
+    let finalizer = serde_json::json!({"metadata": {"finalizers": ["ep.dev/registry"]}});
+    exps.patch("e1", &dry, &kube::api::Patch::Merge(&finalizer)).await.unwrap();
+    let status = serde_json::json!({"status": {"phase": "REQUESTED"}});
+    orders.patch_status("o1", &dry, &kube::api::Patch::Merge(&status)).await.unwrap();
+    let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client, "ml");
+    assert!(secrets.get("runpod").await.is_ok());
+    for refused in [exps.get("e1").await.err(), secrets.list(&Default::default()).await.err()] {
+        assert!(matches!(refused, Some(kube::Error::Api(ref s)) if s.code == 403), "{refused:?}");
+    }
+}

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ep_testkit::stack::{Stack, StackOptions};
-use ep_testkit::workspace_root;
 
 const QUERIES: [&str; 4] = [
     "SELECT name, status FROM exp_registry.experiments WHERE name = 'quickstart';",
@@ -49,11 +48,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("    PostgreSQL      {}", stack.database_url);
     println!("    RunPod API      {}   volume S3 {}", stack.runpod.get("api"), stack.runpod.get("s3"));
     println!("    Kubernetes API  {}   (KUBECONFIG={})", stack.kube.url, stack.kubeconfig().display());
+    println!("    people          contexts wren (author), aster (approver), lark (platform admin), finch (viewer)");
+    println!("    ep-operator     runs as {} with the chart's RBAC", ep_testkit::authority::OPERATOR_USER);
     println!("    ep-operator     {}/metrics   log {}", op.metrics_url, op.log.display());
 
-    println!("==> kubectl apply -f examples/quickstart/   (provider and Secrets pointed at runpod-sim)");
-    let staged = stack.stage(&workspace_root().join("examples/quickstart"))?;
-    print!("{}", indent(&stack.kubectl(&["apply", "-f", &staged.display().to_string()])?));
+    println!("==> examples/quickstart/ pointed at runpod-sim: kubectl create secret generic runpod|runpod-s3");
+    println!("    --from-literal=... (runpod-sim's keys), then kubectl apply -f for the rest");
+    print!("{}", indent(&stack.apply_quickstart(true)?));
 
     println!("==> waiting for the experiment (kubectl get exp quickstart -n ep-quickstart -w)");
     let last = std::cell::RefCell::new(String::new());
@@ -119,6 +120,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("KEEP").is_some() {
         println!("==> KEEP set: everything stays up until Ctrl-C");
         println!("    export KUBECONFIG={}", stack.kubeconfig().display());
+        println!("    kubectl --context wren apply -f my-experiment.yaml   # as the author; aster approves:");
+        println!("    kubectl ep approve <order> -n <namespace> --context aster");
         println!("    psql '{}'", stack.database_url);
         println!("    curl {}/metrics", op.metrics_url);
         tokio::signal::ctrl_c().await?;
