@@ -89,8 +89,10 @@ async fn quickstart_completes_and_leaves_nothing_billing(transport: &'static str
         .filter(|c| c["userAgent"].as_str().is_some_and(|a| !a.starts_with("kubectl")))
         .collect();
     assert!(calls.len() > 20, "{} operator calls", calls.len());
-    let strays: Vec<&Value> =
-        calls.iter().filter(|c| c["user"] != ep_testkit::authority::OPERATOR_USER || c["decision"] != "allow").collect();
+    let strays: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c["user"] != ep_testkit::authority::OPERATOR_USER || c["decision"] != "allow")
+        .collect();
     assert!(strays.is_empty(), "{strays:?}");
 
     // f1 and auc in status are the ones the training script wrote.
