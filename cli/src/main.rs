@@ -27,10 +27,14 @@ struct Cli {
 enum Command {
     /// Sync a payload directory to the network volume and print its digest for spec.payload.digest.
     Push(PushArgs),
-    /// Approve an order's spending (sets spec.approved and spec.approvedBy).
+    /// Approve an order's spending after showing what it may spend (sets spec.approved, and
+    /// spec.approvedBy to the user the API server authenticates).
     Approve {
-        /// The RunPodOrder.
-        order: String,
+        /// A RunPodOrder, or an Experiment (its current order).
+        name: String,
+        /// Approve without asking.
+        #[arg(short, long)]
+        yes: bool,
         #[arg(short, long)]
         namespace: Option<String>,
     },
@@ -212,9 +216,9 @@ fn main() -> ExitCode {
     let target = cli.target;
     let result = match cli.command {
         Command::Push(args) => rt.block_on(run_push(args)),
-        Command::Approve { order, namespace } => rt.block_on(async {
+        Command::Approve { name, yes, namespace } => rt.block_on(async {
             let (client, ns, user) = orders::connect(namespace, &target).await?;
-            orders::approve(client, &ns, &order, &user).await
+            orders::approve(client, &ns, &name, &user, yes).await
         }),
         Command::Gpus { provider, min_vram, max_price, data_center, output } => rt.block_on(async {
             let (client, _, _) = orders::connect(None, &target).await?;

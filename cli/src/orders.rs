@@ -1,5 +1,6 @@
 //! `kubectl ep approve` and `kubectl ep stop`: the two order edits people make by hand.
 
+use ep_api::order::OrderPhase;
 use ep_api::{Experiment, RunPodOrder};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -58,24 +59,122 @@ pub fn api_error(e: kube::Error) -> String {
     }
 }
 
-/// Sets `spec.approved` (and who approved) on an order.
-pub async fn approve(client: Client, ns: &str, order: &str, by: &str) -> Result<(), String> {
-    let api = Api::<RunPodOrder>::namespaced(client, ns);
-    let current =
-        api.get_opt(order).await.map_err(api_error)?.ok_or_else(|| {
-            format!("RunPodOrder {ns}/{order} does not exist (kubectl get rpo -n {ns} lists the orders)")
-        })?;
-    if current.spec.approved == Some(true) {
+/// The order `name` names: itself, else the current (or last) order of the Experiment `name`.
+async fn resolve(client: &Client, ns: &str, name: &str) -> Result<RunPodOrder, String> {
+    let orders = Api::<RunPodOrder>::namespaced(client.clone(), ns);
+    if let Some(o) = orders.get_opt(name).await.map_err(api_error)? {
+        return Ok(o);
+    }
+    let exp = Api::<Experiment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(api_error)?
+        .ok_or_else(|| format!("neither a RunPodOrder nor an Experiment named {name} exists in {ns}"))?;
+    let st = exp.status.unwrap_or_default();
+    let order = st
+        .current_attempt
+        .and_then(|a| a.order)
+        .or_else(|| st.history.last().and_then(|a| a.order.clone()))
+        .ok_or_else(|| format!("experiment {ns}/{name} has no order yet"))?;
+    orders.get_opt(&order).await.map_err(api_error)?.ok_or_else(|| format!("RunPodOrder {ns}/{order} is gone"))
+}
+
+/// Why `order` cannot be approved any more, if it cannot.
+fn ended(order: &RunPodOrder) -> Option<String> {
+    let name = order.metadata.name.as_deref().unwrap_or_default();
+    if order.metadata.deletion_timestamp.is_some() {
+        return Some(format!("runpodorder.ep.dev/{name} is being deleted: there is nothing to approve"));
+    }
+    if let Some(stop) = &order.spec.stop {
+        return Some(format!("runpodorder.ep.dev/{name} was stopped ({}): there is nothing to approve", stop.reason));
+    }
+    let st = order.status.as_ref()?;
+    match st.phase {
+        Some(p @ (OrderPhase::Deleted | OrderPhase::Failed)) => Some(format!(
+            "runpodorder.ep.dev/{name} already ended ({p:?}{}): there is nothing to approve; \
+             `kubectl ep rerun` or a new Experiment makes a new order",
+            st.reason.as_deref().map(|r| format!(", {r}")).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+/// What approving `order` lets it spend, as the approver reads it before saying yes.
+fn spend_summary(order: &RunPodOrder, spent_today: (f64, usize)) -> String {
+    let s = &order.spec;
+    let name = order.metadata.name.as_deref().unwrap_or_default();
+    let exp =
+        s.experiment_ref.as_ref().map(|e| format!(" (experiment {}, attempt {})", e.name, s.attempt.unwrap_or(1)));
+    let candidates = order.status.as_ref().map(|st| st.gpu_candidates.clone()).filter(|c| !c.is_empty());
+    let gpus = candidates.unwrap_or_else(|| s.gpu.types.clone()).join(" or ");
+    let lifetime = s.max_lifetime.clone().or_else(|| s.run.as_ref()?.limits.as_ref()?.max_runtime.clone());
+    let rate = s.max_cost_per_hour;
+    let projected = match (rate, &lifetime) {
+        (Some(r), Some(l)) => format!("at most ${:.2} (max $/h x lifetime)", r * l.get().as_secs_f64() / 3600.0),
+        _ => "bounded by the policy's caps".to_owned(),
+    };
+    let cap = s.run.as_ref().and_then(|r| r.limits.as_ref()?.max_cost_usd).map(|c| format!(", experiment cap ${c:.2}"));
+    format!(
+        "runpodorder.ep.dev/{name}{} asks to spend:\n  GPU           {} x {gpus} ({:?} cloud, policy {})\n  max $/h       {}\n  lifetime      {}\n  projected     {projected}{}\n  namespace     ${:.2} spent in the last 24 h by {} orders\n",
+        exp.unwrap_or_default(),
+        s.gpu.count,
+        s.gpu.cloud_type,
+        s.policy,
+        rate.map_or_else(|| "the policy's cap".to_owned(), |r| format!("{r:.2}")),
+        lifetime.map_or_else(|| "the policy's maxLifetime".to_owned(), |l| l.to_string()),
+        cap.unwrap_or_default(),
+        spent_today.0,
+        spent_today.1,
+    )
+}
+
+/// Spend of the namespace's orders created in the last 24 hours: (USD, orders).
+async fn spent_today(client: &Client, ns: &str) -> Result<(f64, usize), String> {
+    let all = Api::<RunPodOrder>::namespaced(client.clone(), ns).list(&Default::default()).await.map_err(api_error)?;
+    let since = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(24);
+    let recent: Vec<&RunPodOrder> =
+        all.items.iter().filter(|o| o.metadata.creation_timestamp.as_ref().is_some_and(|t| t.0 >= since)).collect();
+    let usd = recent.iter().filter_map(|o| o.status.as_ref()?.accrued_cost_usd).sum();
+    Ok((usd, recent.len()))
+}
+
+/// Approves the spending of an order, or of an Experiment's current order: shows what it may
+/// spend, asks unless `yes`, and sets `spec.approved` with `spec.approvedBy` = the user the API
+/// server authenticated (the chart's admission policy refuses any other name).
+pub async fn approve(client: Client, ns: &str, name: &str, by: &str, yes: bool) -> Result<(), String> {
+    let order = resolve(&client, ns, name).await?;
+    let order_name = order.metadata.name.clone().unwrap_or_default();
+    if order.spec.approved == Some(true) {
         println!(
-            "runpodorder.ep.dev/{order} already approved by {}",
-            current.spec.approved_by.as_deref().unwrap_or("someone")
+            "runpodorder.ep.dev/{order_name} already approved by {}",
+            order.spec.approved_by.as_deref().unwrap_or("someone")
         );
         return Ok(());
     }
+    if let Some(why) = ended(&order) {
+        return Err(why);
+    }
+    print!("{}", spend_summary(&order, spent_today(&client, ns).await?));
+    if !yes && !confirm(&format!("approve as {by}? [y/N] "))? {
+        return Err("not approved (answer y, or pass --yes)".into());
+    }
     let patch = json!({"spec": {"approved": true, "approvedBy": by}});
-    api.patch(order, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await.map_err(api_error)?;
-    println!("runpodorder.ep.dev/{order} approved by {by}");
+    Api::<RunPodOrder>::namespaced(client, ns)
+        .patch(&order_name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch))
+        .await
+        .map_err(api_error)?;
+    println!("runpodorder.ep.dev/{order_name} approved by {by}");
     Ok(())
+}
+
+/// Asks on the terminal; an empty answer or end of input is no.
+fn confirm(question: &str) -> Result<bool, String> {
+    use std::io::Write as _;
+    print!("{question}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer).map_err(|e| e.to_string())?;
+    Ok(matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes"))
 }
 
 /// Asks an order (or the current order of an experiment) to drain.

@@ -84,11 +84,17 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
 
     // Only an approver may approve: the author's RBAC does not let her edit orders, and the
     // chart's admission policy refuses the platform admin, whose RBAC does.
-    let err = stack.kubectl_ep_as("wren", &["approve", "gated-a1", "-n", NS]).unwrap_err().to_string();
+    let err = stack.kubectl_ep_as("wren", &["approve", "gated-a1", "-n", NS, "--yes"]).unwrap_err().to_string();
     assert!(err.contains(r#"User "wren" cannot patch resource "runpodorders" in API group "ep.dev""#), "{err}");
-    let err = stack.kubectl_ep_as("lark", &["approve", "gated-a1", "-n", NS]).unwrap_err().to_string();
+    let err = stack.kubectl_ep_as("lark", &["approve", "gated-a1", "-n", NS, "--yes"]).unwrap_err().to_string();
     assert!(err.contains("only members of ep:approvers may approve spending; lark is not"), "{err}");
-    let out = stack.kubectl_ep_as("aster", &["approve", "gated-a1", "-n", NS]).unwrap();
+    // Without --yes and without a terminal answer, nothing is approved.
+    let err = stack.kubectl_ep_as("aster", &["approve", "gated", "-n", NS]).unwrap_err().to_string();
+    assert!(err.contains("not approved (answer y, or pass --yes)"), "{err}");
+    // The approver names the experiment and reads what it may spend before it is approved.
+    let out = stack.kubectl_ep_as("aster", &["approve", "gated", "-n", NS, "--yes"]).unwrap();
+    assert!(out.contains("runpodorder.ep.dev/gated-a1 (experiment gated, attempt 1) asks to spend:"), "{out}");
+    assert!(out.contains("1 x rtx-pro-4500") && out.contains("policy paper"), "{out}");
     assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by aster"), "{out}");
     let order = stack.get("rpo", Some(NS), "gated-a1").unwrap().unwrap();
     assert_eq!(order["spec"]["approvedBy"], "aster");
@@ -118,6 +124,30 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
     let exp = stack.wait_for("exp", Some(NS), "gated", LONG, "Failed", |o| phase(o) == "Failed").unwrap().unwrap();
     assert_eq!(exp["status"]["history"][0]["outcome"], "Stopped");
     assert_eq!(cond(Some(&exp), "Ready").unwrap()["reason"], "Stopped");
+
+    // An order stopped before anyone approved it cannot be approved afterwards.
+    stack
+        .apply(
+            &ep_testkit::e2e::exp("gated2")
+                .policy("paper_train")
+                .epochs(200, 0.2)
+                .attempts(1, None)
+                .gpus(&["rtx-pro-4500"])
+                .yaml(),
+        )
+        .unwrap();
+    stack
+        .wait_for("rpo", Some(NS), "gated2-a1", LONG, "AwaitingApproval", |o| {
+            cond(o, "Ready").is_some_and(|c| c["reason"] == "AwaitingApproval")
+        })
+        .unwrap();
+    stack.kubectl_ep(&["stop", "gated2-a1", "-n", NS, "--reason", "not needed"]).unwrap();
+    let err = stack.kubectl_ep_as("aster", &["approve", "gated2", "-n", NS, "--yes"]).unwrap_err().to_string();
+    assert!(
+        err.contains("runpodorder.ep.dev/gated2-a1 was stopped (not needed): there is nothing to approve"),
+        "{err}"
+    );
+    assert!(stack.live_pods().await.unwrap().is_empty());
 }
 ep_testkit::on_both_transports!(a_paid_launch_waits_for_approval_and_a_stop_drains);
 

@@ -18,7 +18,7 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
     let mut stack = Stack::start(&StackOptions::default()).await.unwrap();
     // Replace the plain operator with two replicas electing a leader.
     stack.operator.take().unwrap().stop();
-    let args = ["--leader-election", "--lease-namespace", "default", "--lease-name", "ep-operator"];
+    let args = ["--leader-election", "--lease-namespace", "ep-system", "--lease-name", "ep-operator"];
     let mut a = stack.spawn_operator(&[&args[..], &["--identity", "replica-a"]].concat()).unwrap();
     wait_until("replica-a leads", Duration::from_secs(30), || leads(&a)).unwrap();
     let mut b = stack.spawn_operator(&[&args[..], &["--identity", "replica-b"]].concat()).unwrap();
@@ -26,7 +26,7 @@ async fn only_the_lease_holder_acts_and_a_standby_takes_over() {
     wait_until("replica-b ready", Duration::from_secs(30), || b.get("/readyz").is_some_and(|(c, _)| c == 200)).unwrap();
     assert!(!leads(&b), "one leader at a time");
     assert_eq!(b.get("/livez").unwrap().0, 200);
-    let lease = stack.get("lease", Some("default"), "ep-operator").unwrap().unwrap();
+    let lease = stack.get("lease", Some("ep-system"), "ep-operator").unwrap().unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "replica-a");
 
     stack.apply_quickstart(false).unwrap();

@@ -46,6 +46,8 @@ pub struct State {
     pub audit: Option<std::fs::File>,
     /// Who may call (see `Options::users`); everyone is an administrator without a users file.
     pub auth: Authenticator,
+    /// Set while the ClusterRole aggregation writes the aggregated roles.
+    aggregating: bool,
 }
 
 /// Request options that shape a write.
@@ -200,6 +202,7 @@ impl State {
             history_cap,
             audit: None,
             auth: Authenticator::default(),
+            aggregating: false,
         };
         for ns in ["default", "kube-system", "kube-public"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -251,12 +254,43 @@ impl State {
     }
 
     fn emit(&mut self, kind: &'static str, key: Key, object: Value) {
+        let roles_changed = key.group == rbac::GROUP && key.plural == "clusterroles";
         let e = Arc::new(Event { rv: self.rv, kind, key, object });
         self.history.push_back(e.clone());
         while self.history.len() > self.history_cap {
             self.history.pop_front();
         }
         let _ = self.tx.send(e);
+        if roles_changed && !self.aggregating {
+            self.aggregate_cluster_roles();
+        }
+    }
+
+    /// The ClusterRole aggregation controller: every ClusterRole with an `aggregationRule` holds
+    /// the rules of the ClusterRoles its selectors pick, rewritten whenever a ClusterRole changes
+    /// (so `kubectl get clusterrole edit -o yaml` shows what `edit` grants).
+    fn aggregate_cluster_roles(&mut self) {
+        self.aggregating = true;
+        let policy = self.policy("");
+        for role in policy.cluster_roles.iter().filter(|r| r.get("aggregationRule").is_some()) {
+            let rules = Value::from(policy.cluster_role_rules(role, 0));
+            if role["rules"] == rules {
+                continue;
+            }
+            let key = Key {
+                group: rbac::GROUP.into(),
+                plural: "clusterroles".into(),
+                namespace: String::new(),
+                name: role["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+            };
+            let mut o = role.clone();
+            o["rules"] = rules;
+            let rv = self.next_rv();
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            self.objects.insert(key.clone(), o.clone());
+            self.emit("MODIFIED", key, o);
+        }
+        self.aggregating = false;
     }
 
     fn next_rv(&mut self) -> u64 {

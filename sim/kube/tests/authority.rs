@@ -222,6 +222,18 @@ async fn users_are_authenticated_and_rbac_decides_as_on_a_cluster() {
     let err = k.fails(&["get", "ns", "--context", "alice"]);
     assert!(err.contains("cannot list resource \"namespaces\" in API group \"\" at the cluster scope"), "{err}");
 
+    // The aggregation is written into the stored roles, as the aggregation controller does, and
+    // follows the persona role when it goes.
+    let has_experiments = |role: &str| {
+        let r = k.json(&["get", "clusterrole", role]);
+        r["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resources"].as_array().unwrap().iter().any(|x| x == "experiments"))
+    };
+    assert!(has_experiments("edit") && has_experiments("admin") && !has_experiments("view"));
+
     // can-i --list prints the rules the user holds in the namespace.
     let list = k.ok(&["auth", "can-i", "--list", "--context", "finch", "-n", "ml"]);
     assert!(list.lines().any(|l| l.starts_with("configmaps ") && l.contains("[get list watch]")), "{list}");
@@ -320,6 +332,17 @@ async fn the_charts_approval_policy_lets_only_approvers_approve() {
     let err = k.fails(&["apply", "-f", order.to_str().unwrap(), "--context", "wren"]);
     assert!(err.contains("wren is not"), "{err}");
 
+    // An approver cannot put someone else's name on the approval, nor can anyone name an approver
+    // on an order nobody approved.
+    let forged =
+        ["patch", "rpo", "o1", "-n", "ml", "--type=merge", "-p", r#"{"spec":{"approved":true,"approvedBy":"boss"}}"#];
+    let err = k.fails(&[&forged[..], &["--context", "aster"]].concat());
+    assert!(err.contains("spec.approvedBy: must be the approving user aster"), "{err}");
+    let named = ["patch", "rpo", "o1", "-n", "ml", "--type=merge", "-p", r#"{"spec":{"approvedBy":"aster"}}"#];
+    let err = k.fails(&[&named[..], &["--context", "wren"]].concat());
+    assert!(err.contains("spec.approvedBy is set only together with spec.approved: true"), "{err}");
+    let approve =
+        ["patch", "rpo", "o1", "-n", "ml", "--type=merge", "-p", r#"{"spec":{"approved":true,"approvedBy":"aster"}}"#];
     assert!(k.ok(&[&approve[..], &["--context", "aster"]].concat()).contains("runpodorder.ep.dev/o1 patched"));
     assert_eq!(k.json(&["get", "rpo", "o1", "-n", "ml"])["spec"]["approved"], true);
 
@@ -362,7 +385,15 @@ const ACTIONS: [Action; 6] = [
     },
     Action {
         what: "approve an order",
-        request: &["patch", "rpo", "o1", "--type=merge", "-p", r#"{"spec":{"approved":true}}"#, "--dry-run=server"],
+        request: &[
+            "patch",
+            "rpo",
+            "o1",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"approved":true,"approvedBy":"USER"}}"#,
+            "--dry-run=server",
+        ],
         can_i: &["patch", "runpodorders.ep.dev/o1"],
     },
     Action { what: "read a Secret", request: &["get", "secret", "runpod"], can_i: &["get", "secrets/runpod"] },
@@ -459,8 +490,12 @@ async fn each_persona_of_the_chart_may_do_what_its_role_says_and_nothing_else() 
     let mut wrong = Vec::new();
     for (user, expected) in MATRIX {
         for (action, (allowed, can)) in ACTIONS.iter().zip(expected) {
-            let args: Vec<&str> =
-                action.request.iter().map(|a| if *a == "EXP2" { exp2.to_str().unwrap() } else { a }).collect();
+            let args: Vec<String> = action
+                .request
+                .iter()
+                .map(|a| if *a == "EXP2" { exp2.to_str().unwrap().to_owned() } else { a.replace("USER", user) })
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = k.run(&[&args[..], &["-n", "ml", "--context", user]].concat());
             let said = k.run(&[&["auth", "can-i"], action.can_i, &["-n", "ml", "--context", user]].concat());
             let said = String::from_utf8_lossy(&said.stdout).trim() == "yes";
