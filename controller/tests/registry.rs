@@ -467,3 +467,42 @@ fn no_migration_drops_or_rewrites_data() {
         }
     }
 }
+
+/// The health viewer reads the registry through the read-only role the migrations make, and can
+/// change nothing in it.
+#[tokio::test]
+async fn a_member_of_the_reader_role_reads_every_table_and_writes_none() {
+    let pg = TempPostgres::start().unwrap();
+    let db = "readers";
+    let reg = registry(&pg, db).await;
+    reg.upsert_experiment(&experiment("visible", "RUNNING")).await.unwrap();
+    sqlx::raw_sql("CREATE ROLE finch LOGIN IN ROLE exp_registry_reader").execute(reg.pool()).await.unwrap();
+    let finch = sqlx::PgPool::connect(&pg.url(db).replace("postgres@", "finch@")).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'exp_registry' ORDER BY 1",
+    )
+    .fetch_all(reg.pool())
+    .await
+    .unwrap();
+    assert!(tables.len() >= 4, "{tables:?}");
+    for t in &tables {
+        let sql = format!("SELECT count(*) FROM exp_registry.{t}");
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).fetch_one(&finch).await.unwrap();
+    }
+    let status: String = sqlx::query_scalar("SELECT status FROM exp_registry.experiments WHERE name = 'visible'")
+        .fetch_one(&finch)
+        .await
+        .unwrap();
+    assert_eq!(status, "RUNNING");
+    for write in [
+        "UPDATE exp_registry.experiments SET status = 'COMPLETED'",
+        "DELETE FROM exp_registry.experiments",
+        "CREATE TABLE exp_registry.mine (x int)",
+    ] {
+        let err = sqlx::raw_sql(write).execute(&finch).await.unwrap_err().to_string();
+        assert!(err.contains("permission denied"), "{write}: {err}");
+    }
+    // A migration run again (a restart) keeps the grants.
+    reg.migrate().await.unwrap();
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM exp_registry.attempts").fetch_one(&finch).await.unwrap();
+}
