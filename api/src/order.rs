@@ -31,6 +31,8 @@ use crate::experiment::{
     printcolumn(name = "GPU", type_ = "string", json_path = ".status.gpu.displayName"),
     printcolumn(name = "$/H", type_ = "number", json_path = ".status.costPerHour"),
     printcolumn(name = "Spent", type_ = "number", json_path = ".status.accruedCostUsd"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
+    printcolumn(name = "Domain", type_ = "string", json_path = ".status.domain", priority = "1"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.experimentRef) == has(oldSelf.experimentRef) && (!has(self.experimentRef) || self.experimentRef.name == oldSelf.experimentRef.name)")
@@ -244,6 +246,10 @@ pub struct RunPodOrderStatus {
     /// Human-readable detail for `reason`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The failure domain of `reason`, which says who acts on it: order or study (the author),
+    /// paid (an approver), claim, split-brain or bypass (the platform team).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     /// GPU type ids to try, in the author's order, resolved and checked against RunPod's live catalog.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_candidates: Vec<String>,

@@ -26,7 +26,7 @@ pub struct Metrics {
     registry: Registry,
     /// Reconciles by kind.
     pub reconciles: Family<Labels, Counter>,
-    /// Reconcile errors by kind and category.
+    /// Reconcile errors by kind, category and failure domain.
     pub errors: Family<Labels, Counter>,
     /// Phase transitions by kind and phase entered.
     pub transitions: Family<Labels, Counter>,
@@ -139,7 +139,11 @@ impl Metrics {
     /// Reconciles, RunPod calls, the registry mirror and the operator itself.
     fn register_work(&self, registry: &mut Registry) {
         registry.register("reconciles", "Reconciles by kind", self.reconciles.clone());
-        registry.register("reconcile_errors", "Reconcile errors by kind and category", self.errors.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by kind, category and failure domain",
+            self.errors.clone(),
+        );
         registry.register("phase_transitions", "Phase transitions by kind and phase entered", self.transitions.clone());
         registry.register("runpod_calls", "RunPod API calls by operation and outcome", self.runpod_calls.clone());
         registry.register(
@@ -224,9 +228,7 @@ impl Metrics {
     pub fn init_errors(&self, kinds: &[&'static str], categories: &[&'static str]) {
         for kind in kinds {
             for category in categories {
-                let _ = self
-                    .errors
-                    .get_or_create(&vec![("kind", (*kind).to_owned()), ("category", (*category).to_owned())]);
+                let _ = self.errors.get_or_create(&error_labels(kind, category));
             }
         }
     }
@@ -310,7 +312,7 @@ impl Metrics {
     }
 
     pub fn error(&self, kind: &'static str, category: &'static str) {
-        self.errors.get_or_create(&vec![("kind", kind.to_owned()), ("category", category.to_owned())]).inc();
+        self.errors.get_or_create(&error_labels(kind, category)).inc();
     }
 
     pub fn transition(&self, kind: &'static str, phase: &str) {
@@ -384,6 +386,12 @@ pub async fn serve(
         tracing::info!(%addr, "serving /metrics, /livez and /readyz");
     }
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// The labels of one reconcile-error series: kind, category and the category's failure domain.
+fn error_labels(kind: &str, category: &str) -> Labels {
+    let domain = crate::error::Error::domain_of(category).as_str();
+    vec![("kind", kind.to_owned()), ("category", category.to_owned()), ("domain", domain.to_owned())]
 }
 
 #[cfg(test)]

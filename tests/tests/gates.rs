@@ -77,6 +77,19 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
         .unwrap()
         .unwrap();
     assert_eq!(order["status"]["phase"], "REQUESTED");
+    // Who acts on the wait is visible where people look: the REASON column, the DOMAIN column of
+    // -o wide, the status and the Event.
+    assert_eq!(order["status"]["domain"], "paid");
+    let wide = stack.kubectl(&["get", "rpo", "gated-a1", "-n", NS, "-o", "wide"]).unwrap();
+    let (head, row) = wide.split_once('\n').unwrap();
+    assert!(
+        head.contains("REASON") && head.contains("DOMAIN") && row.contains("AwaitingApproval") && row.contains("paid"),
+        "{wide}"
+    );
+    let events = stack
+        .kubectl(&["get", "events", "-n", NS, "--field-selector", "reason=AwaitingApproval", "-o", "json"])
+        .unwrap();
+    assert!(events.contains("(failure domain: paid)"), "{events}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(stack.live_pods().await.unwrap().is_empty(), "nothing is paid for before approval");
     let exp = stack.get("exp", Some(NS), "gated").unwrap();

@@ -44,6 +44,30 @@ fn the_alerts_pass_promtool_and_each_one_fires_in_its_unit_test() {
         .collect();
     assert!(checked.contains(&format!("SUCCESS: {} rules found", alerts.len())), "{checked}");
     assert!(alerts.len() >= 6, "{alerts:?}");
+    // Every failure domain has an alert, and every alert with a domain names the persona role it
+    // is for (a ClusterRole the chart makes), so Alertmanager can route on it.
+    let rules_of = |domain: &str| -> Vec<Value> {
+        rules["groups"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["labels"]["domain"] == domain)
+            .cloned()
+            .collect()
+    };
+    for domain in ep_operator::reason::Domain::ALL {
+        let these = rules_of(domain.as_str());
+        assert!(!these.is_empty(), "no alert for the {} domain", domain.as_str());
+        for r in these {
+            let route = r["labels"]["route"].as_str().unwrap_or_default();
+            let role = route.strip_prefix("ep-ep-operator-").unwrap_or_default();
+            assert!(
+                ["experiment-author", "spend-approver", "platform-admin", "viewer"].contains(&role),
+                "{}: route {route:?} names no persona role",
+                r["alert"]
+            );
+        }
+    }
     promtool(&["test", "rules", &dir.path().join("alerts-test.yaml").display().to_string()]);
 
     // Each alert has a case where it fires (and one where it does not).

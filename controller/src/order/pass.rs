@@ -49,6 +49,7 @@ impl<'a> Pass<'a> {
         if !is_terminal(st.phase) {
             st.reason = None;
             st.message = None;
+            st.domain = None;
         }
         Self {
             order,
@@ -92,8 +93,7 @@ impl<'a> Pass<'a> {
         let note = if message.is_empty() { format!("entered {to}") } else { format!("entered {to}: {message}") };
         self.events.push((reason, note));
         if phase == OrderPhase::Failed {
-            self.st.reason = Some(reason.as_str().to_owned());
-            self.st.message = Some(message.to_owned());
+            self.set_reason(reason, message);
             self.ready(false, reason, message);
         }
     }
@@ -106,8 +106,15 @@ impl<'a> Pass<'a> {
         set_condition(&mut self.st.conditions, CONDITION_READY, ready, reason.as_str(), message, generation, now);
         let new_wait = prev.as_deref() != Some(reason.as_str()) && reason.is_warning();
         if !ready && new_wait && self.st.phase != Some(OrderPhase::Failed) {
-            self.events.push((reason, message.to_owned()));
+            self.events.push((reason, format!("{message} (failure domain: {})", reason.domain().as_str())));
         }
+    }
+
+    /// Why the order waits or failed, with the failure domain that says who acts on it.
+    fn set_reason(&mut self, reason: Reason, message: &str) {
+        self.st.reason = Some(reason.as_str().to_owned());
+        self.st.message = Some(message.to_owned());
+        self.st.domain = Some(reason.domain().as_str().to_owned());
     }
 
     /// Records a gate that blocks: waits (Ready False with the reason) or, when fatal, fails.
@@ -118,9 +125,8 @@ impl<'a> Pass<'a> {
             self.enter(OrderPhase::Failed, b.reason, &b.message);
             return None;
         }
-        self.st.reason = Some(b.reason.as_str().to_owned());
+        self.set_reason(b.reason, &b.message);
         self.ready(false, b.reason, &b.message);
-        self.st.message = Some(b.message);
         b.reason.requeue().after(self.poll)
     }
 

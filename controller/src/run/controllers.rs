@@ -144,7 +144,11 @@ fn on_error<K: Resource<DynamicType = ()>>(kind: &'static str, o: &K, e: &Error,
     let k = key(kind, o);
     let wait = s.failures.next(k.clone());
     tracing::warn!(object = %k, error = %e, retry_in = ?wait, "reconcile failed");
-    let (events, reference, note) = (s.ctx.events.clone(), o.object_ref(&()), format!("{}: {e}", e.category()));
+    let (events, reference, note) = (
+        s.ctx.events.clone(),
+        o.object_ref(&()),
+        format!("{} (failure domain: {}): {e}", e.category(), Error::domain_of(e.category()).as_str()),
+    );
     tokio::spawn(async move { events.publish(&reference, Reason::ReconcileError, "Reconcile", &note).await });
     Action::requeue(wait)
 }
