@@ -93,7 +93,7 @@ impl<'a> Pass<'a> {
         let note = if message.is_empty() { format!("entered {to}") } else { format!("entered {to}: {message}") };
         self.events.push((reason, note));
         if phase == OrderPhase::Failed {
-            self.set_reason(reason, message);
+            self.set_reason(reason, message.to_owned());
             self.ready(false, reason, message);
         }
     }
@@ -111,9 +111,9 @@ impl<'a> Pass<'a> {
     }
 
     /// Why the order waits or failed, with the failure domain that says who acts on it.
-    fn set_reason(&mut self, reason: Reason, message: &str) {
+    fn set_reason(&mut self, reason: Reason, message: String) {
         self.st.reason = Some(reason.as_str().to_owned());
-        self.st.message = Some(message.to_owned());
+        self.st.message = Some(message);
         self.st.domain = Some(reason.domain().as_str().to_owned());
     }
 
@@ -125,8 +125,8 @@ impl<'a> Pass<'a> {
             self.enter(OrderPhase::Failed, b.reason, &b.message);
             return None;
         }
-        self.set_reason(b.reason, &b.message);
         self.ready(false, b.reason, &b.message);
+        self.set_reason(b.reason, b.message);
         b.reason.requeue().after(self.poll)
     }
 
