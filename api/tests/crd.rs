@@ -222,7 +222,7 @@ fn crds_have_what_kubectl_users_rely_on() {
             "runpodorders",
             "rpo",
             "Namespaced",
-            vec!["Phase", "Pod", "GPU", "$/H", "Spent", "Age"],
+            vec!["Phase", "Pod", "GPU", "$/H", "Spent", "Reason", "Domain", "Age"],
         ),
         (
             crd_json::<RunPodProvider>(),
