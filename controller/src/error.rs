@@ -58,19 +58,6 @@ impl Error {
         "shutdown",
     ];
 
-    /// The failure domain of an error category, which says who acts on it: RunPod and the
-    /// provider are the order's (its account, GPU or capacity), the volume and payload sync the
-    /// study's, and the Kubernetes API, the registry's encoding and the process itself the
-    /// platform's claim on the work.
-    pub fn domain_of(category: &str) -> crate::reason::Domain {
-        use crate::reason::Domain;
-        match category {
-            "runpod_rate_limited" | "runpod_unauthorized" | "runpod" | "provider" => Domain::Order,
-            "s3" | "sync" => Domain::Study,
-            _ => Domain::Claim,
-        }
-    }
-
     /// Stable label for metrics and event reasons.
     pub fn category(&self) -> &'static str {
         match self {

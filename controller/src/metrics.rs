@@ -390,7 +390,7 @@ pub async fn serve(
 
 /// The labels of one reconcile-error series: kind, category and the category's failure domain.
 fn error_labels(kind: &str, category: &str) -> Labels {
-    let domain = crate::error::Error::domain_of(category).as_str();
+    let domain = crate::reason::Domain::of_error_category(category).as_str();
     vec![("kind", kind.to_owned()), ("category", category.to_owned()), ("domain", domain.to_owned())]
 }
 

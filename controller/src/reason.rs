@@ -43,6 +43,18 @@ pub enum Domain {
 impl Domain {
     pub const ALL: [Domain; 6] = [Self::Order, Self::Study, Self::Claim, Self::Paid, Self::SplitBrain, Self::Bypass];
 
+    /// The failure domain of a reconcile error's category (`Error::category`), which says who
+    /// acts on it: RunPod and the provider are the order's (its account, GPU or capacity), the
+    /// volume and payload sync the study's, and the Kubernetes API and the process itself the
+    /// platform's claim on the work.
+    pub fn of_error_category(category: &str) -> Self {
+        match category {
+            "runpod_rate_limited" | "runpod_unauthorized" | "runpod" | "provider" => Self::Order,
+            "s3" | "sync" => Self::Study,
+            _ => Self::Claim,
+        }
+    }
+
     /// The label value (`domain="paid"`).
     pub fn as_str(self) -> &'static str {
         match self {
