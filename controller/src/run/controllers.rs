@@ -147,7 +147,11 @@ fn on_error<K: Resource<DynamicType = ()>>(kind: &'static str, o: &K, e: &Error,
     let (events, reference, note) = (
         s.ctx.events.clone(),
         o.object_ref(&()),
-        format!("{} (failure domain: {}): {e}", e.category(), crate::reason::Domain::of_error_category(e.category()).as_str()),
+        format!(
+            "{} (failure domain: {}): {e}",
+            e.category(),
+            crate::reason::Domain::of_error_category(e.category()).as_str()
+        ),
     );
     tokio::spawn(async move { events.publish(&reference, Reason::ReconcileError, "Reconcile", &note).await });
     Action::requeue(wait)
