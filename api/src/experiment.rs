@@ -73,6 +73,54 @@ pub struct ExperimentSpec {
     /// Hold the experiment: no new attempt starts while true (a running one is not stopped).
     #[serde(default)]
     pub suspend: bool,
+    /// An approver's consent to spend, within an envelope: every attempt's order inside it
+    /// (retries included) launches without a new approval. Set by `kubectl ep approve EXPERIMENT`;
+    /// the chart's admission policy lets only approvers set it, with `approvedBy` their own name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// Consent to spend on an experiment's attempts, within an envelope.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    /// The approving user, as the API server authenticated them.
+    #[schemars(length(min = 1))]
+    pub approved_by: String,
+    /// What the approval covers; an order outside it waits for a new approval.
+    #[serde(default)]
+    pub envelope: Envelope,
+}
+
+/// The bounds of an approval. A field left out does not bound.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    /// GPU types (RunPod ids or aliases) an attempt may run on; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_types: Vec<String>,
+    /// Highest price of the whole pod, USD per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "double(self) >= 0.0", "message": "approval.envelope.maxCostPerHour must not be negative"}]))]
+    pub max_cost_per_hour: Option<f64>,
+    /// Most all attempts together may spend, USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "double(self) >= 0.0", "message": "approval.envelope.maxTotalUsd must not be negative"}]))]
+    pub max_total_usd: Option<f64>,
+    /// Highest attempt number the approval covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_attempts: Option<i32>,
+}
+
+/// An approval as the operator recorded it: who, the envelope, and when it was first seen.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRecord {
+    pub approved_by: String,
+    /// When the operator first saw this approval.
+    pub approved_at: Time,
+    pub envelope: Envelope,
 }
 
 /// The command to run.
@@ -322,6 +370,9 @@ pub struct ExperimentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub transitions: Vec<ExperimentTransition>,
+    /// The approval in force (spec.approval) and when it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalRecord>,
 }
 
 /// One phase change of an experiment.

@@ -250,6 +250,14 @@ pub struct RunPodOrderStatus {
     /// paid (an approver), claim, split-brain or bypass (the platform team).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// Who approved the spending in force: the order's own approver, or the approver of its
+    /// experiment's envelope (`experiment envelope by <user>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+    /// USD reserved against the namespace's budget at admission (price x max lifetime), held in
+    /// the namespace's spend ledger until the order ends and its actual spend replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_usd: Option<f64>,
     /// GPU type ids to try, in the author's order, resolved and checked against RunPod's live catalog.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_candidates: Vec<String>,

@@ -1,6 +1,7 @@
 //! `kubectl-ep`: the kubectl plugin for what YAML cannot do well: push a payload, see RunPod's
 //! GPUs, read a run's logs, approve an order, stop a run.
 
+mod approval;
 mod orders;
 mod runpod;
 
@@ -27,16 +28,19 @@ struct Cli {
 enum Command {
     /// Sync a payload directory to the network volume and print its digest for spec.payload.digest.
     Push(PushArgs),
-    /// Approve an order's spending after showing what it may spend (sets spec.approved, and
-    /// spec.approvedBy to the user the API server authenticates).
+    /// Approve spending after showing what it may spend: an Experiment within an envelope (its
+    /// current order and its retries), or one RunPodOrder. The approver recorded is the user the
+    /// API server authenticates.
     Approve {
-        /// A RunPodOrder, or an Experiment (its current order).
+        /// An Experiment, or a RunPodOrder.
         name: String,
         /// Approve without asking.
         #[arg(short, long)]
         yes: bool,
         #[arg(short, long)]
         namespace: Option<String>,
+        #[command(flatten)]
+        bounds: orders::EnvelopeArgs,
     },
     /// RunPod's GPU catalog as the operator sees it through each RunPodProvider, cheapest first.
     Gpus {
@@ -216,9 +220,9 @@ fn main() -> ExitCode {
     let target = cli.target;
     let result = match cli.command {
         Command::Push(args) => rt.block_on(run_push(args)),
-        Command::Approve { name, yes, namespace } => rt.block_on(async {
+        Command::Approve { name, yes, namespace, bounds } => rt.block_on(async {
             let (client, ns, user) = orders::connect(namespace, &target).await?;
-            orders::approve(client, &ns, &name, &user, yes).await
+            orders::approve(client, &ns, &name, &user, yes, &bounds).await
         }),
         Command::Gpus { provider, min_vram, max_price, data_center, output } => rt.block_on(async {
             let (client, _, _) = orders::connect(None, &target).await?;

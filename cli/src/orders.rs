@@ -138,10 +138,42 @@ async fn spent_today(client: &Client, ns: &str) -> Result<(f64, usize), String> 
     Ok((usd, recent.len()))
 }
 
-/// Approves the spending of an order, or of an Experiment's current order: shows what it may
-/// spend, asks unless `yes`, and sets `spec.approved` with `spec.approvedBy` = the user the API
-/// server authenticated (the chart's admission policy refuses any other name).
-pub async fn approve(client: Client, ns: &str, name: &str, by: &str, yes: bool) -> Result<(), String> {
+/// Bounds an approver sets on an experiment's approval; what is not given comes from the
+/// experiment itself (its GPU types, price ceiling, cost cap and attempts).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct EnvelopeArgs {
+    /// GPU types the attempts may run on (comma-separated; default: the experiment's).
+    #[arg(long, value_delimiter = ',')]
+    pub gpu_types: Vec<String>,
+    /// Highest price of the pod, USD per hour (default: the experiment's order.maxCostPerHour).
+    #[arg(long)]
+    pub max_cost_per_hour: Option<f64>,
+    /// Most all attempts together may spend, USD (default: the experiment's limits.maxCostUsd).
+    #[arg(long)]
+    pub max_total_usd: Option<f64>,
+    /// Highest attempt number covered (default: the experiment's retry.maxAttempts).
+    #[arg(long)]
+    pub max_attempts: Option<i32>,
+}
+
+/// Approves the spending of an order (`spec.approved`), or of an Experiment within an envelope
+/// (`spec.approval`, which covers its current order and its retries): shows what it may spend,
+/// asks unless `yes`, and names as approver the user the API server authenticated (the chart's
+/// admission policy refuses any other name).
+pub async fn approve(
+    client: Client,
+    ns: &str,
+    name: &str,
+    by: &str,
+    yes: bool,
+    bounds: &EnvelopeArgs,
+) -> Result<(), String> {
+    let is_order = Api::<RunPodOrder>::namespaced(client.clone(), ns).get_opt(name).await.map_err(api_error)?.is_some();
+    if !is_order
+        && let Some(exp) = Api::<Experiment>::namespaced(client.clone(), ns).get_opt(name).await.map_err(api_error)?
+    {
+        return crate::approval::approve_experiment(client, ns, &exp, by, yes, bounds).await;
+    }
     let order = resolve(&client, ns, name).await?;
     let order_name = order.metadata.name.clone().unwrap_or_default();
     if order.spec.approved == Some(true) {
@@ -168,7 +200,7 @@ pub async fn approve(client: Client, ns: &str, name: &str, by: &str, yes: bool) 
 }
 
 /// Asks on the terminal; an empty answer or end of input is no.
-fn confirm(question: &str) -> Result<bool, String> {
+pub fn confirm(question: &str) -> Result<bool, String> {
     use std::io::Write as _;
     print!("{question}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;

@@ -160,6 +160,7 @@ reasons! {
     PolicyViolation: Wait, Order, Person, "The order asks for what its policy does not allow (for example another cloud type).";
     SpotUnavailable: Fatal, Order, Never, "Interruptible (spot) pods were asked for; RunPod no longer offers them. Set gpu.interruptible to false.";
     AwaitingApproval: Wait, Paid, Person, "The policy needs approval before money is spent: an approver runs `kubectl ep approve`.";
+    Approved: Progress, Paid, Now, "An approver approved an experiment's spending within an envelope: its orders inside it (retries included) need no further approval.";
     BudgetExceeded: Wait, Paid, Poll, "The namespace's GPU or spend budget has no room; the message gives the figures.";
     OverPriceLimit: Wait, Paid, Poll, "Every GPU choice costs more per hour than the order or its policy allows.";
     InsufficientBalance: Wait, Paid, Balance, "RunPod refused the pod: the account's balance is too low. Add funds.";

@@ -204,10 +204,37 @@ async fn every_table_takes_idempotent_writes() {
         accrued_usd: Some(1.0),
         deleted_at: None,
         created_at: None,
+        approved_by: Some("aster".into()),
+        reserved_usd: Some(3.0),
         extra: json!({"terminateAfter": "2026-11-30T20:00:00Z"}),
     };
     reg.upsert_order(&order).await.unwrap();
     reg.upsert_order(&order).await.unwrap();
+    // The spend ledger: one row per order and UTC day; an order's rows add up to its totals
+    // however often it is written, and spend seen on an earlier day stays on that day.
+    sqlx::query(
+        "INSERT INTO exp_registry.spend_ledger (order_uid, day, namespace, order_name, reserved_usd, spent_usd) \
+         VALUES ('uid-o', '2020-01-15', 'fraud-detect', 'gnn-fraud-baseline-a2', 3.0, 0.25)",
+    )
+    .execute(reg.pool())
+    .await
+    .unwrap();
+    reg.upsert_order(&OrderRow { accrued_usd: Some(1.75), ..order.clone() }).await.unwrap();
+    let days: Vec<(f64, f64)> = sqlx::query_as(
+        "SELECT reserved_usd, spent_usd FROM exp_registry.spend_ledger WHERE order_uid = 'uid-o' ORDER BY day",
+    )
+    .fetch_all(reg.pool())
+    .await
+    .unwrap();
+    assert_eq!(days, vec![(3.0, 0.25), (0.0, 1.5)], "today holds what is not on the earlier day");
+    let january: f64 = sqlx::query_scalar(
+        "SELECT sum(spent_usd) FROM exp_registry.spend_ledger \
+         WHERE namespace = 'fraud-detect' AND day >= '2020-01-01' AND day < '2020-02-01'",
+    )
+    .fetch_one(reg.pool())
+    .await
+    .unwrap();
+    assert_eq!(january, 0.25, "what the namespace spent in a month, in one query");
 
     let session = SessionRow {
         worker_id: "runpod-1".into(),

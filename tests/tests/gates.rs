@@ -104,15 +104,29 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
     // Without --yes and without a terminal answer, nothing is approved.
     let err = stack.kubectl_ep_as("aster", &["approve", "gated", "-n", NS]).unwrap_err().to_string();
     assert!(err.contains("not approved (answer y, or pass --yes)"), "{err}");
+    // The author may edit her experiment, but not approve it: admission refuses her.
+    let err = stack.kubectl_ep_as("wren", &["approve", "gated", "-n", NS, "--yes"]).unwrap_err().to_string();
+    assert!(err.contains("spec.approval: only members of ep:approvers may approve spending; wren is not"), "{err}");
     // The approver names the experiment and reads what it may spend before it is approved.
     let out = stack.kubectl_ep_as("aster", &["approve", "gated", "-n", NS, "--yes"]).unwrap();
-    assert!(out.contains("runpodorder.ep.dev/gated-a1 (experiment gated, attempt 1) asks to spend:"), "{out}");
+    assert!(out.contains("experiment.ep.dev/gated asks to spend:"), "{out}");
     assert!(out.contains("1 x rtx-pro-4500") && out.contains("policy paper"), "{out}");
-    assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by aster"), "{out}");
-    let order = stack.get("rpo", Some(NS), "gated-a1").unwrap().unwrap();
-    assert_eq!(order["spec"]["approvedBy"], "aster");
-    stack.wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
+    assert!(out.contains("of its $50.00 daily budget") || out.contains("no spend ledger"), "{out}");
+    assert!(out.contains("experiment.ep.dev/gated approved by aster within GPUs rtx-pro-4500"), "{out}");
+    let exp = stack.get("exp", Some(NS), "gated").unwrap().unwrap();
+    assert_eq!(exp["spec"]["approval"]["approvedBy"], "aster");
+    let order = stack
+        .wait_for("rpo", Some(NS), "gated-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE")
+        .unwrap()
+        .unwrap();
+    assert_eq!(order["status"]["approvedBy"], "aster (experiment envelope)", "{}", order["status"]);
     assert_eq!(stack.live_pods().await.unwrap().len(), 1);
+    let exp = stack.get("exp", Some(NS), "gated").unwrap().unwrap();
+    assert_eq!(exp["status"]["approval"]["approvedBy"], "aster", "the approval and its time are kept in status");
+    assert!(exp["status"]["approval"]["approvedAt"].is_string(), "{}", exp["status"]);
+    // An order approved by itself keeps its approval.
+    let out = stack.kubectl_ep_as("aster", &["approve", "gated-a1", "-n", NS, "--yes"]).unwrap();
+    assert!(out.contains("runpodorder.ep.dev/gated-a1 approved by aster"), "{out}");
     // The live pod's container log: on REST v2 from RunPod; GraphQL has none and says so.
     match transport {
         "restV2" => {
@@ -155,7 +169,7 @@ async fn a_paid_launch_waits_for_approval_and_a_stop_drains(transport: &'static 
         })
         .unwrap();
     stack.kubectl_ep(&["stop", "gated2-a1", "-n", NS, "--reason", "not needed"]).unwrap();
-    let err = stack.kubectl_ep_as("aster", &["approve", "gated2", "-n", NS, "--yes"]).unwrap_err().to_string();
+    let err = stack.kubectl_ep_as("aster", &["approve", "gated2-a1", "-n", NS, "--yes"]).unwrap_err().to_string();
     assert!(
         err.contains("runpodorder.ep.dev/gated2-a1 was stopped (not needed): there is nothing to approve"),
         "{err}"

@@ -161,6 +161,48 @@ fn plan(b: &mut Builder<'_>, requeue: Option<Duration>) -> Plan {
     }
 }
 
+/// Keeps the approval in force in status, with the time the operator first saw it; a new or
+/// changed approval is announced in an Event.
+fn record_approval(b: &mut Builder<'_>) {
+    let spec = b.o.exp.spec.approval.as_ref();
+    let same = match (spec, &b.st.approval) {
+        (Some(a), Some(r)) => a.approved_by == r.approved_by && a.envelope == r.envelope,
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return;
+    }
+    b.st.approval = spec.map(|a| ep_api::experiment::ApprovalRecord {
+        approved_by: a.approved_by.clone(),
+        approved_at: time::to_k8s(b.o.now),
+        envelope: a.envelope.clone(),
+    });
+    let note = match spec {
+        Some(a) => format!("{} approved spending within {}", a.approved_by, describe_envelope(&a.envelope)),
+        None => "the approval was withdrawn: orders that need one wait for an approver".to_owned(),
+    };
+    b.events.push((Reason::Approved, note));
+}
+
+/// An envelope as a person reads it.
+pub fn describe_envelope(e: &ep_api::experiment::Envelope) -> String {
+    let mut parts = vec![];
+    if !e.gpu_types.is_empty() {
+        parts.push(format!("GPUs {}", e.gpu_types.join(", ")));
+    }
+    if let Some(p) = e.max_cost_per_hour {
+        parts.push(format!("${p:.2}/h"));
+    }
+    if let Some(t) = e.max_total_usd {
+        parts.push(format!("${t:.2} in all"));
+    }
+    if let Some(n) = e.max_attempts {
+        parts.push(format!("{n} attempts"));
+    }
+    if parts.is_empty() { "no bounds".to_owned() } else { parts.join(", ") }
+}
+
 /// Spend of the attempts already over.
 fn spent_before(st: &ExperimentStatus) -> f64 {
     st.history.iter().filter_map(|a| a.cost_usd).sum()
@@ -178,6 +220,7 @@ pub fn decide(o: &Observed<'_>) -> Plan {
         online: false,
     };
     b.st.observed_generation = exp.metadata.generation;
+    record_approval(&mut b);
     match &o.registry {
         Some(why) => b.cond(CONDITION_REGISTRY, false, why.reason, &why.message),
         None => b.cond(CONDITION_REGISTRY, true, Reason::Mirrored, "the registry holds this status"),

@@ -11,6 +11,7 @@ pub mod claim;
 pub mod drain;
 pub mod entry;
 pub mod launch;
+pub mod ledger;
 pub mod owner;
 pub mod pass;
 pub mod payload;
@@ -89,8 +90,12 @@ pub async fn step<W: World>(w: &W, order: &RunPodOrder, deleting: bool, now: Dat
         Err(e) => return Err(e),
     };
     pass.finish(w).await?;
-    let entered = pass.st.transitions.get(before..).unwrap_or_default().iter().map(|t| t.phase).collect();
+    let entered: Vec<OrderPhase> =
+        pass.st.transitions.get(before..).unwrap_or_default().iter().map(|t| t.phase).collect();
     let terminal = pass::is_terminal(pass.st.phase);
+    if terminal && entered.iter().any(|p| pass::is_terminal(Some(*p))) {
+        settle(w, order, &pass.st).await?;
+    }
     tracing::debug!(phase = ?pass.phase(), ?requeue, "order pass done");
     Ok(Done { requeue, events: std::mem::take(&mut pass.events), entered, terminal })
 }
@@ -107,6 +112,16 @@ fn runpod_wait(pass: &mut Pass<'_>, e: &RunPodError) -> Option<Duration> {
     wait.map(|w| w.max(after.unwrap_or_default()))
 }
 
+/// Closes the order's entry in its namespace's spend ledger at what it actually spent (its
+/// reservation stops counting; the spend keeps counting after the order is deleted).
+async fn settle<W: World>(w: &W, order: &RunPodOrder, st: &ep_api::RunPodOrderStatus) -> Result<(), Error> {
+    if st.reserved_usd.is_none() {
+        return Ok(());
+    }
+    let (ns, uid) = (order.namespace().unwrap_or_default(), order.uid().unwrap_or_default());
+    w.settle(&ns, &uid, st.accrued_cost_usd.unwrap_or(0.0)).await
+}
+
 /// Deletion: drain until no pod can exist, then let the finalizer go.
 pub async fn cleanup<W: World>(w: &W, order: &RunPodOrder, now: DateTime<Utc>) -> Result<Done, Error> {
     let st = order.status.clone().unwrap_or_default();
@@ -119,6 +134,7 @@ pub async fn cleanup<W: World>(w: &W, order: &RunPodOrder, now: DateTime<Utc>) -
     if !pod_may_exist(&st)
         && !matches!(st.phase, Some(OrderPhase::Verified | OrderPhase::RunnerOnline | OrderPhase::Draining))
     {
+        settle(w, order, &st).await?;
         return Ok(Done { terminal: true, ..Done::default() });
     }
     step(w, order, true, now).await

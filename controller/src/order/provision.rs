@@ -1,61 +1,33 @@
 //! REQUESTED -> PROVISIONED: the order contract (policy, spot, approval, budget) and the capability
 //! sensor (the author's GPU choices against RunPod's live catalog, where the volume lives).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use ep_api::RunPodOrderSpec;
+use ep_api::experiment::Approval;
 use ep_api::order::OrderPhase;
-use ep_api::{RunPodOrder, RunPodOrderSpec};
 
-use super::pass::{Pass, is_terminal};
+use super::ledger;
+use super::pass::Pass;
 use super::world::World;
 use crate::error::Error;
 use crate::reason::{Blocked, Reason};
 use crate::runpod::{GpuOffer, GpuQuery, RunPodApi};
 use crate::settings::{Policy, Settings};
-use crate::time;
 
-/// What the namespace already holds (for the budget gate).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct BudgetUsage {
-    /// GPUs held by other active orders of the namespace.
-    pub active_gpus: u32,
-    /// USD spent by orders of the namespace in the last 24 hours.
-    pub spent_last_day: f64,
-}
-
-/// An admitted order: its policy and the price ceiling that applies.
+/// An admitted order: its policy, the price ceiling that applies, and who approved the spending.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Admitted {
     pub policy_name: String,
     pub policy: Policy,
     pub max_price: Option<f64>,
+    /// The approver in force (None: the policy needs no approval).
+    pub approved_by: Option<String>,
 }
 
-/// GPUs held and money spent by the other orders of the namespace.
-pub fn budget_usage(orders: &[Arc<RunPodOrder>], me: &str, now: DateTime<Utc>) -> BudgetUsage {
-    let day_ago = now - chrono::Duration::hours(24);
-    let mut usage = BudgetUsage::default();
-    for o in orders.iter().filter(|o| o.metadata.name.as_deref() != Some(me)) {
-        let Some(st) = &o.status else { continue };
-        if st.phase.is_some_and(|p| p != OrderPhase::Requested) && !is_terminal(st.phase) {
-            usage.active_gpus += u32::try_from(o.spec.gpu.count).unwrap_or(0);
-        }
-        if o.metadata.creation_timestamp.as_ref().is_some_and(|t| time::from_k8s(t) > day_ago) {
-            usage.spent_last_day += st.accrued_cost_usd.unwrap_or(0.0);
-        }
-    }
-    usage
-}
-
-/// The order-contract gates: policy known, spot refused, approval present, budget allows.
-pub fn admit(
-    namespace: &str,
-    spec: &RunPodOrderSpec,
-    settings: &Settings,
-    usage: &BudgetUsage,
-) -> Result<Admitted, Blocked> {
+/// The order-contract gates: policy known, spot refused, cloud allowed, and approval present,
+/// given by the order itself or by the envelope of its experiment's approval.
+pub fn admit(spec: &RunPodOrderSpec, settings: &Settings, envelope: Option<&Approval>) -> Result<Admitted, Blocked> {
     let (name, policy) =
         settings.policy(&spec.policy).map_err(|e| Blocked::new(Reason::UnknownPolicy, format!("spec.policy: {e}")))?;
     if spec.gpu.interruptible {
@@ -74,49 +46,76 @@ pub fn admit(
             ),
         ));
     }
-    if policy.requires_approval && spec.approved != Some(true) {
+    let (approved_by, ceiling) = if !policy.requires_approval {
+        (None, None)
+    } else if spec.approved == Some(true) {
+        (Some(spec.approved_by.clone().unwrap_or_else(|| "unknown".to_owned())), None)
+    } else if let Some(a) = envelope.filter(|_| spec.experiment_ref.is_some()) {
+        within_envelope(spec, settings, a)?;
+        (Some(format!("{} (experiment envelope)", a.approved_by)), a.envelope.max_cost_per_hour)
+    } else {
         return Err(Blocked::new(
             Reason::AwaitingApproval,
             format!(
-                "policy {name} requires approval before money is spent: an approver sets spec.approved (kubectl ep approve)"
+                "policy {name} requires approval before money is spent: an approver runs `kubectl ep approve` on the order or its experiment"
             ),
         ));
-    }
-    check_budget(namespace, spec, settings, usage)?;
-    let max_price = match (spec.max_cost_per_hour, policy.max_cost_per_hour) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     };
-    Ok(Admitted { policy_name: name.to_owned(), policy: policy.clone(), max_price })
+    let max_price = [spec.max_cost_per_hour, policy.max_cost_per_hour, ceiling].into_iter().flatten().reduce(f64::min);
+    Ok(Admitted { policy_name: name.to_owned(), policy: policy.clone(), max_price, approved_by })
 }
 
-fn check_budget(
-    namespace: &str,
-    spec: &RunPodOrderSpec,
-    settings: &Settings,
-    usage: &BudgetUsage,
-) -> Result<(), Blocked> {
-    let Some(b) = settings.budget_for(namespace) else { return Ok(()) };
-    let want = u32::try_from(spec.gpu.count).unwrap_or(u32::MAX);
-    if usage.active_gpus.saturating_add(want) > b.max_concurrent_gpus {
-        return Err(Blocked::new(
-            Reason::BudgetExceeded,
+/// Whether an experiment's order lies inside the envelope its approver approved: its attempt
+/// number, its GPU choices and what earlier attempts already spent. The price bound applies as
+/// a ceiling on the GPU choice.
+fn within_envelope(spec: &RunPodOrderSpec, settings: &Settings, a: &Approval) -> Result<(), Blocked> {
+    let env = &a.envelope;
+    let outside = |what: String| {
+        Blocked::new(
+            Reason::AwaitingApproval,
             format!(
-                "namespace {namespace} holds {} GPUs and may hold {}: this order waits for one to end",
-                usage.active_gpus, b.max_concurrent_gpus
+                "{what}: outside the envelope {} approved; an approver approves again (kubectl ep approve)",
+                a.approved_by
             ),
-        ));
+        )
+    };
+    let run = spec.run.as_ref();
+    let attempt = run.map(|r| r.attempt).or(spec.attempt).unwrap_or(1);
+    if let Some(max) = env.max_attempts.filter(|m| attempt > *m) {
+        return Err(outside(format!("attempt {attempt} is past the {max} attempts approved")));
     }
-    if usage.spent_last_day >= b.max_usd_per_day {
-        return Err(Blocked::new(
-            Reason::BudgetExceeded,
-            format!(
-                "namespace {namespace} spent ${:.2} in the last 24 hours; its budget is ${:.2}",
-                usage.spent_last_day, b.max_usd_per_day
-            ),
-        ));
+    if !env.gpu_types.is_empty() {
+        let allowed: Vec<&str> = env.gpu_types.iter().map(|g| settings.resolve_gpu(g)).collect();
+        let extra: Vec<&str> = spec
+            .gpu
+            .types
+            .iter()
+            .map(String::as_str)
+            .filter(|g| !allowed.iter().any(|a| a.eq_ignore_ascii_case(settings.resolve_gpu(g))))
+            .collect();
+        if !extra.is_empty() {
+            return Err(outside(format!(
+                "spec.gpu.types {} not among the approved {}",
+                extra.join(", "),
+                env.gpu_types.join(", ")
+            )));
+        }
+    }
+    let before = run.and_then(|r| r.spent_before_usd).unwrap_or(0.0);
+    if let Some(max) = env.max_total_usd.filter(|m| before >= *m) {
+        return Err(outside(format!("earlier attempts spent ${before:.2} of the ${max:.2} approved")));
     }
     Ok(())
+}
+
+/// The most an order can cost: its dearest GPU choice for its whole lifetime.
+pub fn projected_cost(candidates: &[String], offers: &[GpuOffer], max_price: Option<f64>, lifetime: Duration) -> f64 {
+    let dearest = candidates
+        .iter()
+        .filter_map(|id| offers.iter().find(|o| &o.id == id)?.price_per_hour)
+        .chain(max_price)
+        .fold(0.0, f64::max);
+    dearest * lifetime.as_secs_f64() / 3600.0
 }
 
 /// Pods run where their volume is: an order that names another data center waits.
@@ -190,8 +189,8 @@ pub fn choose_gpus(
 pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration>, Error> {
     let settings = w.settings();
     let spec = &pass.order.spec;
-    let usage = budget_usage(&w.orders(&pass.ns), &pass.name, pass.now);
-    let admitted = match admit(&pass.ns, spec, &settings, &usage) {
+    let envelope = spec.experiment_ref.as_ref().and_then(|e| w.experiment_approval(&pass.ns, &e.name));
+    let admitted = match admit(spec, &settings, envelope.as_ref()) {
         Ok(a) => a,
         Err(b) => return Ok(pass.block(b)),
     };
@@ -213,15 +212,34 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
         Ok(c) => c,
         Err(b) => return Ok(pass.block(b)),
     };
+    let lifetime = super::launch::max_lifetime(spec, &admitted.policy);
+    let reserved = projected_cost(&candidates, &offers, admitted.max_price, lifetime);
+    if let Some(budget) = settings.budget_for(&pass.ns) {
+        let entry = ledger::Entry {
+            order: pass.name.clone(),
+            experiment: spec.experiment_ref.as_ref().map(|e| e.name.clone()),
+            admitted_at: pass.now,
+            gpus: u32::try_from(spec.gpu.count).unwrap_or(u32::MAX),
+            reserved_usd: (reserved * 100.0).ceil() / 100.0,
+            spent_usd: 0.0,
+            open: true,
+        };
+        if let Err(b) = w.reserve(&pass.ns, &pass.uid, entry, budget).await? {
+            return Ok(pass.block(b));
+        }
+        pass.st.reserved_usd = Some((reserved * 100.0).ceil() / 100.0);
+    }
     let msg = format!(
-        "policy {}; GPU choices {}; data center {}",
+        "policy {}; GPU choices {}; data center {}{}",
         admitted.policy_name,
         candidates.join(", "),
-        conn.data_center
+        conn.data_center,
+        admitted.approved_by.as_deref().map(|a| format!("; approved by {a}")).unwrap_or_default()
     );
     pass.st.gpu_candidates = candidates;
     pass.st.gpu_choice = Some(0);
     pass.st.data_center = Some(conn.data_center.clone());
+    pass.st.approved_by = admitted.approved_by;
     pass.enter(OrderPhase::Provisioned, Reason::Provisioned, &msg);
     pass.ready(false, Reason::Provisioned, &msg);
     Ok(Some(Duration::ZERO))

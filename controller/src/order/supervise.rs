@@ -134,6 +134,13 @@ pub async fn run<W: World>(
     let mut view = run_view(pass, &settings, run, pod, hb.as_ref(), terminal_present, deleting);
     // Limits are checked against the cost to the second, not the coarse figure in status.
     view.spent_usd = cost + run.spent_before_usd.unwrap_or(0.0);
+    // An order launched inside its experiment's approval envelope stops at the envelope's total.
+    if pass.order.spec.approved != Some(true)
+        && let Some(e) = pass.order.spec.experiment_ref.as_ref()
+        && let Some(max) = w.experiment_approval(&pass.ns, &e.name).and_then(|a| a.envelope.max_total_usd)
+    {
+        view.max_cost_usd = Some(view.max_cost_usd.map_or(max, |m| m.min(max)));
+    }
     match watch(&view, pass.now) {
         Verdict::Starting(reason) => {
             let msg = format!("pod {} is starting", pass.st.pod_id.clone().unwrap_or_default());

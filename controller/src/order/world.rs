@@ -2,10 +2,11 @@
 //! the other orders of its namespace, Secrets and ConfigMaps, a durable status write and the runner
 //! binary. The controller uses the cluster ([`KubeWorld`]); reconcile tests use in-memory fakes.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ep_api::experiment::ExperimentPhase;
+use ep_api::experiment::{Approval, ExperimentPhase};
 use ep_api::{CONDITION_READY, RunPodOrder, RunPodOrderStatus, find_condition};
 use ep_volume::VolumeStore;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -14,13 +15,14 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+use super::ledger;
 use crate::context::{Context, RunnerBinary};
 use crate::error::Error;
 use crate::names::MANAGER;
 use crate::pool::Conn;
 use crate::reason::{Blocked, Reason};
 use crate::runpod::RunPodApi;
-use crate::settings::Settings;
+use crate::settings::{NamespaceBudget, Settings};
 
 /// A provider's connection, or why the provider cannot be used.
 pub type Connected<A, S> = Result<Arc<Conn<A, S>>, Blocked>;
@@ -64,6 +66,19 @@ pub trait World: Send + Sync {
     fn create_slots(&self) -> &Semaphore;
     /// Counts what an ended order cost.
     fn record_spend(&self, namespace: &str, usd: f64);
+    /// The approval of an experiment (`spec.approval`), as cached.
+    fn experiment_approval(&self, namespace: &str, name: &str) -> Option<Approval>;
+    /// Admits order `uid` into its namespace's spend ledger under `budget`, serialized with every
+    /// other admission of the namespace; the inner error says why the budget has no room.
+    fn reserve(
+        &self,
+        namespace: &str,
+        uid: &str,
+        entry: ledger::Entry,
+        budget: &NamespaceBudget,
+    ) -> impl Future<Output = Result<Result<(), Blocked>, Error>> + Send;
+    /// Closes order `uid`'s ledger entry at what it actually spent.
+    fn settle(&self, namespace: &str, uid: &str, spent_usd: f64) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// The cluster, through the controller's caches and client.
@@ -178,6 +193,42 @@ impl World for KubeWorld<'_> {
     fn record_spend(&self, namespace: &str, usd: f64) {
         self.ctx.metrics.spent(namespace, usd);
     }
+
+    fn experiment_approval(&self, namespace: &str, name: &str) -> Option<Approval> {
+        self.ctx.stores.experiment(namespace, name)?.spec.approval.clone()
+    }
+
+    async fn reserve(
+        &self,
+        namespace: &str,
+        uid: &str,
+        entry: ledger::Entry,
+        budget: &NamespaceBudget,
+    ) -> Result<Result<(), Blocked>, Error> {
+        let live = live_orders(&self.ctx.stores.orders_in(namespace));
+        let api = Api::<ConfigMap>::namespaced(self.ctx.client.clone(), namespace);
+        ledger::reserve(&api, namespace, uid, &entry, budget, &live).await
+    }
+
+    async fn settle(&self, namespace: &str, uid: &str, spent_usd: f64) -> Result<(), Error> {
+        let api = Api::<ConfigMap>::namespaced(self.ctx.client.clone(), namespace);
+        ledger::update(&api, None, |l| (l.settle(uid, spent_usd), ())).await
+    }
+}
+
+/// What the cached orders of a namespace say about their ledger entries, by uid.
+pub fn live_orders(orders: &[Arc<RunPodOrder>]) -> HashMap<String, ledger::Live> {
+    orders
+        .iter()
+        .filter_map(|o| {
+            let st = o.status.as_ref();
+            let live = ledger::Live {
+                spent_usd: st.and_then(|s| s.accrued_cost_usd).unwrap_or(0.0),
+                ended: super::pass::is_terminal(st.and_then(|s| s.phase)),
+            };
+            Some((o.metadata.uid.clone()?, live))
+        })
+        .collect()
 }
 
 /// A staging directory for one order: named by a hash, so any object name fits a file name.

@@ -78,6 +78,9 @@ pub fn experiment(exp: &Experiment, deleted_at: Option<DateTime<Utc>>) -> Vec<Ro
             None
         },
         created_at: exp.metadata.creation_timestamp.as_ref().map(time::from_k8s),
+        approved_by: st.approval.as_ref().map(|a| a.approved_by.clone()),
+        approved_at: st.approval.as_ref().map(|a| time::from_k8s(&a.approved_at)),
+        approval_envelope: st.approval.as_ref().and_then(|a| serde_json::to_value(&a.envelope).ok()),
         extra: clean_json(json!({
             "results": results,
             "receipt": st.artifacts.as_ref().map(|a| a.receipt.clone()),
@@ -163,7 +166,9 @@ fn order_row(o: &RunPodOrder, st: &RunPodOrderStatus) -> OrderRow {
         provider: spec.provider_ref.clone(),
         phase: st.phase.map(OrderPhase::as_str).unwrap_or_default().to_owned(),
         reason: st.reason.clone().or_else(|| st.drain_reason.clone()),
-        approved: spec.approved == Some(true),
+        approved: spec.approved == Some(true) || st.approved_by.is_some(),
+        approved_by: st.approved_by.clone(),
+        reserved_usd: st.reserved_usd,
         pod_id: st.pod_id.clone(),
         gpu_type_id: gpu.map(|g| g.type_id.clone()),
         gpu_display_name: gpu.map(|g| g.display_name.clone()),

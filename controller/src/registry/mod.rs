@@ -154,6 +154,10 @@ pub struct ExperimentRow {
     pub finished_at: Option<DateTime<Utc>>,
     /// The object's creationTimestamp (a rebuilt registry holds the same).
     pub created_at: Option<DateTime<Utc>>,
+    /// The approval in force: who, when the operator first saw it, and its envelope.
+    pub approved_by: Option<String>,
+    pub approved_at: Option<DateTime<Utc>>,
+    pub approval_envelope: Option<Value>,
     pub extra: Value,
 }
 
@@ -204,6 +208,10 @@ pub struct OrderRow {
     pub phase: String,
     pub reason: Option<String>,
     pub approved: bool,
+    /// Who approved the spending in force (the order's approver or its experiment's envelope).
+    pub approved_by: Option<String>,
+    /// USD reserved against the namespace's budget at admission.
+    pub reserved_usd: Option<f64>,
     pub pod_id: Option<String>,
     pub gpu_type_id: Option<String>,
     pub gpu_display_name: Option<String>,

@@ -185,13 +185,16 @@ impl PgRegistry {
     async fn experiment(&self, c: &mut PgConnection, r: &ExperimentRow) -> Result<(), RegistryError> {
         sqlx::query(
             "INSERT INTO exp_registry.experiments (namespace, name, uid, status, phase, worker_id, current_run_id, \
-               attempts, gpu, result_f1, result_auc, cost_usd, started_at, finished_at, extra, updated_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), COALESCE($16, now())) \
+               attempts, gpu, result_f1, result_auc, cost_usd, started_at, finished_at, extra, updated_at, created_at, \
+               approved_by, approved_at, approval_envelope) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, now(), COALESCE($16, now()), \
+               $17, $18, $19) \
              ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, status = EXCLUDED.status, \
                phase = EXCLUDED.phase, worker_id = EXCLUDED.worker_id, current_run_id = EXCLUDED.current_run_id, \
                attempts = EXCLUDED.attempts, gpu = EXCLUDED.gpu, result_f1 = EXCLUDED.result_f1, \
                result_auc = EXCLUDED.result_auc, cost_usd = EXCLUDED.cost_usd, started_at = EXCLUDED.started_at, \
-               finished_at = EXCLUDED.finished_at, extra = EXCLUDED.extra, updated_at = now()",
+               finished_at = EXCLUDED.finished_at, extra = EXCLUDED.extra, approved_by = EXCLUDED.approved_by, \
+               approved_at = EXCLUDED.approved_at, approval_envelope = EXCLUDED.approval_envelope, updated_at = now()",
         )
         .bind(&r.namespace)
         .bind(&r.name)
@@ -209,6 +212,9 @@ impl PgRegistry {
         .bind(r.finished_at)
         .bind(&r.extra)
         .bind(r.created_at)
+        .bind(&r.approved_by)
+        .bind(r.approved_at)
+        .bind(&r.approval_envelope)
         .execute(&mut *c)
         .await
         .map_err(RegistryError::classify)?;
@@ -285,8 +291,9 @@ impl PgRegistry {
         sqlx::query(
             "INSERT INTO exp_registry.orders (namespace, name, uid, experiment_id, run_id, attempt, policy, worker_id, \
                provider, phase, reason, approved, pod_id, gpu_type_id, gpu_display_name, data_center, cost_per_hr, \
-               accrued_usd, deleted_at, extra, updated_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now(), COALESCE($21, now())) \
+               accrued_usd, deleted_at, extra, updated_at, created_at, approved_by, reserved_usd) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, now(), \
+               COALESCE($21, now()), $22, $23) \
              ON CONFLICT (namespace, name) DO UPDATE SET uid = EXCLUDED.uid, experiment_id = EXCLUDED.experiment_id, \
                run_id = EXCLUDED.run_id, attempt = EXCLUDED.attempt, policy = EXCLUDED.policy, \
                worker_id = EXCLUDED.worker_id, provider = EXCLUDED.provider, phase = EXCLUDED.phase, \
@@ -294,7 +301,7 @@ impl PgRegistry {
                gpu_type_id = EXCLUDED.gpu_type_id, gpu_display_name = EXCLUDED.gpu_display_name, \
                data_center = EXCLUDED.data_center, cost_per_hr = EXCLUDED.cost_per_hr, \
                accrued_usd = EXCLUDED.accrued_usd, deleted_at = EXCLUDED.deleted_at, extra = EXCLUDED.extra, \
-               updated_at = now()",
+               approved_by = EXCLUDED.approved_by, reserved_usd = EXCLUDED.reserved_usd, updated_at = now()",
         )
         .bind(&r.namespace)
         .bind(&r.name)
@@ -317,11 +324,42 @@ impl PgRegistry {
         .bind(r.deleted_at)
         .bind(&r.extra)
         .bind(r.created_at)
+        .bind(&r.approved_by)
+        .bind(r.reserved_usd)
         .execute(&mut *c)
         .await
         .map_err(RegistryError::classify)?;
-        Ok(())
+        spend(c, r).await
     }
+}
+
+/// The order's row of today (UTC) in the spend ledger: what it reserved and spent that is not on
+/// an earlier day's row, so the rows of one order add up to its totals however often it is written.
+async fn spend(c: &mut PgConnection, r: &OrderRow) -> Result<(), RegistryError> {
+    let (reserved, spent) = (r.reserved_usd.unwrap_or(0.0), r.accrued_usd.unwrap_or(0.0));
+    if reserved <= 0.0 && spent <= 0.0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO exp_registry.spend_ledger (order_uid, day, namespace, order_name, experiment, reserved_usd, \
+           spent_usd, updated_at) \
+         SELECT $1, (now() AT TIME ZONE 'UTC')::date, $2, $3, $4, greatest($5 - COALESCE(sum(reserved_usd), 0), 0), \
+           greatest($6 - COALESCE(sum(spent_usd), 0), 0), now() \
+         FROM exp_registry.spend_ledger WHERE order_uid = $1 AND day <> (now() AT TIME ZONE 'UTC')::date \
+         ON CONFLICT (order_uid, day) DO UPDATE SET namespace = EXCLUDED.namespace, order_name = EXCLUDED.order_name, \
+           experiment = EXCLUDED.experiment, reserved_usd = EXCLUDED.reserved_usd, spent_usd = EXCLUDED.spent_usd, \
+           updated_at = now()",
+    )
+    .bind(&r.uid)
+    .bind(&r.namespace)
+    .bind(&r.name)
+    .bind(&r.experiment)
+    .bind(reserved)
+    .bind(spent)
+    .execute(&mut *c)
+    .await
+    .map_err(RegistryError::classify)?;
+    Ok(())
 }
 
 async fn heartbeat(c: &mut PgConnection, r: &HeartbeatRow) -> Result<(), RegistryError> {

@@ -330,7 +330,7 @@ where
 struct Caches {
     stores: Stores,
     providers: reflector::ReflectHandle<Lenient<RunPodProvider>>,
-    experiments: reflector::ReflectHandle<Lenient<Experiment>>,
+    experiments: [reflector::ReflectHandle<Lenient<Experiment>>; 2],
     orders: [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
     watches: [tokio::task::JoinHandle<()>; 3],
 }
@@ -339,7 +339,7 @@ struct Caches {
 async fn caches(client: &kube::Client, stop: &watch::Receiver<bool>) -> Option<Caches> {
     let wc = watcher::Config::default();
     let orders = shared::<Lenient<RunPodOrder>>(client, &wc, 2)?;
-    let experiments = shared::<Lenient<Experiment>>(client, &wc, 1)?;
+    let experiments = shared::<Lenient<Experiment>>(client, &wc, 2)?;
     let providers = shared::<Lenient<RunPodProvider>>(client, &wc, 1)?;
     let watches = [orders.watch, experiments.watch, providers.watch];
     let stores = Stores { experiments: experiments.store, orders: orders.store, providers: providers.store };
@@ -352,20 +352,40 @@ async fn caches(client: &kube::Client, stop: &watch::Receiver<bool>) -> Option<C
         }
     }
     let mut order_handles = orders.handles.into_iter();
+    let mut experiment_handles = experiments.handles.into_iter();
     Some(Caches {
         stores,
         providers: providers.handles.into_iter().next()?,
-        experiments: experiments.handles.into_iter().next()?,
+        experiments: [experiment_handles.next()?, experiment_handles.next()?],
         orders: [order_handles.next()?, order_handles.next()?],
         watches,
     })
 }
 
+/// The experiment an order serves: a change to the order wakes it.
+fn parent_of(o: Arc<Lenient<RunPodOrder>>) -> Option<ObjectRef<Lenient<Experiment>>> {
+    let name = o.get()?.spec.experiment_ref.as_ref()?.name.clone();
+    Some(ObjectRef::new(&name).within(&o.namespace()?))
+}
+
+/// The current order of an approved experiment: an approval given on the experiment admits its
+/// waiting order at once.
+fn approved_order(e: Arc<Lenient<Experiment>>) -> Option<ObjectRef<Lenient<RunPodOrder>>> {
+    let exp = e.get().filter(|x| x.spec.approval.is_some())?;
+    let order = exp.status.as_ref()?.current_attempt.as_ref()?.order.clone()?;
+    Some(ObjectRef::new(&order).within(&e.namespace()?))
+}
+
 /// Builds the controllers and runs them until `stop`.
 pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     let client = p.client.clone();
-    let Some(Caches { stores, providers, experiments, orders: [order_events, order_events_for_experiments], watches }) =
-        caches(&client, stop).await
+    let Some(Caches {
+        stores,
+        providers,
+        experiments: [experiments, approvals],
+        orders: [order_events, children],
+        watches,
+    }) = caches(&client, stop).await
     else {
         return;
     };
@@ -409,11 +429,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     );
     let s = shared.clone();
     let experiments = experiments
-        .watches_shared_stream(order_events_for_experiments, |o: Arc<Lenient<RunPodOrder>>| {
-            let ns = o.namespace()?;
-            let name = o.get()?.spec.experiment_ref.as_ref()?.name.clone();
-            Some(ObjectRef::new(&name).within(&ns))
-        })
+        .watches_shared_stream(children, parent_of)
         .reconcile_all_on(lag_changes)
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_future(stop))
@@ -424,6 +440,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         );
     let s = shared.clone();
     let orders = orders
+        .watches_shared_stream(approvals, approved_order)
         .reconcile_on(poller(shared.clone(), stop.clone()))
         .with_config(config)
         .graceful_shutdown_on(shutdown_future(stop))

@@ -156,9 +156,13 @@ pub struct Budgets {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NamespaceBudget {
-    /// USD the namespace may spend per UTC day.
+    /// USD the namespace may spend per UTC day (reservations of running orders included).
     #[schemars(range(min = 0))]
     pub max_usd_per_day: f64,
+    /// USD the namespace may spend per UTC calendar month; none: no monthly bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_usd_per_month: Option<f64>,
     /// GPUs the namespace may hold at once.
     pub max_concurrent_gpus: u32,
 }
@@ -300,17 +304,17 @@ impl Settings {
             if policy.max_lifetime.get() == Duration::ZERO {
                 err(at("maxLifetime"), "must be greater than zero".into());
             }
-            if let Some(c) = policy.max_cost_per_hour
-                && !(c.is_finite() && c >= 0.0)
-            {
+            if let Some(c) = policy.max_cost_per_hour.filter(|c| !(c.is_finite() && *c >= 0.0)) {
                 err(at("maxCostPerHour"), format!("{c} must be a non-negative number"));
             }
         }
         let budgets = self.budgets.default.iter().map(|b| ("budgets.default".to_owned(), b));
         let per_ns = self.budgets.namespaces.iter().map(|(ns, b)| (format!("budgets.namespaces.{ns}"), b));
         for (field, b) in budgets.chain(per_ns) {
-            if !(b.max_usd_per_day.is_finite() && b.max_usd_per_day >= 0.0) {
-                err(format!("{field}.maxUsdPerDay"), format!("{} must be a non-negative number", b.max_usd_per_day));
+            for (key, v) in [("maxUsdPerDay", Some(b.max_usd_per_day)), ("maxUsdPerMonth", b.max_usd_per_month)] {
+                if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                    err(format!("{field}.{key}"), format!("{v} must be a non-negative number"));
+                }
             }
         }
         errs

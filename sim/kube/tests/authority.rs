@@ -418,7 +418,7 @@ const ACTIONS: [Action; 6] = [
 const MATRIX: [(&str, [(bool, bool); 6]); 5] = [
     // create, patch, delete experiment, approve, read Secret, patch order status
     ("wren", [(true, true), (true, true), (true, true), (false, false), (false, false), (false, false)]),
-    ("aster", [(false, false), (false, false), (false, false), (true, true), (false, false), (false, false)]),
+    ("aster", [(false, false), (true, true), (false, false), (true, true), (false, false), (false, false)]),
     ("lark", [(true, true), (true, true), (true, true), (false, true), (false, false), (false, false)]),
     ("finch", [(false, false), (false, false), (false, false), (false, false), (false, false), (false, false)]),
     // The operator's token in kubectl: its patches need a get first, which its role does not hold.

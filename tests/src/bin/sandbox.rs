@@ -121,7 +121,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("==> KEEP set: everything stays up until Ctrl-C");
         println!("    export KUBECONFIG={}", stack.kubeconfig().display());
         println!("    kubectl --context wren apply -f my-experiment.yaml   # as the author; aster approves:");
-        println!("    kubectl ep approve <order> -n <namespace> --context aster");
+        println!(
+            "    kubectl ep approve <experiment> -n <namespace> --context aster   # an envelope for all its attempts"
+        );
         println!("    psql '{}'", stack.database_url);
         println!("    curl {}/metrics", op.metrics_url);
         tokio::signal::ctrl_c().await?;

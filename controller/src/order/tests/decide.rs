@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use ep_api::RunPodOrderSpec;
+use ep_api::experiment::{Approval, Envelope};
 use ep_api::order::OutcomeState;
 use ep_api::volume::{FORMAT_VERSION, Heartbeat, RunnerState, TerminalState};
 
 use crate::order::drain::{Evidence, outcome, retention};
 use crate::order::launch::{CreateStep, after_create};
-use crate::order::provision::{BudgetUsage, admit, choose_gpus};
+use crate::order::provision::{admit, choose_gpus};
 use crate::order::supervise::{RunView, Verdict, watch};
 use crate::reason::Reason;
 use crate::runpod::{GpuOffer, Pod, PodStatus, RunPodError, Runtime, Stock};
@@ -44,45 +45,71 @@ fn offer(id: &str, price: f64, stock: Stock) -> GpuOffer {
 #[test]
 fn approval_is_required_when_the_policy_says_so() {
     let s = settings();
-    let b = admit("ns", &spec("paper-train"), &s, &BudgetUsage::default()).unwrap_err();
+    let b = admit(&spec("paper-train"), &s, None).unwrap_err();
     assert_eq!(b.reason, Reason::AwaitingApproval);
     assert!(!b.reason.is_fatal());
     let mut approved = spec("paper_train");
     approved.approved = Some(true);
-    let a = admit("ns", &approved, &s, &BudgetUsage::default()).unwrap();
+    approved.approved_by = Some("aster".into());
+    let a = admit(&approved, &s, None).unwrap();
     assert_eq!(a.policy_name, "paper-train", "aliases resolve to the canonical name");
-    assert!(admit("ns", &spec("smoke"), &s, &BudgetUsage::default()).is_ok(), "smoke needs no approval");
+    assert_eq!(a.approved_by.as_deref(), Some("aster"));
+    assert!(admit(&spec("smoke"), &s, None).is_ok(), "smoke needs no approval");
+}
+
+fn envelope(gpus: &[&str], per_hour: Option<f64>, total: Option<f64>, attempts: Option<i32>) -> Approval {
+    Approval {
+        approved_by: "aster".into(),
+        envelope: Envelope {
+            gpu_types: gpus.iter().map(|g| (*g).to_owned()).collect(),
+            max_cost_per_hour: per_hour,
+            max_total_usd: total,
+            max_attempts: attempts,
+        },
+    }
+}
+
+/// The quickstart's order as attempt `n` of its experiment, after `spent` USD of earlier attempts.
+fn attempt(n: i32, spent: f64) -> RunPodOrderSpec {
+    let mut o = spec("paper-train");
+    let run = o.run.as_mut().expect("the fixture order carries its run");
+    run.attempt = n;
+    run.spent_before_usd = Some(spent);
+    o
 }
 
 #[test]
-fn unknown_policies_list_the_known_ones_and_spot_is_refused() {
+fn an_experiments_envelope_approves_its_retries_and_nothing_outside_it() {
     let s = settings();
-    let b = admit("ns", &spec("paper-trian"), &s, &BudgetUsage::default()).unwrap_err();
-    assert_eq!(b.reason, Reason::UnknownPolicy);
-    assert!(
-        b.message.contains("spec.policy") && b.message.contains("paper-train") && b.message.contains("smoke"),
-        "{}",
-        b.message
+    let env = envelope(&["rtx-pro-4500", "l4"], Some(0.5), Some(10.0), Some(3));
+    let a = admit(&attempt(3, 9.0), &s, Some(&env)).unwrap();
+    assert_eq!(a.approved_by.as_deref(), Some("aster (experiment envelope)"));
+    assert_eq!(a.max_price, Some(0.5), "the envelope's $/h is a ceiling on the GPU choice");
+    let past = admit(&attempt(4, 0.0), &s, Some(&env)).unwrap_err();
+    assert_eq!(past.reason, Reason::AwaitingApproval);
+    assert!(past.message.contains("attempt 4 is past the 3 attempts approved"), "{}", past.message);
+    let spent = admit(&attempt(2, 10.0), &s, Some(&env)).unwrap_err();
+    assert!(spent.message.contains("spent $10.00 of the $10.00 approved"), "{}", spent.message);
+    let narrow = envelope(&["l4"], None, None, None);
+    let gpus = admit(&attempt(1, 0.0), &s, Some(&narrow)).unwrap_err();
+    assert!(gpus.message.contains("spec.gpu.types rtx-pro-4500 not among the approved l4"), "{}", gpus.message);
+    let mut mine = attempt(1, 0.0);
+    mine.experiment_ref = None;
+    assert_eq!(
+        admit(&mine, &s, Some(&env)).unwrap_err().reason,
+        Reason::AwaitingApproval,
+        "an envelope covers only its experiment's orders"
     );
-    let mut spot = spec("smoke");
-    spot.gpu.interruptible = true;
-    let b = admit("ns", &spot, &s, &BudgetUsage::default()).unwrap_err();
-    assert_eq!((b.reason, b.reason.is_fatal()), (Reason::SpotUnavailable, true));
 }
 
 #[test]
-fn budgets_stop_spending_before_it_happens() {
-    let s = settings(); // default budget: 2 GPUs, $50 a day
-    let full = BudgetUsage { active_gpus: 2, spent_last_day: 0.0 };
-    assert_eq!(admit("ns", &spec("smoke"), &s, &full).unwrap_err().reason, Reason::BudgetExceeded);
-    let spent = BudgetUsage { active_gpus: 0, spent_last_day: 50.0 };
-    assert_eq!(admit("ns", &spec("smoke"), &s, &spent).unwrap_err().reason, Reason::BudgetExceeded);
-    let ok = BudgetUsage { active_gpus: 1, spent_last_day: 49.0 };
-    let a = admit("ns", &spec("smoke"), &s, &ok).unwrap();
+fn price_ceilings_combine_and_the_lowest_wins() {
+    let s = settings();
+    let a = admit(&spec("smoke"), &s, None).unwrap();
     assert_eq!(a.max_price, Some(1.0), "the policy's price ceiling applies");
     let mut cheaper = spec("smoke");
     cheaper.max_cost_per_hour = Some(0.5);
-    assert_eq!(admit("ns", &cheaper, &s, &ok).unwrap().max_price, Some(0.5), "the lower ceiling wins");
+    assert_eq!(admit(&cheaper, &s, None).unwrap().max_price, Some(0.5), "the lower ceiling wins");
 }
 
 #[test]

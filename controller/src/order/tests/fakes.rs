@@ -1,12 +1,11 @@
 //! In-memory fakes of what an order reconcile talks to: RunPod, the volume, and the rest of the
 //! world. Small on purpose: they behave like RunPod as runpod-api.md describes it, nothing more.
 
-use ep_api::experiment::ExperimentPhase;
+use ep_api::experiment::{Approval, ExperimentPhase};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use chrono::{DateTime, TimeZone, Utc};
 use ep_api::order::OrderPhase;
 use ep_api::volume::{
     FORMAT_VERSION, Heartbeat, ManifestEntry, ResourceUsage, RunnerState, Terminal, TerminalState, keys,
@@ -18,6 +17,7 @@ use tokio::sync::Semaphore;
 
 use crate::context::RunnerBinary;
 use crate::error::Error;
+use crate::order::ledger::{self, Entry, Ledger};
 use crate::order::world::{Connected, World};
 use crate::order::{Done, step};
 use crate::pool::{Conn, Sequence};
@@ -25,7 +25,7 @@ use crate::reason::Blocked;
 use crate::runpod::{
     GpuOffer, GpuQuery, NetworkVolume, Pod, PodSpec, PodStatus, RunPodApi, RunPodError, Runtime, Stock,
 };
-use crate::settings::Settings;
+use crate::settings::{NamespaceBudget, Settings};
 
 pub use super::store::FakeStore;
 
@@ -206,6 +206,10 @@ pub struct FakeWorld {
     pub lose_saves: Mutex<u32>,
     /// The phase of the order's experiment (None: no such experiment).
     pub experiment: Mutex<Option<Option<ExperimentPhase>>>,
+    /// The experiment's approval (spec.approval).
+    pub approval: Mutex<Option<Approval>>,
+    /// The namespace's spend ledger, as the ConfigMap would hold it.
+    pub ledger: Mutex<Ledger>,
     runner: RunnerBinary,
     staging: tempfile::TempDir,
     slots: Semaphore,
@@ -235,6 +239,8 @@ impl FakeWorld {
             terminated_at_save: Mutex::default(),
             lose_saves: Mutex::default(),
             experiment: Mutex::new(Some(Some(ExperimentPhase::Running))),
+            approval: Mutex::default(),
+            ledger: Mutex::default(),
             runner,
             staging,
             slots: Semaphore::new(2),
@@ -307,15 +313,20 @@ impl World for FakeWorld {
         &self.create_slots
     }
     fn record_spend(&self, _: &str, _: f64) {}
+    fn experiment_approval(&self, _: &str, _: &str) -> Option<Approval> {
+        lock(&self.approval).clone()
+    }
+    async fn reserve(&self, ns: &str, uid: &str, e: Entry, b: &NamespaceBudget) -> Result<Result<(), Blocked>, Error> {
+        let live = crate::order::world::live_orders(&lock(&self.others));
+        Ok(ledger::admit_change(&mut lock(&self.ledger), ns, uid, &e, b, &live).1)
+    }
+    async fn settle(&self, _: &str, uid: &str, spent: f64) -> Result<(), Error> {
+        lock(&self.ledger).settle(uid, spent);
+        Ok(())
+    }
 }
 
-pub fn t(secs: f64) -> DateTime<Utc> {
-    let whole = secs.floor();
-    #[allow(clippy::cast_possible_truncation)]
-    let nanos = ((secs - whole) * 1e9) as u32;
-    #[allow(clippy::cast_possible_truncation)]
-    Utc.timestamp_opt(1_800_000_000 + whole as i64, nanos).unwrap()
-}
+pub use super::t;
 
 /// One order driven pass by pass against a fake world, its status kept as the API server would.
 pub struct Sim {
