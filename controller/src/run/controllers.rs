@@ -363,14 +363,14 @@ async fn caches(client: &kube::Client, stop: &watch::Receiver<bool>) -> Option<C
 }
 
 /// The experiment an order serves: a change to the order wakes it.
-fn parent_of(o: Arc<Lenient<RunPodOrder>>) -> Option<ObjectRef<Lenient<Experiment>>> {
+fn parent_of(o: &Lenient<RunPodOrder>) -> Option<ObjectRef<Lenient<Experiment>>> {
     let name = o.get()?.spec.experiment_ref.as_ref()?.name.clone();
     Some(ObjectRef::new(&name).within(&o.namespace()?))
 }
 
 /// The current order of an approved experiment: an approval given on the experiment admits its
 /// waiting order at once.
-fn approved_order(e: Arc<Lenient<Experiment>>) -> Option<ObjectRef<Lenient<RunPodOrder>>> {
+fn approved_order(e: &Lenient<Experiment>) -> Option<ObjectRef<Lenient<RunPodOrder>>> {
     let exp = e.get().filter(|x| x.spec.approval.is_some())?;
     let order = exp.status.as_ref()?.current_attempt.as_ref()?.order.clone()?;
     Some(ObjectRef::new(&order).within(&e.namespace()?))
@@ -429,7 +429,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     );
     let s = shared.clone();
     let experiments = experiments
-        .watches_shared_stream(children, parent_of)
+        .watches_shared_stream(children, |o| parent_of(&o))
         .reconcile_all_on(lag_changes)
         .with_config(config.clone())
         .graceful_shutdown_on(shutdown_future(stop))
@@ -440,7 +440,7 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         );
     let s = shared.clone();
     let orders = orders
-        .watches_shared_stream(approvals, approved_order)
+        .watches_shared_stream(approvals, |e| approved_order(&e))
         .reconcile_on(poller(shared.clone(), stop.clone()))
         .with_config(config)
         .graceful_shutdown_on(shutdown_future(stop))
