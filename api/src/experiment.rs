@@ -23,12 +23,16 @@ use crate::duration::GoDuration;
     category = "ep",
     doc = "An ML training experiment run on RunPod GPU pods, one attempt at a time.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason"),
     printcolumn(name = "GPU", type_ = "string", json_path = ".status.gpu"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempts"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.summary"),
     printcolumn(name = "Cost", type_ = "number", json_path = ".status.costUsd"),
     printcolumn(name = "F1", type_ = "number", json_path = ".status.results.f1"),
     printcolumn(name = "AUC", type_ = "number", json_path = ".status.results.auc"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Metrics", type_ = "string", json_path = ".status.metrics", priority = "1"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1"),
     validation = Rule::new("!has(self.spec.dependsOn) || !(self.metadata.name in self.spec.dependsOn)")
         .message("spec.dependsOn must not name the experiment itself"),
     validation = Rule::new("size(self.metadata.name) <= 63")
@@ -78,6 +82,10 @@ pub struct ExperimentSpec {
     /// the chart's admission policy lets only approvers set it, with `approvedBy` their own name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// Asks a finished experiment (Succeeded or Failed) for a new attempt: any value it has not
+    /// served yet starts one, with retries counted afresh (`kubectl ep rerun` sets the time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<String>,
 }
 
 /// Consent to spend on an experiment's attempts, within an envelope.
@@ -224,6 +232,36 @@ pub struct RetryPolicy {
     /// Wait between a failed attempt and the next one, e.g. `10m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<GoDuration>,
+    /// Which failures are retried. Default: `[PodLost]`, the machine's failures (the pod vanished,
+    /// exited under the runner, never started, or its heartbeat stopped), not the script's: a
+    /// script error fails the same way again and would pay again. (Named `when`, not `on`:
+    /// kubectl reads YAML 1.1, where an unquoted `on` is the boolean true.)
+    #[serde(default = "default_retry_on")]
+    pub when: Vec<RetryCause>,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+fn default_retry_on() -> Vec<RetryCause> {
+    vec![RetryCause::PodLost]
+}
+
+/// A kind of attempt failure, as `retry.when` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RetryCause {
+    /// The pod vanished, exited under the runner, never started, or its heartbeat stopped.
+    PodLost,
+    /// The attempt reached its maxRuntime or the order's lifetime.
+    LifetimeReached,
+    /// The script exited with a non-zero code.
+    NonZeroExit,
+    /// The script exited 0 but left no valid results (the results contract).
+    ResultsContractBroken,
+    /// Any failure.
+    Any,
 }
 
 /// What happens to checkpoints when an attempt drains.
@@ -373,6 +411,44 @@ pub struct ExperimentStatus {
     /// The approval in force (spec.approval) and when it was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalRecord>,
+    /// The Ready condition's reason: what the experiment waits for, or what happened last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The Ready condition's message (`kubectl get exp -o wide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How far the current attempt's training is, as its script reports it (progress.json).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ExperimentProgress>,
+    /// The last `spec.rerun` served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<String>,
+    /// Attempts made before the last rerun (retries count from there).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rerun_from: i32,
+    /// The metrics `spec.results.metrics` declares, with their latest values (`f1=0.81 auc=0.95`):
+    /// the results of the successful attempt, else the running attempt's last progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+}
+
+/// Training progress of the current attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentProgress {
+    /// Attempt the progress belongs to.
+    pub attempt: i32,
+    pub step: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
+    /// When the run should reach `total` at its rate so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<Time>,
+    /// The script's last metrics.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
+    /// `step/total (percent%)`, for the PROGRESS column.
+    pub summary: String,
 }
 
 /// One phase change of an experiment.

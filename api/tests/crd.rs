@@ -215,7 +215,7 @@ fn crds_have_what_kubectl_users_rely_on() {
             "experiments",
             "exp",
             "Namespaced",
-            vec!["Phase", "GPU", "Attempt", "Cost", "F1", "AUC", "Age"],
+            vec!["Phase", "Reason", "GPU", "Attempt", "Progress", "Cost", "F1", "AUC", "Age", "Metrics", "Message"],
         ),
         (
             crd_json::<RunPodOrder>(),

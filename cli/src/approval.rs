@@ -150,3 +150,25 @@ pub async fn approve_experiment(
     println!("experiment.ep.dev/{name} approved by {by} within {}", within.join(", "));
     Ok(())
 }
+
+/// Asks a finished experiment for a new attempt (spec.rerun = now): refused while an attempt is
+/// under way or before the experiment ended.
+pub async fn rerun(client: Client, ns: &str, name: &str) -> Result<(), String> {
+    let api = Api::<Experiment>::namespaced(client, ns);
+    let exp = api.get_opt(name).await.map_err(api_error)?.ok_or_else(|| format!("no Experiment {ns}/{name}"))?;
+    let st = exp.status.clone().unwrap_or_default();
+    match st.phase {
+        Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed) if st.current_attempt.is_none() => {}
+        p => {
+            return Err(format!(
+                "experiment.ep.dev/{name} is {}: only a Succeeded or Failed experiment is rerun",
+                p.map_or_else(|| "new".to_owned(), |p| format!("{p:?}"))
+            ));
+        }
+    }
+    let token = k8s_openapi::jiff::Timestamp::now().to_string();
+    let patch = json!({"spec": {"rerun": token}});
+    api.patch(name, &PatchParams::apply("kubectl-ep"), &Patch::Merge(&patch)).await.map_err(api_error)?;
+    println!("experiment.ep.dev/{name} rerun: attempt {} follows", st.attempts + 1);
+    Ok(())
+}

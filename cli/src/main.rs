@@ -3,6 +3,7 @@
 
 mod approval;
 mod orders;
+mod pull;
 mod runpod;
 
 use std::io::Write;
@@ -70,6 +71,37 @@ enum Command {
         /// Only the last N lines (of each stream).
         #[arg(long)]
         tail: Option<usize>,
+        /// Keep printing what the run writes until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only what the script wrote to stderr.
+        #[arg(long)]
+        stderr: bool,
+        /// The experiment's attempt N (default: the current, else the last).
+        #[arg(long)]
+        attempt: Option<i32>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Download an attempt's verified artifacts, each checked against its sha256 in the receipt.
+    Pull {
+        /// An Experiment (its current, else last, attempt) or a RunPodOrder.
+        name: String,
+        /// Where to put them (default: <name>-a<attempt>).
+        dir: Option<PathBuf>,
+        /// Also the checkpoints (left out by default: they can be large).
+        #[arg(long)]
+        checkpoints: bool,
+        /// The experiment's attempt N.
+        #[arg(long)]
+        attempt: Option<i32>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Run a finished experiment again: a new attempt, with retries counted afresh.
+    Rerun {
+        /// An Experiment that Succeeded or Failed.
+        name: String,
         #[arg(short, long)]
         namespace: Option<String>,
     },
@@ -229,9 +261,17 @@ fn main() -> ExitCode {
             let f = runpod::GpuFilter { provider, min_vram, max_price, data_center };
             runpod::gpus(client, &f, output).await
         }),
-        Command::Logs { name, container, tail, namespace } => rt.block_on(async {
+        Command::Logs { name, container, tail, follow, stderr, attempt, namespace } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
-            runpod::logs(client, &ns, &runpod::LogsArgs { name, container, tail }).await
+            runpod::logs(client, &ns, &runpod::LogsArgs { name, container, tail, follow, stderr, attempt }).await
+        }),
+        Command::Pull { name, dir, checkpoints, attempt, namespace } => rt.block_on(async {
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
+            pull::pull(client, &ns, &pull::PullArgs { name, dir, checkpoints, attempt }).await
+        }),
+        Command::Rerun { name, namespace } => rt.block_on(async {
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
+            approval::rerun(client, &ns, &name).await
         }),
         Command::Stop { name, reason, namespace } => rt.block_on(async {
             if reason.trim().is_empty() {

@@ -2,6 +2,7 @@
 //! a run, read with the person's own kubeconfig (RBAC decides who may read a provider's Secrets;
 //! `gpus` needs only read access to RunPodProviders).
 
+use ep_api::order::OrderPhase;
 use ep_api::provider::{CatalogGpu, RunPodProvider, Transport};
 use ep_api::volume::keys;
 use ep_api::{Experiment, RunPodOrder};
@@ -167,6 +168,14 @@ async fn resolve_order(client: &Client, ns: &str, name: &str) -> Result<RunPodOr
     })
 }
 
+/// Whether the order may still write logs: not ended (DELETED or FAILED) and not gone.
+async fn live(client: &Client, ns: &str, name: &str) -> Result<bool, String> {
+    let order =
+        Api::<RunPodOrder>::namespaced(client.clone(), ns).get_opt(name).await.map_err(crate::orders::api_error)?;
+    let phase = order.and_then(|o| o.status?.phase);
+    Ok(!matches!(phase, None | Some(OrderPhase::Deleted | OrderPhase::Failed)))
+}
+
 /// Prints the last `tail` lines (all when None).
 fn print_tail(text: &str, tail: Option<usize>, to_stderr: bool) {
     let lines: Vec<&str> = text.lines().collect();
@@ -185,12 +194,41 @@ pub struct LogsArgs {
     pub name: String,
     pub container: bool,
     pub tail: Option<usize>,
+    pub follow: bool,
+    pub stderr: bool,
+    pub attempt: Option<i32>,
+}
+
+/// The order `name` names, or with `attempt` the order of that attempt of the experiment `name`.
+pub async fn order_of(client: &Client, ns: &str, name: &str, attempt: Option<i32>) -> Result<RunPodOrder, String> {
+    match attempt {
+        Some(n) => attempt_order(client, ns, name, n).await,
+        None => resolve_order(client, ns, name).await,
+    }
+}
+
+/// The order of attempt `n` of the experiment `name`.
+async fn attempt_order(client: &Client, ns: &str, name: &str, n: i32) -> Result<RunPodOrder, String> {
+    let exp = Api::<Experiment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(crate::orders::api_error)?
+        .ok_or_else(|| format!("--attempt needs an Experiment; {ns}/{name} is none"))?;
+    let st = exp.status.unwrap_or_default();
+    let order = st
+        .history
+        .iter()
+        .chain(st.current_attempt.iter())
+        .find(|a| a.attempt == n)
+        .and_then(|a| a.order.clone())
+        .ok_or_else(|| format!("experiment {ns}/{name} has no attempt {n} (it made {})", st.attempts))?;
+    resolve_order(client, ns, &order).await
 }
 
 /// The training script's stdout and stderr from the volume, or (`--container`) the pod's
 /// container log from RunPod (REST v2 `GET /v2/pods/{id}/logs`).
 pub async fn logs(client: Client, ns: &str, a: &LogsArgs) -> Result<(), String> {
-    let order = resolve_order(&client, ns, &a.name).await?;
+    let order = order_of(&client, ns, &a.name, a.attempt).await?;
     let oname = order.name_any();
     let provider = Api::<RunPodProvider>::all(client.clone())
         .get_opt(&order.spec.provider_ref)
@@ -227,16 +265,32 @@ pub async fn logs(client: Client, ns: &str, a: &LogsArgs) -> Result<(), String> 
     }
     let run =
         st.run_id.clone().ok_or_else(|| format!("RunPodOrder {ns}/{oname} has no run yet (phase {:?})", st.phase))?;
-    let mut found = false;
-    for (file, to_stderr) in [("stdout.log", false), ("stderr.log", true)] {
-        let key = keys::run_file(&run, &format!("{}/{file}", keys::LOGS_DIR));
-        match store.get(&key).await {
-            Ok(Some(bytes)) => {
-                found = true;
-                print_tail(&String::from_utf8_lossy(&bytes), a.tail, to_stderr);
+    let streams: &[(&str, bool)] =
+        if a.stderr { &[("stderr.log", true)] } else { &[("stdout.log", false), ("stderr.log", true)] };
+    // Bytes of each stream already printed: following prints only what is new.
+    let mut printed = vec![0usize; streams.len()];
+    let (mut found, mut last) = (false, !a.follow);
+    loop {
+        for (i, (file, to_stderr)) in streams.iter().enumerate() {
+            let key = keys::run_file(&run, &format!("{}/{file}", keys::LOGS_DIR));
+            match store.get(&key).await {
+                Ok(Some(bytes)) if bytes.len() > printed[i] => {
+                    found = true;
+                    let new = String::from_utf8_lossy(&bytes[printed[i]..]).into_owned();
+                    print_tail(&new, if printed[i] == 0 { a.tail } else { None }, *to_stderr);
+                    printed[i] = bytes.len();
+                }
+                Ok(_) => {}
+                Err(e) => return Err(format!("reading {key} from volume {}: {e}", provider.spec.network_volume.id)),
             }
-            Ok(None) => {}
-            Err(e) => return Err(format!("reading {key} from volume {}: {e}", provider.spec.network_volume.id)),
+        }
+        if last {
+            break;
+        }
+        // After the run ends, one more read catches what it wrote last.
+        last = !live(&client, ns, &oname).await?;
+        if !last {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
     }
     if !found {

@@ -161,6 +161,7 @@ reasons! {
     SpotUnavailable: Fatal, Order, Never, "Interruptible (spot) pods were asked for; RunPod no longer offers them. Set gpu.interruptible to false.";
     AwaitingApproval: Wait, Paid, Person, "The policy needs approval before money is spent: an approver runs `kubectl ep approve`.";
     Approved: Progress, Paid, Now, "An approver approved an experiment's spending within an envelope: its orders inside it (retries included) need no further approval.";
+    RerunRequested: Progress, Study, Now, "A finished experiment was asked to run again (`kubectl ep rerun`, spec.rerun): a new attempt follows.";
     BudgetExceeded: Wait, Paid, Poll, "The namespace's GPU or spend budget has no room; the message gives the figures.";
     OverPriceLimit: Wait, Paid, Poll, "Every GPU choice costs more per hour than the order or its policy allows.";
     InsufficientBalance: Wait, Paid, Balance, "RunPod refused the pod: the account's balance is too low. Add funds.";
@@ -236,6 +237,7 @@ reasons! {
     DependencyFailed: Wait, Study, Poll, "An experiment named in spec.dependsOn failed.";
     AttemptFailed: Notice, Study, Now, "An attempt failed and attempts remain: the next starts after the backoff.";
     RetriesExhausted: Outcome, Study, Never, "The last allowed attempt failed.";
+    NotRetried: Outcome, Study, Never, "An attempt failed in a way `retry.when` does not retry (by default only a lost pod is retried, not a script error).";
     StatusDivergence: Outcome, SplitBrain, Never, "The run's terminal state could not be trusted (see TerminalDivergence).";
     Stopped: Outcome, Paid, Never, "The attempt was stopped on request.";
     ExperimentDeleted: Notice, Study, Never, "The experiment was deleted; the registry records it as ended.";

@@ -178,11 +178,14 @@ async fn two_runs_on_one_worker_are_one_heartbeat_row_with_two_running_jobs_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_made_by_hand_for_a_stale_attempt_is_re_bound_to_the_next_and_the_repair_is_recorded() {
     let stack = ep_testkit::e2e::quickstart_stack(&StackOptions::default()).await.unwrap();
-    // Attempt 1 fails at once (argparse refuses the epochs); attempt 2 comes after a 20 s backoff.
+    // Attempt 1 fails at once (argparse refuses the epochs); attempt 2 comes after a 20 s backoff
+    // (retry.when names the script's failure: by default only a lost pod is retried).
     let yaml = ep_testkit::e2e::exp("stale")
         .attempts(2, Some("20s"))
         .yaml()
-        .replace(r#"--epochs, "3""#, r#"--epochs, "three""#);
+        .replace(r#"--epochs, "3""#, r#"--epochs, "three""#)
+        .replace("retry: {maxAttempts: 2, backoff: 20s}", "retry: {maxAttempts: 2, backoff: 20s, when: [NonZeroExit]}");
+    assert!(yaml.contains("when: [NonZeroExit]"));
     stack.apply(&yaml).unwrap();
     stack.wait_phase("exp", "stale", &["NeedsRerun", "Failed"]).unwrap();
     // A person made an order for attempt 1, which is over: the binding it asks for is stale.

@@ -31,6 +31,15 @@ async fn a_retry_inside_the_approved_envelope_launches_and_one_past_it_waits() {
     let e = exp("env").policy("paper_train").epochs(400, 0.5).attempts(3, Some("1s")).gpus(&["rtx-pro-4500"]);
     stack.apply(&e.yaml()).unwrap();
     stack.wait_for("rpo", Some(NS), "env-a1", LONG, "AwaitingApproval", |o| waits_with(o, "AwaitingApproval")).unwrap();
+    // While it waits for approval the registry says READY, and the pipeline's query for running
+    // work does not list it.
+    let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
+    registry_says(&pool, "env", "READY").await;
+    let running: Vec<String> = sqlx::query_scalar("SELECT name FROM exp_registry.experiments WHERE status = 'RUNNING'")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(running.is_empty(), "{running:?}");
     // An approver cannot approve in someone else's name: admission binds approvedBy to the
     // authenticated user, whatever the client sends.
     let forged = r#"{"spec":{"approval":{"approvedBy":"wren","envelope":{"maxAttempts":9}}}}"#;
@@ -42,7 +51,10 @@ async fn a_retry_inside_the_approved_envelope_launches_and_one_past_it_waits() {
     let out = stack.kubectl_ep_as("aster", &["approve", "env", "-n", NS, "--yes", "--max-attempts", "2"]).unwrap();
     assert!(out.contains("approved by aster within GPUs rtx-pro-4500") && out.contains("2 attempts"), "{out}");
 
-    // Attempts 1 and 2 launch inside the envelope: no one approves their orders.
+    // Attempts 1 and 2 launch inside the envelope: no one approves their orders. Once the runner
+    // is online the registry says RUNNING.
+    stack.wait_for("rpo", Some(NS), "env-a1", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
+    registry_says(&pool, "env", "RUNNING").await;
     lose_the_pod(&stack, "env-a1").await;
     lose_the_pod(&stack, "env-a2").await;
     let a2 = stack.get("rpo", Some(NS), "env-a2").unwrap().unwrap();
@@ -58,7 +70,6 @@ async fn a_retry_inside_the_approved_envelope_launches_and_one_past_it_waits() {
     assert!(stack.live_pods().await.unwrap().is_empty(), "nothing runs outside the envelope");
 
     // The registry keeps who approved, when, and the envelope.
-    let pool = sqlx::PgPool::connect(&stack.database_url).await.unwrap();
     let (by, at, envelope): (Option<String>, Option<chrono::DateTime<chrono::Utc>>, Option<Value>) = sqlx::query_as(
         "SELECT approved_by, approved_at, approval_envelope FROM exp_registry.experiments WHERE name = 'env'",
     )
@@ -75,6 +86,23 @@ async fn a_retry_inside_the_approved_envelope_launches_and_one_past_it_waits() {
     stack.wait_for("rpo", Some(NS), "env-a3", LONG, "RUNNER_ONLINE", |o| phase(o) == "RUNNER_ONLINE").unwrap();
     stack.kubectl_ep(&["stop", "env", "-n", NS, "--reason", "test over"]).unwrap();
     stack.wait_for("rpo", Some(NS), "env-a3", LONG, "DELETED", |o| phase(o) == "DELETED").unwrap();
+}
+
+/// Waits until the registry's row of experiment `name` has `status`.
+async fn registry_says(pool: &sqlx::PgPool, name: &str, status: &str) {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let now: Option<String> = sqlx::query_scalar("SELECT status FROM exp_registry.experiments WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+        if now.as_deref() == Some(status) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "registry says {now:?} for {name}, not {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The namespace's ledger entries (ConfigMap ep-spend-ledger), parsed.

@@ -133,6 +133,38 @@ where
 }
 
 impl S3Volume {
+    /// Streams one object into `dest` (written beside it, then renamed) and returns its size and
+    /// hex sha256, computed on the bytes as they arrive; None when there is no such object.
+    pub async fn download(&self, key: &str, dest: &Path) -> Result<Option<(u64, String)>, StoreError> {
+        use sha2::Digest as _;
+        use tokio::io::AsyncWriteExt as _;
+        self.count();
+        let mut body = match self.client.get_object().bucket(&self.settings.bucket).key(key).send().await {
+            Ok(o) => o.body,
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => return Ok(None),
+            Err(e) => return Err(req_err("GetObject", key, &e)),
+        };
+        let local = |source| StoreError::Local { path: dest.display().to_string(), source };
+        let partial = dest.with_extension("partial");
+        let mut file = tokio::fs::File::create(&partial).await.map_err(local)?;
+        let (mut hash, mut size) = (sha2::Sha256::new(), 0u64);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| StoreError::Request {
+                op: "GetObject",
+                key: key.into(),
+                status: None,
+                message: e.to_string(),
+            })?;
+            hash.update(&chunk);
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(local)?;
+        }
+        file.flush().await.map_err(local)?;
+        drop(file);
+        tokio::fs::rename(&partial, dest).await.map_err(local)?;
+        Ok(Some((size, hex::encode(hash.finalize()))))
+    }
+
     pub fn new(settings: S3Settings) -> Self {
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())

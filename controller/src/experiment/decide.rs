@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ep_api::experiment::{AttemptStatus, ExperimentPhase, ExperimentTransition};
+use ep_api::experiment::{AttemptStatus, ExperimentPhase, ExperimentTransition, RetryCause};
 use ep_api::order::{OrderPhase, OutcomeState, RunTemplate};
 use ep_api::{CONDITION_READY, Experiment, ExperimentStatus, RunPodOrder, find_condition, set_condition};
 use kube::ResourceExt;
 
 pub use super::admit::{choose_worker, intake};
+use super::display;
 use crate::names;
 use crate::reason::{Blocked, Reason};
 use crate::registry::RegistryStatus;
@@ -124,6 +125,7 @@ impl Builder<'_> {
         let ready =
             phase == ExperimentPhase::Succeeded || (phase == ExperimentPhase::Running && reason == Reason::Running);
         self.cond(CONDITION_READY, ready, reason, message);
+        (self.st.reason, self.st.message) = (Some(reason.as_str().to_owned()), Some(message.to_owned()));
         self.cond(CONDITION_RECONCILING, !done, if done { Reason::Done } else { reason }, message);
         let stalled = phase == ExperimentPhase::Failed;
         let (why, msg) = if stalled { (reason, message) } else { (Reason::Progressing, "") };
@@ -152,6 +154,7 @@ fn round(x: f64) -> f64 {
 }
 
 fn plan(b: &mut Builder<'_>, requeue: Option<Duration>) -> Plan {
+    b.st.metrics = display::metrics(b.o.exp, &b.st);
     Plan {
         status: std::mem::take(&mut b.st),
         create_order: b.create_order.take(),
@@ -159,48 +162,6 @@ fn plan(b: &mut Builder<'_>, requeue: Option<Duration>) -> Plan {
         events: std::mem::take(&mut b.events),
         requeue,
     }
-}
-
-/// Keeps the approval in force in status, with the time the operator first saw it; a new or
-/// changed approval is announced in an Event.
-fn record_approval(b: &mut Builder<'_>) {
-    let spec = b.o.exp.spec.approval.as_ref();
-    let same = match (spec, &b.st.approval) {
-        (Some(a), Some(r)) => a.approved_by == r.approved_by && a.envelope == r.envelope,
-        (None, None) => true,
-        _ => false,
-    };
-    if same {
-        return;
-    }
-    b.st.approval = spec.map(|a| ep_api::experiment::ApprovalRecord {
-        approved_by: a.approved_by.clone(),
-        approved_at: time::to_k8s(b.o.now),
-        envelope: a.envelope.clone(),
-    });
-    let note = match spec {
-        Some(a) => format!("{} approved spending within {}", a.approved_by, describe_envelope(&a.envelope)),
-        None => "the approval was withdrawn: orders that need one wait for an approver".to_owned(),
-    };
-    b.events.push((Reason::Approved, note));
-}
-
-/// An envelope as a person reads it.
-pub fn describe_envelope(e: &ep_api::experiment::Envelope) -> String {
-    let mut parts = vec![];
-    if !e.gpu_types.is_empty() {
-        parts.push(format!("GPUs {}", e.gpu_types.join(", ")));
-    }
-    if let Some(p) = e.max_cost_per_hour {
-        parts.push(format!("${p:.2}/h"));
-    }
-    if let Some(t) = e.max_total_usd {
-        parts.push(format!("${t:.2} in all"));
-    }
-    if let Some(n) = e.max_attempts {
-        parts.push(format!("{n} attempts"));
-    }
-    if parts.is_empty() { "no bounds".to_owned() } else { parts.join(", ") }
 }
 
 /// Spend of the attempts already over.
@@ -220,7 +181,9 @@ pub fn decide(o: &Observed<'_>) -> Plan {
         online: false,
     };
     b.st.observed_generation = exp.metadata.generation;
-    record_approval(&mut b);
+    if let Some(note) = display::record_approval(&mut b.st, exp.spec.approval.as_ref(), o.now) {
+        b.events.push((Reason::Approved, note));
+    }
     match &o.registry {
         Some(why) => b.cond(CONDITION_REGISTRY, false, why.reason, &why.message),
         None => b.cond(CONDITION_REGISTRY, true, Reason::Mirrored, "the registry holds this status"),
@@ -282,7 +245,10 @@ fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Opti
             }
             None => (Reason::OrderCreated, format!("order {} accepted", order.name_any())),
         };
-        b.phase(ExperimentPhase::Running, reason, &msg);
+        // No pod yet and the order held at a gate: the experiment waits, and says for what.
+        let gated = reason.kind() == crate::reason::Kind::Wait && !claimed(ost.phase);
+        b.phase(if gated { ExperimentPhase::Waiting } else { ExperimentPhase::Running }, reason, &msg);
+        display::show_progress(&mut b.st, cur.attempt, &ost);
         return Some(plan(b, None));
     }
     fold(b, cur, order, a, before)
@@ -355,9 +321,17 @@ fn retry(b: &mut Builder<'_>, n: i32, a: &AttemptStatus, spent: f64, detail: &st
     let max_attempts = retry.as_ref().map_or(1, |r| r.max_attempts.max(1));
     let backoff = retry.and_then(|r| r.backoff).map_or(Duration::ZERO, |d| d.get());
     let max_cost = o.exp.spec.limits.as_ref().and_then(|l| l.max_cost_usd);
-    if b.st.attempts >= max_attempts {
+    if b.st.attempts - b.st.rerun_from >= max_attempts {
         let m = format!("attempt {n} of {max_attempts} failed ({detail}); no attempts left");
         b.phase(ExperimentPhase::Failed, Reason::RetriesExhausted, &m);
+        return Some(plan(b, None));
+    }
+    let on = o.exp.spec.retry.as_ref().map_or_else(|| vec![RetryCause::PodLost], |r| r.when.clone());
+    let cause = a.reason.as_deref().and_then(|r| r.parse().ok()).and_then(retry_cause);
+    if !on.contains(&RetryCause::Any) && !cause.is_some_and(|c| on.contains(&c)) {
+        let named = cause.map_or_else(|| "this failure".to_owned(), |c| format!("{c:?}"));
+        let m = format!("attempt {n} failed ({detail}); not retried: retry.when does not name {named}");
+        b.phase(ExperimentPhase::Failed, Reason::NotRetried, &m);
         return Some(plan(b, None));
     }
     if let Some(max) = max_cost.filter(|m| spent >= *m) {
@@ -379,7 +353,16 @@ fn next_attempt(mut b: Builder<'_>) -> Plan {
     let exp = o.exp;
     let poll = o.settings.poll_interval.get();
     match b.st.phase {
-        Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed) => return plan(&mut b, None),
+        Some(ExperimentPhase::Succeeded | ExperimentPhase::Failed) => {
+            // A finished experiment runs again when spec.rerun takes a value it has not served.
+            let Some(token) = exp.spec.rerun.clone().filter(|r| b.st.rerun.as_ref() != Some(r)) else {
+                return plan(&mut b, None);
+            };
+            let note = format!("rerun {token}: attempt {} follows, with retries counted afresh", b.st.attempts + 1);
+            (b.st.rerun, b.st.rerun_from, b.st.next_attempt_at) = (Some(token), b.st.attempts, None);
+            (b.st.results, b.st.artifacts, b.st.usage) = (None, None, None);
+            b.events.push((Reason::RerunRequested, note));
+        }
         Some(ExperimentPhase::NeedsRerun) => {
             if let Some(at) = b.st.next_attempt_at.as_ref().map(time::from_k8s)
                 && o.now < at
@@ -410,6 +393,21 @@ fn next_attempt(mut b: Builder<'_>) -> Plan {
         return plan(&mut b, Some(poll));
     }
     claim(b)
+}
+
+/// The `retry.when` kind of an attempt's failure reason.
+fn retry_cause(r: Reason) -> Option<RetryCause> {
+    Some(match r {
+        Reason::PodVanished
+        | Reason::PodGone
+        | Reason::PodExited
+        | Reason::HeartbeatLost
+        | Reason::RuntimeNeverAppeared => RetryCause::PodLost,
+        Reason::LifetimeReached | Reason::TimedOut => RetryCause::LifetimeReached,
+        Reason::NonZeroExit => RetryCause::NonZeroExit,
+        Reason::ResultsContractBroken => RetryCause::ResultsContractBroken,
+        _ => return None,
+    })
 }
 
 /// Whether an order has claimed its run (from then on its binding is its own, never moved).

@@ -5,6 +5,7 @@
 
 mod admit;
 mod decide;
+pub mod display;
 
 use std::sync::Arc;
 use std::time::Duration;

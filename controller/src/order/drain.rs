@@ -201,6 +201,11 @@ async fn judge<W: World>(
     if let (Evidence::NoTerminal, Some(log)) = (&ev, &pass.st.container_log) {
         message = Some(format!("{}; the container log ends: {log}", message.unwrap_or_default()));
     }
+    if state == OutcomeState::Failed
+        && let Some(tail) = stderr_tail(store, &run_id).await
+    {
+        message = Some(format!("{}; stderr ends: {tail}", message.unwrap_or_default()));
+    }
     let mut out = RunOutcome {
         state,
         reason: reason.as_str().to_owned(),
@@ -275,6 +280,18 @@ async fn listed<A: RunPodApi, S>(pass: &mut Pass<'_>, conn: &Conn<A, S>) -> Resu
         }
         Observed::Absent | Observed::CreatePending { .. } | Observed::CreateLost { .. } | Observed::Gone { .. } => None,
     })
+}
+
+/// The last lines the script wrote to stderr (at most 5 lines, 600 bytes), for a failed run's
+/// message: the cause is shown where people look, not only in the log on the volume.
+async fn stderr_tail<S: VolumeStore>(store: &S, run_id: &str) -> Option<String> {
+    let bytes = store.get(&keys::run_file(run_id, &format!("{}/stderr.log", keys::LOGS_DIR))).await.ok()??;
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(5)..].join(" | ");
+    let start = tail.len().saturating_sub(600);
+    let start = (start..=tail.len()).find(|i| tail.is_char_boundary(*i)).unwrap_or(tail.len());
+    (!tail.is_empty()).then(|| tail[start..].to_owned())
 }
 
 /// DRAINING -> DELETED.

@@ -3,6 +3,7 @@
 use chrono::TimeZone;
 use ep_api::RunPodOrderStatus;
 use ep_api::experiment::ExperimentPhase as P;
+use ep_api::experiment::RetryCause;
 use ep_api::order::{OrderPhase, OutcomeState, RunOutcome};
 
 use super::*;
@@ -100,7 +101,8 @@ fn a_failed_attempt_with_attempts_left_needs_a_rerun_after_the_backoff() {
 #[test]
 fn the_last_attempt_failing_fails_the_experiment() {
     let mut e = exp();
-    e.spec.retry = Some(ep_api::experiment::RetryPolicy { max_attempts: 1, backoff: None });
+    e.spec.retry =
+        Some(ep_api::experiment::RetryPolicy { max_attempts: 1, backoff: None, when: vec![RetryCause::Any] });
     let e = with(e.clone(), &run(&e, &[], vec![], 0));
     let p = run(&e, &[order("quickstart-a1", 1, ended(OutcomeState::Failed, 10, 0.0))], vec![], 11);
     assert_eq!(p.status.phase, Some(P::Failed));
@@ -206,7 +208,8 @@ fn a_stale_binding_is_cleared_and_the_order_re_bound_to_the_attempt_claimed() {
     // Attempt 1 failed in the operator's own order; a person's order still names attempt 1 and
     // holds its old binding, and has claimed nothing.
     let mut e = exp();
-    e.spec.retry = Some(ep_api::experiment::RetryPolicy { max_attempts: 3, backoff: None });
+    e.spec.retry =
+        Some(ep_api::experiment::RetryPolicy { max_attempts: 3, backoff: None, when: vec![RetryCause::Any] });
     let first = run(&e, &[], vec![], 0);
     let e = with(e, &first);
     let own = order("quickstart-a1", 1, ended(OutcomeState::Failed, 10, 0.01));
@@ -323,4 +326,22 @@ fn worker_affinity_prefers_a_worker_keeps_exclusive_workers_to_one_run_and_pins_
     let order = crate::experiment::order_for(&e, &name, t, Some("w7"));
     assert_eq!(order.spec.gpu.types, ["l4"]);
     assert_eq!(order.spec.worker_id, "w7");
+}
+
+#[test]
+fn by_default_a_lost_pod_is_retried_and_a_script_error_is_not() {
+    let mut e = exp();
+    e.spec.retry =
+        Some(ep_api::experiment::RetryPolicy { max_attempts: 3, backoff: None, when: vec![RetryCause::PodLost] });
+    let e = with(e.clone(), &run(&e, &[], vec![], 0));
+    let lost = order("quickstart-a1", 1, ended(OutcomeState::Failed, 10, 0.01));
+    let p = run(&e, &[lost], vec![], 20);
+    assert_eq!(created(&p), Some(("quickstart-a2".to_owned(), 2)), "HeartbeatLost is a lost pod: retried");
+    let mut crashed = ended(OutcomeState::Failed, 10, 0.01);
+    crashed.outcome.as_mut().unwrap().reason = "NonZeroExit".into();
+    let p = run(&e, &[order("quickstart-a1", 1, crashed)], vec![], 20);
+    assert_eq!(p.status.phase, Some(P::Failed));
+    assert_eq!(p.status.reason.as_deref(), Some("NotRetried"));
+    let msg = p.status.message.unwrap_or_default();
+    assert!(msg.contains("retry.when does not name NonZeroExit"), "{msg}");
 }

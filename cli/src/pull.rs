@@ -1,0 +1,147 @@
+//! `kubectl ep pull EXP [DIR]`: an attempt's artifacts from the network volume, each checked
+//! against the sha256 the runner recorded and the operator verified before the pod was deleted.
+//! The volume's endpoint and keys come from the RunPodProvider and its Secret: nothing to copy.
+
+use std::path::{Path, PathBuf};
+
+use ep_api::RunPodOrder;
+use ep_api::experiment::ArtifactRef;
+use ep_api::provider::RunPodProvider;
+use ep_api::volume::{Terminal, keys};
+use ep_operator::pool::{clients, credentials};
+use ep_volume::store::VolumeStore;
+use kube::{Api, Client, ResourceExt};
+
+use crate::orders::api_error;
+
+/// What `pull` fetches.
+pub struct PullArgs {
+    pub name: String,
+    pub dir: Option<PathBuf>,
+    pub checkpoints: bool,
+    pub attempt: Option<i32>,
+}
+
+/// A file's place under the download directory: its key below the run's artifacts prefix, with
+/// no way out of the directory.
+fn relative(prefix: &str, key: &str) -> Option<PathBuf> {
+    let rel = Path::new(key.strip_prefix(prefix)?);
+    rel.components().all(|c| matches!(c, std::path::Component::Normal(_))).then(|| rel.to_path_buf())
+}
+
+fn human(bytes: i64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+/// The verified artifacts of the order's run: the status lists up to 100; beyond that the
+/// runner's terminal.json on the volume names the rest (with their sha256).
+async fn listed(order: &RunPodOrder, store: &impl VolumeStore) -> Result<(String, Vec<ArtifactRef>), String> {
+    let name = order.name_any();
+    let st = order.status.clone().unwrap_or_default();
+    let arts = st.outcome.and_then(|o| o.artifacts).ok_or_else(|| {
+        format!("RunPodOrder {name} has no verified artifacts (phase {:?}): its run has not been judged yet", st.phase)
+    })?;
+    if arts.omitted == 0 {
+        return Ok((arts.prefix, arts.items));
+    }
+    let run = st.run_id.unwrap_or_default();
+    let key = keys::run_file(&run, keys::TERMINAL);
+    let bytes = store.get(&key).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("{key} is gone"))?;
+    let terminal: Terminal = serde_json::from_slice(&bytes).map_err(|e| format!("{key}: {e}"))?;
+    let items = terminal
+        .artifacts
+        .into_iter()
+        .map(|a| ArtifactRef {
+            key: format!("{}{}", arts.prefix, a.path),
+            size: i64::try_from(a.size).unwrap_or(i64::MAX),
+            sha256: a.sha256,
+        })
+        .collect();
+    Ok((arts.prefix, items))
+}
+
+/// Downloads the verified artifacts of an experiment's attempt (the current or last one, or
+/// `--attempt N`) into DIR (default `<experiment>-a<N>`), checkpoints only with `--checkpoints`.
+pub async fn pull(client: Client, ns: &str, a: &PullArgs) -> Result<(), String> {
+    let order = crate::runpod::order_of(&client, ns, &a.name, a.attempt).await?;
+    let provider = Api::<RunPodProvider>::all(client.clone())
+        .get_opt(&order.spec.provider_ref)
+        .await
+        .map_err(api_error)?
+        .ok_or_else(|| format!("spec.providerRef {} does not exist", order.spec.provider_ref))?;
+    let (creds, _) = credentials(&client, &provider).await.map_err(|e| e.to_string())?;
+    let (_, store) = clients(&provider, &creds).map_err(|e| e.to_string())?;
+    let (prefix, items) = listed(&order, &store).await?;
+    let run = order.spec.template(order.status.as_ref()).cloned();
+    let attempt = run.as_ref().map_or(1, |r| r.attempt);
+    let ckpt = run.and_then(|r| r.checkpoints).map_or_else(|| "checkpoints/".to_owned(), |c| c.path);
+    let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}-a{attempt}", a.name)));
+    let chosen: Vec<(PathBuf, &ArtifactRef)> = items
+        .iter()
+        .filter_map(|i| relative(&prefix, &i.key).map(|r| (r, i)))
+        .filter(|(r, _)| a.checkpoints || !r.starts_with(&ckpt))
+        .collect();
+    let total: i64 = chosen.iter().map(|(_, i)| i.size).sum();
+    let (mut done, mut missing) = (0i64, 0usize);
+    for (n, (rel, item)) in chosen.iter().enumerate() {
+        let dest = dir.join(rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        let Some((size, sha)) = store.download(&item.key, &dest).await.map_err(|e| e.to_string())? else {
+            // Retention deleted it after verification (KeepLast, Discard).
+            eprintln!("[{}/{}] {} no longer on the volume (checkpoint retention)", n + 1, chosen.len(), rel.display());
+            missing += 1;
+            continue;
+        };
+        if sha != item.sha256 || i64::try_from(size).ok() != Some(item.size) {
+            let _ = std::fs::remove_file(&dest);
+            return Err(format!(
+                "{}: the volume holds {size} bytes with sha256 {sha}, but the verified receipt says {} bytes with {}; removed",
+                rel.display(),
+                item.size,
+                item.sha256
+            ));
+        }
+        done += item.size;
+        eprintln!(
+            "[{}/{}] {} {} sha256 ok ({} of {})",
+            n + 1,
+            chosen.len(),
+            rel.display(),
+            human(item.size),
+            human(done),
+            human(total)
+        );
+    }
+    let skipped = items.len() - chosen.len();
+    println!(
+        "{} files ({}) verified into {}{}{}",
+        chosen.len() - missing,
+        human(done),
+        dir.display(),
+        if skipped > 0 { format!("; {skipped} checkpoint files left (--checkpoints)") } else { String::new() },
+        if missing > 0 { format!("; {missing} deleted by retention") } else { String::new() }
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_never_leads_out_of_the_download_directory() {
+        let p = "ep/runs/r1/artifacts/";
+        assert_eq!(relative(p, "ep/runs/r1/artifacts/results.json"), Some(PathBuf::from("results.json")));
+        assert_eq!(relative(p, "ep/runs/r1/artifacts/checkpoints/e3.pt"), Some(PathBuf::from("checkpoints/e3.pt")));
+        assert_eq!(relative(p, "ep/runs/r1/artifacts/../../r2/x"), None);
+        assert_eq!(relative(p, "ep/runs/r1/artifacts//etc/passwd"), None);
+        assert_eq!(relative(p, "elsewhere/x"), None);
+    }
+}

@@ -1,0 +1,99 @@
+//! The ML engineer's daily loop as a person sees it through kubectl: what an experiment waits for,
+//! how far it is, what it declared, and why a failed attempt failed, without opening a log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ep_testkit::e2e::{NS, condition as cond, exp, quickstart_stack};
+use ep_testkit::stack::StackOptions;
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// The row of `kubectl get` below its header, with the header.
+fn table(out: &str) -> (String, String) {
+    let (head, row) = out.split_once('\n').unwrap();
+    (head.to_owned(), row.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_error_is_not_retried_and_its_stderr_is_shown_where_people_look() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    let yaml = exp("typo").attempts(3, Some("1s")).yaml().replace(r#"--epochs, "3""#, r#"--epochs, "three""#);
+    stack.apply(&yaml).unwrap();
+    let e = stack.wait_phase("exp", "typo", &["Failed", "Succeeded"]).unwrap();
+    let st = &e["status"];
+    assert_eq!(st["phase"], "Failed", "{st}");
+    assert_eq!(st["reason"], "NotRetried", "a script error is not paid for three times: {st}");
+    let msg = cond(Some(&e), "Ready").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.contains("stderr ends:") && msg.contains("invalid int value: 'three'"), "{msg}");
+    assert!(stack.get("rpo", Some(NS), "typo-a2").unwrap().is_none(), "no second attempt");
+    let (head, row) = table(&stack.kubectl(&["get", "exp", "typo", "-n", NS]).unwrap());
+    assert!(head.contains("REASON") && row.contains("NotRetried"), "{head}\n{row}");
+    let (head, row) = table(&stack.kubectl(&["get", "exp", "typo", "-n", NS, "-o", "wide"]).unwrap());
+    assert!(head.contains("MESSAGE") && row.contains("invalid int value"), "{head}\n{row}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_shows_what_an_experiment_waits_for_and_how_far_it_is() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&exp("slow").policy("paper_train").epochs(40, 0.4).gpus(&["rtx-pro-4500"]).yaml()).unwrap();
+    // No pod while approval is missing: the experiment says Waiting, and why, in its row.
+    let e = stack
+        .wait_for("exp", Some(NS), "slow", LONG, "Waiting", |o| {
+            o.is_some_and(|o| o["status"]["phase"] == "Waiting" && o["status"]["reason"] == "AwaitingApproval")
+        })
+        .unwrap()
+        .unwrap();
+    assert!(e["status"]["message"].as_str().unwrap().contains("requires approval"), "{}", e["status"]);
+    let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS]).unwrap());
+    assert!(head.contains("REASON") && row.contains("Waiting") && row.contains("AwaitingApproval"), "{row}");
+    // Approved for two attempts: the rerun below is the second.
+    stack.kubectl_ep_as("aster", &["approve", "slow", "-n", NS, "--yes", "--max-attempts", "2"]).unwrap();
+    stack.wait_phase("rpo", "slow-a1", &["RUNNER_ONLINE"]).unwrap();
+    // `kubectl ep logs -f` prints while the run is live and returns when it ends.
+    let follow = std::thread::scope(|s| {
+        let follower = s.spawn(|| stack.kubectl_ep(&["logs", "slow", "-f", "-n", NS]));
+        progress_shows(&stack);
+        follower.join().unwrap()
+    })
+    .unwrap();
+    assert!(follow.contains("epoch 1/40") && follow.contains("epoch 40/40"), "{follow}");
+    // Once done: the declared metrics with their values in -o wide.
+    let e = stack.wait_phase("exp", "slow", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded");
+    let metrics = e["status"]["metrics"].as_str().unwrap();
+    assert!(metrics.starts_with("f1=") && metrics.contains(" auc="), "{metrics}");
+    let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS, "-o", "wide"]).unwrap());
+    assert!(head.contains("METRICS") && row.contains(metrics), "{head}\n{row}");
+    // Its files, verified against the receipt, with no keys copied from anywhere.
+    let into = tempfile::tempdir().unwrap();
+    let dir = into.path().join("slow");
+    let out = stack.kubectl_ep(&["pull", "slow", dir.to_str().unwrap(), "-n", NS]).unwrap();
+    assert!(out.contains("verified into"), "{out}");
+    let results: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    assert!(results["f1"].is_f64(), "{results}");
+    // A finished experiment runs again on request, as attempt 2; a running one is not rerun.
+    let out = stack.kubectl_ep(&["rerun", "slow", "-n", NS]).unwrap();
+    assert!(out.contains("experiment.ep.dev/slow rerun: attempt 2 follows"), "{out}");
+    stack.wait_phase("rpo", "slow-a2", &["RUNNER_ONLINE"]).unwrap();
+    let err = stack.kubectl_ep(&["rerun", "slow", "-n", NS]).unwrap_err().to_string();
+    assert!(err.contains("only a Succeeded or Failed experiment is rerun"), "{err}");
+    let e = stack.wait_phase("exp", "slow", &["Succeeded", "Failed"]).unwrap();
+    assert_eq!((e["status"]["phase"].as_str(), e["status"]["attempts"].as_i64()), (Some("Succeeded"), Some(2)));
+    let logs = stack.kubectl_ep(&["logs", "slow", "--attempt", "1", "--tail", "1", "-n", NS]).unwrap();
+    assert!(logs.contains("\"f1\""), "attempt 1's last line is its results: {logs}");
+}
+
+/// While the run trains: progress in status and in the PROGRESS column.
+fn progress_shows(stack: &ep_testkit::stack::Stack) {
+    let e = stack
+        .wait_for("exp", Some(NS), "slow", LONG, "progress", |o| {
+            o.is_some_and(|o| o["status"]["progress"]["summary"].as_str().is_some_and(|s| s.contains("/40 (")))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(e["status"]["phase"], "Running", "{}", e["status"]);
+    let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS]).unwrap());
+    assert!(head.contains("PROGRESS") && row.contains("/40 ("), "{head}\n{row}");
+}
