@@ -4,17 +4,14 @@
 mod approval;
 mod orders;
 mod pull;
+mod push;
+mod run;
 mod runpod;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ep_volume::store::S3Settings;
-use ep_volume::sync::{Progress, SyncOptions, push};
-use ep_volume::{Payload, PayloadSource, S3Volume};
-use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
 #[command(name = "kubectl-ep", version, about = "ep-operator's kubectl plugin")]
@@ -28,7 +25,21 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Sync a payload directory to the network volume and print its digest for spec.payload.digest.
-    Push(PushArgs),
+    Push(push::PushArgs),
+    /// Push a directory, put its digest into an Experiment, apply it, and follow it (phase,
+    /// progress, the script's output) until it ends; Ctrl-C stops following, not the run.
+    Run {
+        /// The payload directory.
+        dir: PathBuf,
+        /// The Experiment's YAML (its spec.payload.locations and excludes apply to DIR).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Apply and return without following.
+        #[arg(long)]
+        no_follow: bool,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
     /// Approve spending after showing what it may spend: an Experiment within an envelope (its
     /// current order and its retries), or one RunPodOrder. The approver recorded is the user the
     /// API server authenticates.
@@ -117,126 +128,6 @@ enum Command {
     },
 }
 
-#[derive(clap::Args)]
-struct PushArgs {
-    /// The payload root.
-    dir: PathBuf,
-    /// Paths under DIR to include (repeatable); the whole directory when none is given.
-    #[arg(long = "location")]
-    locations: Vec<String>,
-    /// Gitignore-style patterns to leave out (repeatable).
-    #[arg(long = "exclude")]
-    excludes: Vec<String>,
-    /// The volume's S3 endpoint, e.g. https://s3api-eu-ro-1.runpod.io.
-    #[arg(long, env = "EP_S3_ENDPOINT")]
-    s3_endpoint: String,
-    /// The region: the volume's data center id.
-    #[arg(long, env = "EP_S3_REGION")]
-    region: String,
-    /// The network volume id (the bucket).
-    #[arg(long, env = "EP_VOLUME_ID")]
-    volume: String,
-    /// S3 access key id (RunPod: your user id).
-    #[arg(long, env = "EP_S3_ACCESS_KEY_ID", hide_env_values = true)]
-    access_key_id: String,
-    /// S3 secret access key (RunPod: rps_...).
-    #[arg(long, env = "EP_S3_SECRET_ACCESS_KEY", hide_env_values = true)]
-    secret_access_key: String,
-    /// Uploads in flight at once.
-    #[arg(long, default_value_t = 16)]
-    parallelism: usize,
-    /// Check every file on the volume instead of trusting the last sealed push of this directory.
-    #[arg(long)]
-    verify_all: bool,
-    /// Where stat data and the last pushed id are kept ($XDG_CACHE_HOME/ep or ~/.cache/ep).
-    #[arg(long, env = "EP_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
-}
-
-fn cache_dir(explicit: Option<PathBuf>) -> Option<PathBuf> {
-    explicit
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ep")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ep")))
-}
-
-fn last_push_file(cache: &Path, args: &PushArgs, root: &Path) -> PathBuf {
-    let key = format!("{}|{}|{}", args.s3_endpoint, args.volume, root.display());
-    cache.join("last-push").join(hex::encode(Sha256::digest(key.as_bytes())))
-}
-
-fn human(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30)),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
-async fn run_push(args: PushArgs) -> Result<(), String> {
-    let root = args.dir.canonicalize().map_err(|e| format!("{}: {e}", args.dir.display()))?;
-    let cache = cache_dir(args.cache_dir.clone());
-    let src = PayloadSource {
-        root: root.clone(),
-        locations: args.locations.clone(),
-        excludes: args.excludes.clone(),
-        cache_dir: cache.as_ref().map(|c| c.join("hashes")),
-    };
-    let payload = Payload::build(&src).map_err(|e| e.to_string())?;
-    eprintln!("payload: {} files, {}", payload.manifest.files.len(), human(payload.manifest.total_bytes()));
-    let previous = cache
-        .as_ref()
-        .and_then(|c| std::fs::read_to_string(last_push_file(c, &args, &root)).ok())
-        .map(|s| s.trim().to_owned());
-    let store = S3Volume::new(S3Settings::new(
-        &args.s3_endpoint,
-        &args.region,
-        &args.volume,
-        &args.access_key_id,
-        &args.secret_access_key,
-    ));
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let show = |p: Progress| {
-        if tty {
-            eprint!(
-                "\r  {}/{} files, {} / {}   ",
-                p.files_done,
-                p.files_total,
-                human(p.bytes_done),
-                human(p.bytes_total)
-            );
-            let _ = std::io::stderr().flush();
-        }
-    };
-    let opts = SyncOptions { parallelism: args.parallelism, previous, verify_all: args.verify_all };
-    let report = push(&store, &payload, &opts, &show).await.map_err(|e| e.to_string())?;
-    if tty {
-        eprintln!();
-    }
-    if report.already_sealed {
-        eprintln!("already on volume {}: nothing to upload", args.volume);
-    } else {
-        eprintln!(
-            "uploaded {} of {} files ({}), {} already on the volume; manifest sealed ({} S3 requests)",
-            report.uploaded_files,
-            report.files_total,
-            human(report.uploaded_bytes),
-            report.present_files,
-            report.requests
-        );
-    }
-    if let Some(c) = &cache {
-        let f = last_push_file(c, &args, &root);
-        if let Some(d) = f.parent() {
-            let _ = std::fs::create_dir_all(d);
-        }
-        let _ = std::fs::write(f, &payload.id);
-    }
-    println!("sha256:{}", payload.id);
-    eprintln!("put it in your Experiment: spec.payload.digest: \"sha256:{}\"", payload.id);
-    Ok(())
-}
-
 fn main() -> ExitCode {
     if rustls::crypto::aws_lc_rs::default_provider().install_default().is_err() {
         eprintln!("kubectl-ep: a rustls crypto provider was already installed");
@@ -251,7 +142,11 @@ fn main() -> ExitCode {
     };
     let target = cli.target;
     let result = match cli.command {
-        Command::Push(args) => rt.block_on(run_push(args)),
+        Command::Push(args) => rt.block_on(push::run_push(args, &target)),
+        Command::Run { dir, file, no_follow, namespace } => rt.block_on(async {
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
+            run::run(client, &ns, &dir, &file, !no_follow).await
+        }),
         Command::Approve { name, yes, namespace, bounds } => rt.block_on(async {
             let (client, ns, user) = orders::connect(namespace, &target).await?;
             orders::approve(client, &ns, &name, &user, yes, &bounds).await

@@ -97,3 +97,28 @@ fn progress_shows(stack: &ep_testkit::stack::Stack) {
     let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS]).unwrap());
     assert!(head.contains("PROGRESS") && row.contains("/40 ("), "{head}\n{row}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_ep_run_pushes_the_code_applies_and_follows_to_the_end() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    // The user's own experiment file: no digest, no ConfigMap; run fills the digest in.
+    let yaml =
+        exp("mine").yaml().replace("payload: {configMap: {name: quickstart-code}}", "payload: {locations: [train.py]}");
+    assert!(yaml.contains("locations: [train.py]"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let code = ep_testkit::workspace_root().join("examples/quickstart");
+    let out = stack.kubectl_ep(&["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS]).unwrap();
+    assert!(out.contains("experiment.ep.dev/mine applied in ep-quickstart with payload sha256:"), "{out}");
+    assert!(out.contains("epoch 3/3"), "the script's output is followed: {out}");
+    assert!(out.contains("mine: f1="), "it ends with the declared metrics: {out}");
+    let e = stack.get("exp", Some(NS), "mine").unwrap().unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded");
+    assert!(e["spec"]["payload"]["digest"].as_str().unwrap().starts_with("sha256:"), "{}", e["spec"]);
+    // A file that is not an Experiment is refused with the file and the field named.
+    std::fs::write(&file, "apiVersion: ep.dev/v1alpha1\nkind: Experiment\nmetadata: {name: bad}\nspec: {image: 5}\n")
+        .unwrap();
+    let err = stack.kubectl_ep(&["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS]).unwrap_err();
+    assert!(err.to_string().contains("mine.yaml"), "{err}");
+}
