@@ -285,6 +285,11 @@ pub struct CheckpointPolicy {
     /// Directory under the run's artifacts where the script writes checkpoints.
     #[serde(default = "default_checkpoint_path")]
     pub path: String,
+    /// Give each attempt the newest complete checkpoint an earlier attempt reported (progress.json
+    /// `checkpoint`), read-only, its path in `EP_RESUME_FROM`: a lost pod costs the epochs since
+    /// that checkpoint, not the whole run. Nothing of an earlier attempt is ever written.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 fn default_checkpoint_path() -> String {
@@ -510,6 +515,9 @@ pub struct AttemptStatus {
     /// What the operator repaired to bind this attempt (a stale binding cleared and re-bound).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile_action: Option<String>,
+    /// Volume key of the earlier attempt's checkpoint this attempt resumed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
 }
 
 /// Artifacts verified on the volume (size and sha256) before the pod was deleted.

@@ -129,6 +129,9 @@ pub struct RunTemplate {
     /// What the operator repaired to bind this attempt (a stale binding cleared), for the registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconcile_action: Option<String>,
+    /// Volume key of the earlier attempt's checkpoint this attempt resumes from (checkpoints.resume).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
 }
 
 /// Reference to an experiment in the same namespace.
@@ -377,6 +380,9 @@ pub struct ProgressStatus {
     /// The script's latest numbers (loss, accuracy...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// The newest complete checkpoint the script reported, relative to its checkpoint directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
     /// When the operator read it.
     pub reported_at: Time,
 }

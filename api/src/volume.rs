@@ -149,6 +149,10 @@ pub struct CheckpointSpec {
     pub retention: RetentionClass,
     /// Relative to the artifacts directory.
     pub dir: String,
+    /// Volume key (relative to the volume root) of an earlier attempt's checkpoint to resume from;
+    /// the runner passes its path as `EP_RESUME_FROM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
 }
 
 /// A payload: every file with its size, sha256 and mode. Its id is the sha256 of its JSON.
@@ -268,6 +272,10 @@ pub struct Progress {
     /// Numbers worth plotting (loss, accuracy...).
     #[serde(default)]
     pub metrics: BTreeMap<String, f64>,
+    /// The newest checkpoint written completely (renamed into place), relative to
+    /// `EP_CHECKPOINT_DIR`: what a later attempt resumes from.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
     /// Anything else the script wants to say.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,

@@ -2,6 +2,8 @@
 //! GPUs, read a run's logs, approve an order, stop a run.
 
 mod approval;
+mod complete;
+mod describe;
 mod orders;
 mod pull;
 mod push;
@@ -15,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "kubectl-ep", version, about = "ep-operator's kubectl plugin")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
@@ -109,6 +111,23 @@ enum Command {
         #[arg(short, long)]
         namespace: Option<String>,
     },
+    /// An experiment's story: phase and why, approval, every attempt (times, cost, outcome), every
+    /// phase change of it and its orders, and why a failed attempt failed.
+    Describe {
+        /// An Experiment.
+        name: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// A completion script for bash, zsh or fish (`source <(kubectl-ep completion bash)`); kubectl's
+    /// own completion of `kubectl ep ...` goes through kubectl_complete-ep.
+    Completion { shell: clap_complete::Shell },
+    /// Completion candidates for the words typed (Cobra's protocol, for kubectl_complete-ep).
+    #[command(name = "__complete", hide = true)]
+    Complete {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
     /// Run a finished experiment again: a new attempt, with retries counted afresh.
     Rerun {
         /// An Experiment that Succeeded or Failed.
@@ -163,6 +182,23 @@ fn main() -> ExitCode {
         Command::Pull { name, dir, checkpoints, attempt, namespace } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
             pull::pull(client, &ns, &pull::PullArgs { name, dir, checkpoints, attempt }).await
+        }),
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "kubectl-ep",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Complete { words } => {
+            rt.block_on(complete::complete(&words, &target));
+            Ok(())
+        }
+        Command::Describe { name, namespace } => rt.block_on(async {
+            let (client, ns, _) = orders::connect(namespace, &target).await?;
+            describe::describe(client, &ns, &name).await
         }),
         Command::Rerun { name, namespace } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;

@@ -1,8 +1,9 @@
 """Quickstart experiment: logistic regression on synthetic fraud-like data, standard library only.
 
 Reads the directories ep-runner gives it (EP_OUTPUT_DIR, EP_CHECKPOINT_DIR, EP_PROGRESS_FILE) and
-falls back to ./out when run by hand. Writes progress.json every epoch, a checkpoint every epoch,
-and results.json with f1 and auc computed from its own predictions on a held-out split.
+falls back to ./out when run by hand. Writes a checkpoint every epoch, then progress.json naming it,
+and results.json with f1 and auc computed from its own predictions on a held-out split. Given
+EP_RESUME_FROM (an earlier attempt's checkpoint, with checkpoints.resume), it starts after that epoch.
 """
 import argparse
 import json
@@ -86,8 +87,14 @@ def main():
     data = synthetic(args.samples, args.dim, rng)
     split = int(len(data) * 0.8)
     train, test = data[:split], data[split:]
-    w, b = [0.0] * args.dim, 0.0
-    for epoch in range(1, args.epochs + 1):
+    w, b, first = [0.0] * args.dim, 0.0, 1
+    resume = os.environ.get("EP_RESUME_FROM")
+    if resume:
+        with open(resume) as f:
+            saved = json.load(f)
+        w, b, first = saved["w"], saved["b"], saved["epoch"] + 1
+        print(f"resuming from epoch {saved['epoch']} ({resume})", flush=True)
+    for epoch in range(first, args.epochs + 1):
         gw, gb, loss = [0.0] * args.dim, 0.0, 0.0
         for x, y in train:
             p = sigmoid(sum(wi * xi for wi, xi in zip(w, x)) + b)
@@ -99,8 +106,10 @@ def main():
         n = len(train)
         w = [wi - args.lr * g / n for wi, g in zip(w, gw)]
         b -= args.lr * gb / n
-        write_json(os.path.join(ckpt, f"epoch-{epoch:03d}.json"), {"epoch": epoch, "w": w, "b": b})
-        write_json(progress, {"step": epoch, "total": args.epochs, "metrics": {"loss": loss / n}})
+        name = f"epoch-{epoch:03d}.json"
+        write_json(os.path.join(ckpt, name), {"epoch": epoch, "w": w, "b": b})
+        # Named only once it is in place: a later attempt may resume from it.
+        write_json(progress, {"step": epoch, "total": args.epochs, "metrics": {"loss": loss / n}, "checkpoint": name})
         print(f"epoch {epoch}/{args.epochs} loss {loss / n:.4f}", flush=True)
         if args.epoch_sleep:
             time.sleep(args.epoch_sleep)

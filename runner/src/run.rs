@@ -353,6 +353,12 @@ fn attempt(
             .open(logs.join(name))
             .map_err(|e| err(format!("log {name}: {e}")))
     };
+    // An earlier attempt's checkpoint (checkpoints.resume), read in place: the volume root is three
+    // levels above this run's directory (ep/runs/<run-id>).
+    let resume = run.spec.checkpoints.resume_from.as_ref().and_then(|key| {
+        let path = run.dir.ancestors().nth(3)?.join(key);
+        path.is_file().then_some(path)
+    });
     let (program, rest) = run.spec.command.split_first().ok_or_else(|| err("spec.json: command is empty"))?;
     let mut cmd = Command::new(program);
     cmd.args(rest)
@@ -364,6 +370,7 @@ fn attempt(
         .env("EP_OUTPUT_DIR", &artifacts)
         .env("EP_CHECKPOINT_DIR", &checkpoints)
         .env("EP_PROGRESS_FILE", run.path(keys::PROGRESS))
+        .envs(resume.iter().map(|p| ("EP_RESUME_FROM", p)))
         .stdin(Stdio::null())
         .stdout(open_log("stdout.log")?)
         .stderr(open_log("stderr.log")?)

@@ -47,6 +47,7 @@ fn spec(run_id: &str, payload_id: &str, args: &[&str]) -> RunSpec {
         checkpoints: CheckpointSpec {
             retention: ep_api::experiment::RetentionClass::KeepLast,
             dir: "checkpoints".into(),
+            resume_from: None,
         },
     }
 }

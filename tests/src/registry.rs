@@ -104,8 +104,11 @@ pub async fn shape(url: &str, name: &str) -> Vec<Vec<String>> {
         rows(
             url,
             &format!(
+                // An experiment Waiting while its order waited out a fault before any pod (and
+                // back) is history the fault made, not a difference in where the run ended.
                 "SELECT kind, from_phase, to_phase, reason FROM exp_registry.phase_log \
-             WHERE name IN ('{name}', '{name}-a1') ORDER BY at, id"
+             WHERE name IN ('{name}', '{name}-a1') \
+             AND NOT (kind = 'Experiment' AND 'Waiting' IN (from_phase, COALESCE(to_phase, ''))) ORDER BY at, id"
             ),
         )
         .await,

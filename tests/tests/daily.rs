@@ -122,3 +122,74 @@ async fn kubectl_ep_run_pushes_the_code_applies_and_follows_to_the_end() {
     let err = stack.kubectl_ep(&["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS]).unwrap_err();
     assert!(err.to_string().contains("mine.yaml"), "{err}");
 }
+
+/// kubectl's own completion (`kubectl __complete ...`, what the shell script kubectl generates
+/// calls) with this workspace's plugin and `kubectl_complete-ep` on PATH.
+fn kubectl_completes(stack: &ep_testkit::stack::Stack, words: &[&str]) -> Vec<String> {
+    let bin = ep_testkit::sim::workspace_bin("kubectl_complete-ep").unwrap();
+    let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new(ep_testkit::tools::kubectl().unwrap())
+        .env("KUBECONFIG", stack.kubeconfig())
+        .env("PATH", path)
+        .arg("__complete")
+        .args(words)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_tells_the_story_and_completion_reaches_the_plugin() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    stack.apply(&exp("told").yaml()).unwrap();
+    stack.wait_phase("exp", "told", &["Succeeded", "Failed"]).unwrap();
+    let out = stack.kubectl_ep(&["describe", "told", "-n", NS]).unwrap();
+    for want in
+        ["Phase:      Succeeded", "Metrics:", "Attempts:", "told-a1", "Timeline:", "order/told-a1", "RUNNER_ONLINE"]
+    {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+    // kubectl completes the plugin's subcommands, then the namespace's experiments.
+    let subs = kubectl_completes(&stack, &["ep", "re"]);
+    assert!(subs.contains(&"rerun".to_owned()), "{subs:?}");
+    let names = kubectl_completes(&stack, &["ep", "describe", "-n", NS, "to"]);
+    assert!(names.contains(&"told".to_owned()) && names.last().is_some_and(|d| d == ":4"), "{names:?}");
+    let script = stack.kubectl_ep(&["completion", "bash"]).unwrap();
+    assert!(script.contains("kubectl-ep") && script.contains("complete"), "{script}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_pod_costs_only_the_epochs_since_its_last_checkpoint() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    let yaml = exp("resumed").epochs(16, 0.5).attempts(2, Some("1s")).retention("Keep").yaml().replace(
+        "checkpoints: {retention: Keep, path: checkpoints/}",
+        "checkpoints: {retention: Keep, path: checkpoints/, resume: true}",
+    );
+    assert!(yaml.contains("resume: true"), "{yaml}");
+    stack.apply(&yaml).unwrap();
+    // The pod is lost once the script is past epoch 5.
+    let o = stack
+        .wait_for("rpo", Some(NS), "resumed-a1", LONG, "epoch 5", |o| {
+            o.is_some_and(|o| o["status"]["progress"]["step"].as_i64().is_some_and(|s| s >= 5))
+        })
+        .unwrap()
+        .unwrap();
+    let pod = o["status"]["podId"].as_str().unwrap().to_owned();
+    stack.admin_post(&format!("pods/{pod}/vanish"), serde_json::json!({})).await.unwrap();
+    let e = stack.wait_phase("exp", "resumed", &["Succeeded", "Failed"]).unwrap();
+    let st = &e["status"];
+    assert_eq!((st["phase"].as_str(), st["attempts"].as_i64()), (Some("Succeeded"), Some(2)), "{st}");
+    let from =
+        st["history"][1]["resumeFrom"].as_str().unwrap_or_else(|| panic!("attempt 2 resumed from nothing: {st}"));
+    let k: u32 = from.rsplit("epoch-").next().unwrap().trim_end_matches(".json").parse().unwrap();
+    assert!(k >= 5, "{from}");
+    let first = stack.kubectl_ep(&["logs", "resumed", "--attempt", "1", "-n", NS]).unwrap();
+    let second = stack.kubectl_ep(&["logs", "resumed", "--attempt", "2", "-n", NS]).unwrap();
+    assert!(second.contains(&format!("resuming from epoch {k}")), "{second}");
+    assert!(second.contains(&format!("epoch {}/16", k + 1)) && !second.contains(&format!("epoch {k}/16 ")), "{second}");
+    let epochs = |log: &str| log.lines().filter(|l| l.starts_with("epoch ")).count();
+    let run = epochs(&first) + epochs(&second);
+    assert!(run <= 16 + 1, "{run} epochs run for 16 planned:\n{first}\n{second}");
+    // Nothing of attempt 1 was written by attempt 2: its checkpoint is where it was.
+    assert!(from.contains(st["history"][0]["runId"].as_str().unwrap()), "{from}");
+}

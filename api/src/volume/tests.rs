@@ -45,7 +45,11 @@ fn run_spec_round_trips() {
             max_runtime_seconds: Some(3600),
             stop_grace_seconds: 30,
             results: ResultsSpec { file: "results.json".into(), metrics: vec!["f1".into(), "auc".into()] },
-            checkpoints: CheckpointSpec { retention: RetentionClass::KeepLast, dir: "checkpoints".into() },
+            checkpoints: CheckpointSpec {
+                retention: RetentionClass::KeepLast,
+                dir: "checkpoints".into(),
+                resume_from: None,
+            },
         },
     );
 }

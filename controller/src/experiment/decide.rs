@@ -97,6 +97,7 @@ pub fn template(exp: &Experiment, cur: &AttemptStatus, spent_before: f64) -> Run
         worker_affinity: s.worker_affinity.clone(),
         spent_before_usd: (spent_before > 0.0).then_some(spent_before),
         reconcile_action: cur.reconcile_action.clone(),
+        resume_from: cur.resume_from.clone(),
     }
 }
 
@@ -468,6 +469,7 @@ fn claim(mut b: Builder<'_>) -> Plan {
         worker_id: Some(worker),
         started_at: Some(time::to_k8s(o.now)),
         reconcile_action: repaired.clone(),
+        resume_from: super::resume::checkpoint(exp, &o.orders, &b.st.history),
         ..AttemptStatus::default()
     };
     if let Some(action) = repaired {

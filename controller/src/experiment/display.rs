@@ -110,6 +110,7 @@ mod tests {
                 step: 100,
                 total: Some(400),
                 metrics: [("loss".to_owned(), 0.5)].into(),
+                checkpoint: None,
                 reported_at: time::to_k8s(at(600)),
             }),
             ..RunPodOrderStatus::default()

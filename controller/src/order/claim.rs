@@ -155,6 +155,7 @@ pub fn run_spec(ns: &str, exp_name: &str, run: &RunTemplate, payload_id: &str, s
         checkpoints: CheckpointSpec {
             retention: ck.as_ref().and_then(|c| c.retention).unwrap_or(RetentionClass::Keep),
             dir: ck.map_or_else(|| "checkpoints/".to_owned(), |c| c.path),
+            resume_from: run.resume_from.clone(),
         },
     }
 }

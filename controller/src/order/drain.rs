@@ -198,6 +198,11 @@ async fn judge<W: World>(
         return Ok(false);
     }
     let (state, reason, mut message) = outcome(drain_reason, &ev);
+    // The run's last progress, read now: the newest checkpoint a later attempt resumes from.
+    let bytes = store.get(&keys::run_file(&run_id, keys::PROGRESS)).await.ok().flatten();
+    if let Some(p) = bytes.and_then(|b| serde_json::from_slice::<volume::Progress>(&b).ok()) {
+        pass.st.progress = Some(super::supervise::progress_status(&p, pass.now));
+    }
     if let (Evidence::NoTerminal, Some(log)) = (&ev, &pass.st.container_log) {
         message = Some(format!("{}; the container log ends: {log}", message.unwrap_or_default()));
     }

@@ -232,11 +232,15 @@ fn run_view<'a>(
     }
 }
 
-fn progress_status(p: &Progress, now: DateTime<Utc>) -> ProgressStatus {
+pub(super) fn progress_status(p: &Progress, now: DateTime<Utc>) -> ProgressStatus {
     ProgressStatus {
         step: i64::try_from(p.step).unwrap_or(i64::MAX),
         total: p.total.and_then(|t| i64::try_from(t).ok()),
         metrics: p.metrics.iter().filter(|(_, v)| v.is_finite()).map(|(k, v)| (k.clone(), *v)).collect(),
+        // Only a plain relative path: it names a file inside the run's checkpoint directory.
+        checkpoint: p.checkpoint.clone().filter(|c| {
+            !c.is_empty() && std::path::Path::new(c).components().all(|x| matches!(x, std::path::Component::Normal(_)))
+        }),
         reported_at: time::to_k8s(now),
     }
 }

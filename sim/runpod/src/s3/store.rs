@@ -233,27 +233,30 @@ impl Volumes {
         {
             return Ok((md, s));
         }
-        let file = path.to_path_buf();
-        let md5 = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let (file, size, mtime) = (path.to_path_buf(), md.len(), mtime_ns(&md));
+        // Computed and cached in one blocking task, which finishes even when the client gives up
+        // waiting: the next listing finds the MD5 cached, as RunPod's does.
+        let s = tokio::task::spawn_blocking(move || -> std::io::Result<Sidecar> {
             let mut f = std::fs::File::open(&file)?;
             let mut h = Md5::new();
             let mut buf = vec![0u8; 8 << 20];
             loop {
                 let n = std::io::Read::read(&mut f, &mut buf)?;
                 if n == 0 {
-                    return Ok(hex::encode(h.finalize()));
+                    break;
                 }
                 h.update(&buf[..n]);
             }
+            let s = Sidecar { size, mtime_ns: mtime, md5: hex::encode(h.finalize()), ..Sidecar::default() };
+            if let Some(parent) = cache.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::write(&cache, serde_json::to_vec(&s).unwrap_or_default());
+            Ok(s)
         })
         .await
         .map_err(S3Error::internal_error)?
         .map_err(io_err)?;
-        let s = Sidecar { size: md.len(), mtime_ns: mtime_ns(&md), md5, ..Sidecar::default() };
-        if let Some(parent) = cache.parent() {
-            let _ = tokio::fs::create_dir_all(parent).await;
-        }
-        let _ = tokio::fs::write(&cache, serde_json::to_vec(&s).unwrap_or_default()).await;
         Ok((md, s))
     }
 
