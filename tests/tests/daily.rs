@@ -64,6 +64,7 @@ async fn kubectl_get_shows_what_an_experiment_waits_for_and_how_far_it_is() {
     assert_eq!(e["status"]["phase"], "Succeeded");
     let metrics = e["status"]["metrics"].as_str().unwrap();
     assert!(metrics.starts_with("f1=") && metrics.contains(" auc="), "{metrics}");
+    assert!(cond(Some(&e), "SpecChangePending").is_none(), "the attempt is over: {}", e["status"]);
     let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS, "-o", "wide"]).unwrap());
     assert!(head.contains("METRICS") && row.contains(metrics), "{head}\n{row}");
     // Its files, verified against the receipt, with no keys copied from anywhere.
@@ -96,6 +97,13 @@ fn progress_shows(stack: &ep_testkit::stack::Stack) {
     assert_eq!(e["status"]["phase"], "Running", "{}", e["status"]);
     let (head, row) = table(&stack.kubectl(&["get", "exp", "slow", "-n", NS]).unwrap());
     assert!(head.contains("PROGRESS") && row.contains("/40 ("), "{head}\n{row}");
+    // An edit while the attempt runs is named, and waits for the next attempt.
+    stack.merge_patch("exp", Some(NS), "slow", r#"{"spec":{"limits":{"maxCostUsd":3}}}"#).unwrap();
+    let e = stack
+        .wait_for("exp", Some(NS), "slow", LONG, "SpecChangePending", |o| cond(o, "SpecChangePending").is_some())
+        .unwrap();
+    let msg = cond(e.as_ref(), "SpecChangePending").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(msg.starts_with("spec.limits changed while attempt 1 runs") && msg.contains("attempt 2"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

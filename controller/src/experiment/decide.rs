@@ -250,6 +250,9 @@ fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Opti
         let gated = reason.kind() == crate::reason::Kind::Wait && !claimed(ost.phase);
         b.phase(if gated { ExperimentPhase::Waiting } else { ExperimentPhase::Running }, reason, &msg);
         display::show_progress(&mut b.st, cur.attempt, &ost);
+        if let Some(note) = super::drift::report(&mut b.st, o.exp, order, cur.attempt, o.now) {
+            b.events.push((Reason::SpecChangePending, note));
+        }
         return Some(plan(b, None));
     }
     fold(b, cur, order, a, before)
@@ -282,6 +285,7 @@ fn fold(
     a.finished_at = out.as_ref().map(|x| x.finished_at.clone()).or_else(|| Some(time::to_k8s(o.now)));
     a.outcome = Some(state);
     a.reason = Some(reason.as_str().to_owned());
+    b.st.conditions.retain(|c| c.type_ != super::drift::CONDITION);
     b.st.current_attempt = None;
     b.st.history.push(a.clone());
     if b.st.history.len() > MAX_HISTORY {

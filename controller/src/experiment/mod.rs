@@ -6,6 +6,7 @@
 mod admit;
 mod decide;
 pub mod display;
+mod drift;
 mod resume;
 
 use std::sync::Arc;

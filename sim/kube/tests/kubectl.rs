@@ -70,7 +70,11 @@ async fn kubectl_applies_gets_patches_and_deletes() {
 
     let table = k.ok(&["get", "exp", "-n", "fraud-detect"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PHASE", "GPU", "ATTEMPT", "COST", "F1", "AUC", "AGE"], "{table}");
+    assert_eq!(
+        header,
+        ["NAME", "PHASE", "REASON", "GPU", "ATTEMPT", "PROGRESS", "COST", "F1", "AUC", "AGE"],
+        "{table}"
+    );
     assert!(table.lines().nth(1).unwrap().starts_with("gnn-fraud-baseline"));
 
     let yaml = k.ok(&["get", "exp", "gnn-fraud-baseline", "-n", "fraud-detect", "-o", "yaml"]);

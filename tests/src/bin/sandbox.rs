@@ -118,8 +118,19 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
     let ok = st["phase"] == "Succeeded";
     if std::env::var_os("KEEP").is_some() {
-        println!("==> KEEP set: everything stays up until Ctrl-C");
+        let bin = ep_testkit::sim::workspace_bin("kubectl-ep")?;
+        let plugins = bin.parent().map(|d| d.display().to_string()).unwrap_or_default();
+        println!("==> KEEP set: everything stays up until Ctrl-C. Next, in another terminal:");
         println!("    export KUBECONFIG={}", stack.kubeconfig().display());
+        println!("    export PATH={plugins}:$PATH   # kubectl ep, and its completion in kubectl's");
+        println!(
+            "    kubectl ep gpus                                   # what RunPod (runpod-sim) offers, cheapest first"
+        );
+        println!("    sed 's/name: quickstart$/name: mine/' examples/quickstart/30-experiment.yaml > mine.yaml");
+        println!("    kubectl ep run examples/quickstart -f mine.yaml   # push the code, apply, follow to the end");
+        println!("    kubectl get exp -n ep-quickstart                  # PHASE, REASON, PROGRESS, COST, F1, AUC");
+        println!("    kubectl ep logs mine -n ep-quickstart; kubectl ep pull mine -n ep-quickstart");
+        println!("    kubectl ep rerun mine -n ep-quickstart; kubectl ep describe mine -n ep-quickstart");
         println!("    kubectl --context wren apply -f my-experiment.yaml   # as the author; aster approves:");
         println!(
             "    kubectl ep approve <experiment> -n <namespace> --context aster   # an envelope for all its attempts"
