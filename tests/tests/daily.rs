@@ -201,3 +201,28 @@ async fn a_lost_pod_costs_only_the_epochs_since_its_last_checkpoint() {
     // Nothing of attempt 1 was written by attempt 2: its checkpoint is where it was.
     assert!(from.contains(st["history"][0]["runId"].as_str().unwrap()), "{from}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_clock_the_operators_cost_agrees_with_runpods_billing() {
+    ep_testkit::e2e::init_tls();
+    // runpod-sim in real time, as the sandbox runs it: a minute of training is a minute billed.
+    let opts = StackOptions { clock_speed: 1.0, ..StackOptions::default() };
+    let stack = ep_testkit::stack::Stack::start(&opts).await.unwrap();
+    stack.apply_quickstart(false).unwrap();
+    let before = stack.world().await.unwrap()["balance"].as_f64().unwrap();
+    stack.apply(&exp("clock").epochs(45, 1.0).yaml()).unwrap();
+    let e = stack
+        .wait_for("exp", Some(NS), "clock", Duration::from_secs(300), "Succeeded", |o| {
+            o.is_some_and(|o| matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(e["status"]["phase"], "Succeeded", "{}", e["status"]);
+    let order = stack.wait_phase("rpo", "clock-a1", &["DELETED"]).unwrap();
+    let counted = order["status"]["accruedCostUsd"].as_f64().unwrap();
+    // Billing stops when the pod is terminated, which DELETED confirms.
+    let billed = before - stack.world().await.unwrap()["balance"].as_f64().unwrap();
+    assert!(billed > 0.0, "runpod-sim billed nothing");
+    let off = (counted - billed).abs() / billed;
+    assert!(off < 0.05, "operator ${counted:.6} vs runpod-sim ${billed:.6}: {:.1}% apart", off * 100.0);
+}

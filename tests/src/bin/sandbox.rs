@@ -38,8 +38,10 @@ fn indent(text: &str) -> String {
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    println!("==> starting a throwaway PostgreSQL, runpod-sim (clock x60), kube-sim and ep-operator");
-    let mut opts = StackOptions::default();
+    println!("==> starting a throwaway PostgreSQL, runpod-sim (real-time clock), kube-sim and ep-operator");
+    // One clock: the durations a user writes (maxRuntime, a policy's maxLifetime) are real minutes
+    // here, and the operator's cost and runpod-sim's billing count the same seconds.
+    let mut opts = StackOptions { clock_speed: 1.0, ..StackOptions::default() };
     if let Some(p) = std::env::var_os("EP_SETTINGS") {
         opts.settings = std::fs::read_to_string(p)?;
     }
@@ -54,6 +56,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("==> examples/quickstart/ pointed at runpod-sim: kubectl create secret generic runpod|runpod-s3");
     println!("    --from-literal=... (runpod-sim's keys), then kubectl apply -f for the rest");
+    let balance = stack.world().await?["balance"].as_f64().unwrap_or_default();
     print!("{}", indent(&stack.apply_quickstart(true)?));
 
     println!("==> waiting for the experiment (kubectl get exp quickstart -n ep-quickstart -w)");
@@ -114,6 +117,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         print!("{}", indent(&String::from_utf8_lossy(&out.stdout)));
     }
+    let billed = balance - stack.world().await?["balance"].as_f64().unwrap_or_default();
+    let order = stack.get("rpo", Some("ep-quickstart"), "quickstart-a1")?.unwrap_or_default();
+    let cost = order["status"]["accruedCostUsd"].as_f64().unwrap_or_default();
+    println!("==> cost: the operator counted ${cost:.6}; runpod-sim billed ${billed:.6} for the same pod");
     let live = stack.live_pods().await?.len();
     println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
     let ok = st["phase"] == "Succeeded";
