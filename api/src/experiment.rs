@@ -86,6 +86,28 @@ pub struct ExperimentSpec {
     /// served yet starts one, with retries counted afresh (`kubectl ep rerun` sets the time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun: Option<String>,
+    /// What an edit to this spec does while an attempt runs: `NextAttempt` (the default) lets the
+    /// live attempt finish as it started and applies the edit from the next attempt; `Restart`
+    /// stops the live attempt (its results collected, checkpoints kept) and starts the next one
+    /// with the edit, without counting it against `retry.maxAttempts`.
+    #[serde(default, skip_serializing_if = "OnSpecChange::is_default")]
+    pub on_spec_change: OnSpecChange,
+}
+
+/// What an edit to a running Experiment does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum OnSpecChange {
+    /// The live attempt keeps what it started with; the edit applies from the next attempt.
+    #[default]
+    NextAttempt,
+    /// The live attempt is stopped and the next one starts with the edit (not counted as a retry).
+    Restart,
+}
+
+impl OnSpecChange {
+    fn is_default(&self) -> bool {
+        *self == Self::NextAttempt
+    }
 }
 
 /// Consent to spend on an experiment's attempts, within an envelope.
@@ -428,9 +450,14 @@ pub struct ExperimentStatus {
     /// The last `spec.rerun` served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun: Option<String>,
-    /// Attempts made before the last rerun (retries count from there).
+    /// Attempts that do not count against `retry.maxAttempts`: those made before the last rerun,
+    /// and attempts restarted for a spec change.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rerun_from: i32,
+    /// The attempt being stopped because the spec changed under `onSpecChange: Restart`; its end
+    /// starts the next attempt, not counted as a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<i32>,
     /// The metrics `spec.results.metrics` declares, with their latest values (`f1=0.81 auc=0.95`):
     /// the results of the successful attempt, else the running attempt's last progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -162,6 +162,7 @@ reasons! {
     AwaitingApproval: Wait, Paid, Person, "The policy needs approval before money is spent: an approver runs `kubectl ep approve`.";
     Approved: Progress, Paid, Now, "An approver approved an experiment's spending within an envelope: its orders inside it (retries included) need no further approval.";
     RerunRequested: Progress, Study, Now, "A finished experiment was asked to run again (`kubectl ep rerun`, spec.rerun): a new attempt follows.";
+    Restarted: Progress, Study, Now, "The live attempt was stopped for a spec change under `onSpecChange: Restart`; the next attempt runs with the change and does not count as a retry.";
     SpecChangePending: Progress, Study, Now, "The Experiment was edited while an attempt runs: the live attempt keeps what it started with; the condition names the fields that apply from the next attempt.";
     BudgetExceeded: Wait, Paid, Poll, "The namespace's GPU or spend budget has no room; the message gives the figures.";
     OverPriceLimit: Wait, Paid, Poll, "Every GPU choice costs more per hour than the order or its policy allows.";

@@ -226,3 +226,31 @@ async fn on_one_clock_the_operators_cost_agrees_with_runpods_billing() {
     let off = (counted - billed).abs() / billed;
     assert!(off < 0.05, "operator ${counted:.6} vs runpod-sim ${billed:.6}: {:.1}% apart", off * 100.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_restart_an_edit_stops_the_live_attempt_and_the_next_one_runs_it() {
+    let stack = quickstart_stack(&StackOptions::default()).await.unwrap();
+    // One attempt allowed: the restart must not spend it.
+    let yaml = format!("{}  onSpecChange: Restart\n", exp("edited").epochs(60, 0.3).yaml());
+    stack.apply(&yaml).unwrap();
+    stack
+        .wait_for("rpo", Some(NS), "edited-a1", LONG, "epoch 2", |o| {
+            o.is_some_and(|o| o["status"]["progress"]["step"].as_i64().is_some_and(|s| s >= 2))
+        })
+        .unwrap();
+    // Sixty epochs was a mistake: three will do.
+    let edit = r#"{"spec":{"entry":{"args":["--epochs","3","--epoch-sleep","0"]}}}"#;
+    stack.merge_patch("exp", Some(NS), "edited", edit).unwrap();
+    let e = stack.wait_phase("exp", "edited", &["Succeeded", "Failed"]).unwrap();
+    let st = &e["status"];
+    assert_eq!((st["phase"].as_str(), st["attempts"].as_i64()), (Some("Succeeded"), Some(2)), "{st}");
+    assert_eq!(st["history"][0]["outcome"], "Stopped", "{st}");
+    let stop = stack.get("rpo", Some(NS), "edited-a1").unwrap().unwrap()["spec"]["stop"]["reason"].clone();
+    assert!(stop.as_str().unwrap().contains("spec.entry"), "{stop}");
+    let second = stack.kubectl_ep(&["logs", "edited", "--attempt", "2", "-n", NS]).unwrap();
+    assert!(second.contains("epoch 3/3"), "attempt 2 ran the edit: {second}");
+    let first = stack.kubectl_ep(&["logs", "edited", "--attempt", "1", "-n", NS]).unwrap();
+    assert!(!first.contains("epoch 60/60"), "attempt 1 was stopped, not run out: {first}");
+    let events = stack.kubectl(&["get", "events", "-n", NS, "--field-selector", "involvedObject.name=edited"]).unwrap();
+    assert!(events.contains("Restarted"), "{events}");
+}

@@ -1,10 +1,13 @@
 //! What people read in an experiment's status besides its phase: the approval in force, how far
-//! training is (progress, ETA) and the declared metrics' latest values.
+//! training is (progress, ETA) and the declared metrics' latest values, and the registry's word
+//! for where it stands.
 
 use chrono::{DateTime, Utc};
-use ep_api::experiment::{Approval, ApprovalRecord, Envelope, Experiment, ExperimentProgress};
+use ep_api::experiment::{Approval, ApprovalRecord, Envelope, Experiment, ExperimentPhase, ExperimentProgress};
 use ep_api::{ExperimentStatus, RunPodOrderStatus};
 
+use crate::reason::Reason;
+use crate::registry::RegistryStatus;
 use crate::time;
 
 /// Keeps the approval in force in status, with the time the operator first saw it; returns the
@@ -90,6 +93,33 @@ pub fn metrics(exp: &Experiment, st: &ExperimentStatus) -> Option<String> {
         .filter_map(|m| values.get(m).map(|v| format!("{m}={}", (v * 10_000.0).round() / 10_000.0)))
         .collect();
     (!shown.is_empty()).then(|| shown.join(" "))
+}
+
+/// A gate that blocks before any pod until a person fixes the spec or the cluster (the pipeline's
+/// "preflight blocked, nothing runnable"): the registry shows NEEDS_RERUN with the reason, never a
+/// READY that nothing will pick up. Approval is a normal wait, and NotBound passes by itself.
+pub fn preflight_blocked(reason: Reason) -> bool {
+    reason.kind() == crate::reason::Kind::Wait
+        && reason.requeue() == crate::reason::Requeue::Person
+        && reason.domain() != crate::reason::Domain::Paid
+        && reason != Reason::NotBound
+}
+
+/// The registry's status word for a phase. `online`: the current attempt's runner came online
+/// (RUNNING means the runner is online; a claimed attempt still waiting is READY).
+pub fn registry_status(phase: ExperimentPhase, reason: Reason, online: bool) -> RegistryStatus {
+    match phase {
+        ExperimentPhase::Pending | ExperimentPhase::Waiting | ExperimentPhase::Running if preflight_blocked(reason) => {
+            RegistryStatus::NeedsRerun
+        }
+        ExperimentPhase::Pending | ExperimentPhase::Waiting => RegistryStatus::Ready,
+        ExperimentPhase::Running if online => RegistryStatus::Running,
+        ExperimentPhase::Running => RegistryStatus::Ready,
+        ExperimentPhase::NeedsRerun => RegistryStatus::NeedsRerun,
+        ExperimentPhase::Succeeded => RegistryStatus::Completed,
+        ExperimentPhase::Failed if reason == Reason::StatusDivergence => RegistryStatus::FailedStatusDivergence,
+        ExperimentPhase::Failed => RegistryStatus::Failed,
+    }
 }
 
 #[cfg(test)]

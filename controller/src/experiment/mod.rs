@@ -123,6 +123,11 @@ async fn apply(ctx: &Context, exp: &Experiment, plan: &Plan) -> Result<(), Error
         let body = json!({"apiVersion": "ep.dev/v1alpha1", "kind": "RunPodOrder", "status": {"binding": run}});
         orders.patch_status(order_name, &PatchParams::apply(BINDING_MANAGER).force(), &Patch::Apply(&body)).await?;
     }
+    if let Some((order_name, why)) = &plan.stop {
+        // The same request `kubectl ep stop` makes: the order drains and collects what the run left.
+        let body = json!({"spec": {"stop": {"reason": why}}});
+        orders.patch(order_name, &PatchParams::apply(MANAGER), &Patch::Merge(&body)).await?;
+    }
     Ok(())
 }
 

@@ -345,3 +345,35 @@ fn by_default_a_lost_pod_is_retried_and_a_script_error_is_not() {
     let msg = p.status.message.unwrap_or_default();
     assert!(msg.contains("retry.when does not name NonZeroExit"), "{msg}");
 }
+
+#[test]
+fn under_restart_an_edit_stops_the_attempt_and_the_next_one_runs_it_without_spending_a_retry() {
+    let mut e = exp();
+    e.spec.retry = None; // one attempt: a restart must not spend it
+    e.spec.on_spec_change = ep_api::experiment::OnSpecChange::Restart;
+    let e = with(e.clone(), &run(&e, &[], vec![], 0));
+    let live = RunPodOrderStatus { phase: Some(OrderPhase::RunnerOnline), ..RunPodOrderStatus::default() };
+    let p = run(&e, &[order("quickstart-a1", 1, live.clone())], vec![], 10);
+    assert_eq!(p.stop, None, "nothing changed: nothing stops");
+    let mut edited = e.clone();
+    edited.spec.env.push(ep_api::experiment::EnvVar { name: "LR".into(), value: Some("0.1".into()), secret_key_ref: None });
+    let p = run(&edited, &[order("quickstart-a1", 1, live)], vec![], 20);
+    let (name, why) = p.stop.clone().expect("the live attempt is asked to stop");
+    assert_eq!(name, "quickstart-a1");
+    assert!(why.contains("spec.env"), "{why}");
+    assert_eq!(p.status.restarting, Some(1));
+    let edited = with(edited, &p);
+    let mut stopped = ended(OutcomeState::Stopped, 30, 0.02);
+    stopped.outcome.as_mut().unwrap().reason = "StopRequested".into();
+    let p = run(&edited, &[order("quickstart-a1", 1, stopped.clone())], vec![], 31);
+    assert_eq!(created(&p), Some(("quickstart-a2".to_owned(), 2)), "the next attempt starts at once");
+    assert_eq!(p.status.restarting, None);
+    assert_eq!(p.status.rerun_from, 1, "the restarted attempt is not counted");
+    assert!(p.events.iter().any(|(r, _)| *r == Reason::Restarted));
+    // The same stop under NextAttempt (a person's `kubectl ep stop`) ends the experiment.
+    let mut asked = edited.clone();
+    asked.status.as_mut().unwrap().restarting = None;
+    let p = run(&asked, &[order("quickstart-a1", 1, stopped)], vec![], 31);
+    assert_eq!(p.status.phase, Some(P::Failed));
+    assert_eq!(created(&p), None);
+}
