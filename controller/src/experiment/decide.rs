@@ -13,9 +13,9 @@ use kube::ResourceExt;
 
 pub use super::admit::{choose_worker, intake};
 use super::display;
+pub use super::display::registry_status;
 use crate::names;
 use crate::reason::{Blocked, Reason};
-use crate::registry::RegistryStatus;
 use crate::settings::Settings;
 use crate::time;
 
@@ -50,33 +50,8 @@ pub struct Plan {
     /// Events: (reason, note).
     pub events: Vec<(Reason, String)>,
     pub requeue: Option<Duration>,
-}
-
-/// A gate that blocks before any pod until a person fixes the spec or the cluster (the pipeline's
-/// "preflight blocked, nothing runnable"): the registry shows NEEDS_RERUN with the reason, never a
-/// READY that nothing will pick up. Approval is a normal wait, and NotBound passes by itself.
-pub fn preflight_blocked(reason: Reason) -> bool {
-    reason.kind() == crate::reason::Kind::Wait
-        && reason.requeue() == crate::reason::Requeue::Person
-        && reason.domain() != crate::reason::Domain::Paid
-        && reason != Reason::NotBound
-}
-
-/// The registry's status word for a phase. `online`: the current attempt's runner came online
-/// (RUNNING means the runner is online; a claimed attempt still waiting is READY).
-pub fn registry_status(phase: ExperimentPhase, reason: Reason, online: bool) -> RegistryStatus {
-    match phase {
-        ExperimentPhase::Pending | ExperimentPhase::Waiting | ExperimentPhase::Running if preflight_blocked(reason) => {
-            RegistryStatus::NeedsRerun
-        }
-        ExperimentPhase::Pending | ExperimentPhase::Waiting => RegistryStatus::Ready,
-        ExperimentPhase::Running if online => RegistryStatus::Running,
-        ExperimentPhase::Running => RegistryStatus::Ready,
-        ExperimentPhase::NeedsRerun => RegistryStatus::NeedsRerun,
-        ExperimentPhase::Succeeded => RegistryStatus::Completed,
-        ExperimentPhase::Failed if reason == Reason::StatusDivergence => RegistryStatus::FailedStatusDivergence,
-        ExperimentPhase::Failed => RegistryStatus::Failed,
-    }
+    /// An order to stop (name, why): the live attempt under `onSpecChange: Restart`.
+    pub stop: Option<(String, String)>,
 }
 
 /// What attempt `cur` of `exp` runs, as written into its order.
@@ -107,6 +82,7 @@ struct Builder<'a> {
     events: Vec<(Reason, String)>,
     create_order: Option<(String, RunTemplate)>,
     bind: Option<(String, RunTemplate)>,
+    stop: Option<(String, String)>,
     /// The current attempt's runner came online.
     online: bool,
 }
@@ -162,6 +138,7 @@ fn plan(b: &mut Builder<'_>, requeue: Option<Duration>) -> Plan {
         bind: b.bind.take(),
         events: std::mem::take(&mut b.events),
         requeue,
+        stop: b.stop.take(),
     }
 }
 
@@ -179,6 +156,7 @@ pub fn decide(o: &Observed<'_>) -> Plan {
         events: vec![],
         create_order: None,
         bind: None,
+        stop: None,
         online: false,
     };
     b.st.observed_generation = exp.metadata.generation;
@@ -253,6 +231,7 @@ fn follow(b: &mut Builder<'_>, cur: &AttemptStatus, order: &RunPodOrder) -> Opti
         if let Some(note) = super::drift::report(&mut b.st, o.exp, order, cur.attempt, o.now) {
             b.events.push((Reason::SpecChangePending, note));
         }
+        b.stop = super::drift::restart(&mut b.st, o.exp, order, cur.attempt);
         return Some(plan(b, None));
     }
     fold(b, cur, order, a, before)
@@ -296,6 +275,14 @@ fn fold(
     b.st.cost_usd = Some(spent);
     let detail = if message.is_empty() { reason.to_string() } else { format!("{reason}: {message}") };
     let n = cur.attempt;
+    if b.st.restarting.take() == Some(n) && state != OutcomeState::Succeeded {
+        // Stopped for a spec change under onSpecChange: Restart: the next attempt starts now with
+        // the change, and the stopped one does not count against retry.maxAttempts.
+        b.st.rerun_from += 1;
+        b.events
+            .push((Reason::Restarted, format!("attempt {n} stopped for the spec change; attempt {} runs it", n + 1)));
+        return None;
+    }
     match state {
         OutcomeState::Succeeded => {
             if let Some(x) = &out {

@@ -82,7 +82,12 @@ pub fn report(
 /// spec changed under it; marks the attempt as restarting so its end starts the next one. None
 /// when the policy is NextAttempt, nothing changed, or the order is already stopping for another
 /// reason (a person's stop is theirs: the attempt ends as they asked).
-pub fn restart(st: &mut ExperimentStatus, exp: &Experiment, order: &RunPodOrder, attempt: i32) -> Option<(String, String)> {
+pub fn restart(
+    st: &mut ExperimentStatus,
+    exp: &Experiment,
+    order: &RunPodOrder,
+    attempt: i32,
+) -> Option<(String, String)> {
     if exp.spec.on_spec_change != OnSpecChange::Restart {
         return None;
     }

@@ -356,7 +356,11 @@ fn under_restart_an_edit_stops_the_attempt_and_the_next_one_runs_it_without_spen
     let p = run(&e, &[order("quickstart-a1", 1, live.clone())], vec![], 10);
     assert_eq!(p.stop, None, "nothing changed: nothing stops");
     let mut edited = e.clone();
-    edited.spec.env.push(ep_api::experiment::EnvVar { name: "LR".into(), value: Some("0.1".into()), secret_key_ref: None });
+    edited.spec.env.push(ep_api::experiment::EnvVar {
+        name: "LR".into(),
+        value: Some("0.1".into()),
+        secret_key_ref: None,
+    });
     let p = run(&edited, &[order("quickstart-a1", 1, live)], vec![], 20);
     let (name, why) = p.stop.clone().expect("the live attempt is asked to stop");
     assert_eq!(name, "quickstart-a1");
