@@ -7,7 +7,10 @@ use ep_api::{Experiment, RunPodOrder};
 use kube::api::ListParams;
 use kube::{Api, Client};
 
+use serde::Serialize;
+
 use crate::orders::api_error;
+use crate::output::Format;
 
 fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
     t.map_or_else(|| "-".to_owned(), |t| t.0.to_string())
@@ -52,29 +55,124 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The text of `kubectl ep describe` for an experiment and its orders.
-pub fn render(exp: &Experiment, orders: &[RunPodOrder]) -> String {
+/// One phase change of the experiment or one of its orders.
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Moment {
+    pub at: String,
+    pub object: String,
+    pub phase: String,
+    pub reason: String,
+}
+
+/// Why an order's run did not succeed, in its own words (the outcome message ends with the last
+/// lines of stderr).
+#[derive(Serialize)]
+pub struct Why {
+    pub order: String,
+    pub outcome: String,
+    pub message: String,
+}
+
+/// What `kubectl ep describe` tells, as data (`-o json|yaml`) and as text.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Story {
+    pub name: String,
+    pub namespace: String,
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ep_api::experiment::ApprovalRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
+    pub attempts: Vec<AttemptStatus>,
+    pub timeline: Vec<Moment>,
+    pub why: Vec<Why>,
+}
+
+/// The story of an experiment and its orders.
+pub fn story(exp: &Experiment, orders: &[RunPodOrder]) -> Story {
     let st = exp.status.clone().unwrap_or_default();
     let name = exp.metadata.name.clone().unwrap_or_default();
+    let mut timeline: Vec<Moment> = st
+        .transitions
+        .iter()
+        .map(|t| Moment {
+            at: t.at.0.to_string(),
+            object: format!("experiment/{name}"),
+            phase: format!("{:?}", t.phase),
+            reason: t.reason.clone().unwrap_or_default(),
+        })
+        .collect();
+    let mut why = vec![];
+    for o in orders {
+        let oname = o.metadata.name.clone().unwrap_or_default();
+        for t in o.status.iter().flat_map(|s| s.transitions.iter()) {
+            timeline.push(Moment {
+                at: t.at.0.to_string(),
+                object: format!("order/{oname}"),
+                phase: t.phase.as_str().to_owned(),
+                reason: t.reason.clone().unwrap_or_default(),
+            });
+        }
+        let Some(outcome) = o.status.as_ref().and_then(|s| s.outcome.as_ref()) else { continue };
+        if let Some(m) = outcome.message.as_ref().filter(|_| outcome.state != ep_api::order::OutcomeState::Succeeded) {
+            why.push(Why { order: oname, outcome: format!("{:?}", outcome.state), message: m.clone() });
+        }
+    }
+    timeline.sort();
+    Story {
+        namespace: exp.metadata.namespace.clone().unwrap_or_default(),
+        phase: st.phase.map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
+        reason: st.reason.clone(),
+        message: st.message.clone(),
+        gpu: st.gpu.clone(),
+        cost_usd: st.cost_usd,
+        progress: st.progress.as_ref().map(|p| p.summary.clone()),
+        metrics: st.metrics.clone(),
+        approval: st.approval.clone(),
+        receipt: st.artifacts.as_ref().map(|a| a.receipt.clone()),
+        attempts: st.history.iter().chain(st.current_attempt.iter()).cloned().collect(),
+        timeline,
+        why,
+        name,
+    }
+}
+
+/// The text of `kubectl ep describe` for an experiment and its orders.
+pub fn render(exp: &Experiment, orders: &[RunPodOrder]) -> String {
+    let s = story(exp, orders);
     let mut out = format!(
-        "Name:       {name}\nNamespace:  {}\nPhase:      {}{}\n",
-        exp.metadata.namespace.clone().unwrap_or_default(),
-        st.phase.map_or_else(|| "Pending".to_owned(), |p| format!("{p:?}")),
-        st.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
+        "Name:       {}\nNamespace:  {}\nPhase:      {}{}\n",
+        s.name,
+        s.namespace,
+        s.phase,
+        s.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default(),
     );
     let mut field = |k: &str, v: Option<String>| {
         if let Some(v) = v {
             out.push_str(&format!("{k:<12}{v}\n"));
         }
     };
-    field("Message:", st.message.clone());
-    field("GPU:", st.gpu.clone());
-    field("Cost:", st.cost_usd.map(|c| usd(Some(c))));
-    field("Progress:", st.progress.as_ref().map(|p| p.summary.clone()));
-    field("Metrics:", st.metrics.clone());
+    field("Message:", s.message.clone());
+    field("GPU:", s.gpu.clone());
+    field("Cost:", s.cost_usd.map(|c| usd(Some(c))));
+    field("Progress:", s.progress.clone());
+    field("Metrics:", s.metrics.clone());
     field(
         "Approval:",
-        st.approval.as_ref().map(|a| {
+        s.approval.as_ref().map(|a| {
             format!(
                 "{} at {} (envelope {})",
                 a.approved_by,
@@ -83,61 +181,28 @@ pub fn render(exp: &Experiment, orders: &[RunPodOrder]) -> String {
             )
         }),
     );
-    field("Receipt:", st.artifacts.as_ref().map(|a| a.receipt.clone()));
-    let attempts: Vec<&AttemptStatus> = st.history.iter().chain(st.current_attempt.iter()).collect();
+    field("Receipt:", s.receipt.clone());
     out.push_str("Attempts:\n");
-    if attempts.is_empty() {
+    if s.attempts.is_empty() {
         out.push_str("  none yet\n");
     } else {
         let head = ["#", "ORDER", "POD", "STARTED", "TOOK", "OUTCOME", "REASON", "COST"];
         let mut rows = vec![head.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
-        rows.extend(attempts.iter().map(|a| attempt_row(a)));
+        rows.extend(s.attempts.iter().map(attempt_row));
         out.push_str(&table(&rows));
     }
-    let mut events: Vec<(String, String, String, String)> = st
-        .transitions
-        .iter()
-        .map(|t| {
-            (
-                t.at.0.to_string(),
-                format!("experiment/{name}"),
-                format!("{:?}", t.phase),
-                t.reason.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
-    for o in orders {
-        let oname = o.metadata.name.clone().unwrap_or_default();
-        for t in o.status.iter().flat_map(|s| s.transitions.iter()) {
-            events.push((
-                t.at.0.to_string(),
-                format!("order/{oname}"),
-                t.phase.as_str().to_owned(),
-                t.reason.clone().unwrap_or_default(),
-            ));
-        }
-    }
-    events.sort();
     out.push_str("Timeline:\n");
     let mut rows = vec![vec!["AT".to_owned(), "OBJECT".to_owned(), "PHASE".to_owned(), "REASON".to_owned()]];
-    rows.extend(events.into_iter().map(|(a, b, c, d)| vec![a, b, c, d]));
+    rows.extend(s.timeline.into_iter().map(|m| vec![m.at, m.object, m.phase, m.reason]));
     out.push_str(&table(&rows));
-    // A failed attempt's own words: the outcome message ends with the last lines of stderr.
-    for o in orders {
-        let Some(outcome) = o.status.as_ref().and_then(|s| s.outcome.as_ref()) else { continue };
-        if let Some(m) = outcome.message.as_ref().filter(|_| outcome.state != ep_api::order::OutcomeState::Succeeded) {
-            out.push_str(&format!(
-                "Why order/{} ended {:?}:\n  {m}\n",
-                o.metadata.name.clone().unwrap_or_default(),
-                outcome.state
-            ));
-        }
+    for w in &s.why {
+        out.push_str(&format!("Why order/{} ended {}:\n  {}\n", w.order, w.outcome, w.message));
     }
     out
 }
 
 /// Prints the description of experiment `name`.
-pub async fn describe(client: Client, ns: &str, name: &str) -> Result<(), String> {
+pub async fn describe(client: Client, ns: &str, name: &str, format: Format) -> Result<(), String> {
     let exp = Api::<Experiment>::namespaced(client.clone(), ns)
         .get_opt(name)
         .await
@@ -147,6 +212,9 @@ pub async fn describe(client: Client, ns: &str, name: &str) -> Result<(), String
         .list(&ListParams::default().labels(&format!("ep.dev/experiment={name}")))
         .await
         .map_err(api_error)?;
-    print!("{}", render(&exp, &orders.items));
-    Ok(())
+    if format.is_text() {
+        print!("{}", render(&exp, &orders.items));
+        return Ok(());
+    }
+    format.print(&story(&exp, &orders.items))
 }

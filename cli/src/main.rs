@@ -5,6 +5,8 @@ mod approval;
 mod complete;
 mod describe;
 mod orders;
+mod output;
+mod preflight;
 mod pull;
 mod push;
 mod run;
@@ -110,6 +112,9 @@ enum Command {
         attempt: Option<i32>,
         #[arg(short, long)]
         namespace: Option<String>,
+        /// `json` or `yaml`: each file with its size and verified sha256, on stdout.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: output::Format,
     },
     /// An experiment's story: phase and why, approval, every attempt (times, cost, outcome), every
     /// phase change of it and its orders, and why a failed attempt failed.
@@ -118,6 +123,8 @@ enum Command {
         name: String,
         #[arg(short, long)]
         namespace: Option<String>,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: output::Format,
     },
     /// A completion script for bash, zsh or fish (`source <(kubectl-ep completion bash)`); kubectl's
     /// own completion of `kubectl ep ...` goes through kubectl_complete-ep.
@@ -179,9 +186,9 @@ fn main() -> ExitCode {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
             runpod::logs(client, &ns, &runpod::LogsArgs { name, container, tail, follow, stderr, attempt }).await
         }),
-        Command::Pull { name, dir, checkpoints, attempt, namespace } => rt.block_on(async {
+        Command::Pull { name, dir, checkpoints, attempt, namespace, output } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
-            pull::pull(client, &ns, &pull::PullArgs { name, dir, checkpoints, attempt }).await
+            pull::pull(client, &ns, &pull::PullArgs { name, dir, checkpoints, attempt, output }).await
         }),
         Command::Completion { shell } => {
             clap_complete::generate(
@@ -196,9 +203,9 @@ fn main() -> ExitCode {
             rt.block_on(complete::complete(&words, &target));
             Ok(())
         }
-        Command::Describe { name, namespace } => rt.block_on(async {
+        Command::Describe { name, namespace, output } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
-            describe::describe(client, &ns, &name).await
+            describe::describe(client, &ns, &name, output).await
         }),
         Command::Rerun { name, namespace } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;

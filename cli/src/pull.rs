@@ -12,7 +12,10 @@ use ep_operator::pool::{clients, credentials};
 use ep_volume::store::VolumeStore;
 use kube::{Api, Client, ResourceExt};
 
+use serde::Serialize;
+
 use crate::orders::api_error;
+use crate::output::Format;
 
 /// What `pull` fetches.
 pub struct PullArgs {
@@ -20,6 +23,44 @@ pub struct PullArgs {
     pub dir: Option<PathBuf>,
     pub checkpoints: bool,
     pub attempt: Option<i32>,
+    pub output: Format,
+}
+
+/// One file pulled, for `-o json|yaml`.
+#[derive(Serialize)]
+struct Pulled {
+    path: String,
+    size: i64,
+    sha256: String,
+    /// False when retention deleted it from the volume after verification.
+    present: bool,
+}
+
+/// A progress bar on stderr, redrawn at most every tenth of a second (a terminal only).
+struct Bar {
+    total: i64,
+    done: i64,
+    drawn: std::time::Instant,
+}
+
+impl Bar {
+    fn add(&mut self, n: u64, name: &str) {
+        self.done += i64::try_from(n).unwrap_or(0);
+        if self.drawn.elapsed() >= std::time::Duration::from_millis(100) || self.done >= self.total {
+            self.drawn = std::time::Instant::now();
+            let frac = if self.total > 0 { self.done as f64 / self.total as f64 } else { 1.0 };
+            let filled = ((frac * 30.0) as usize).min(30);
+            eprint!(
+                "\r[{}{}] {:>3.0}% {} / {}  {name:<40.40}",
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                frac * 100.0,
+                human(self.done),
+                human(self.total)
+            );
+            let _ = std::io::Write::flush(&mut std::io::stderr());
+        }
+    }
 }
 
 /// A file's place under the download directory: its key below the run's artifacts prefix, with
@@ -88,14 +129,33 @@ pub async fn pull(client: Client, ns: &str, a: &PullArgs) -> Result<(), String> 
         .collect();
     let total: i64 = chosen.iter().map(|(_, i)| i.size).sum();
     let (mut done, mut missing) = (0i64, 0usize);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar = Bar { total, done: 0, drawn: std::time::Instant::now() };
+    let mut pulled = vec![];
     for (n, (rel, item)) in chosen.iter().enumerate() {
         let dest = dir.join(rel);
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
         }
-        let Some((size, sha)) = store.download(&item.key, &dest).await.map_err(|e| e.to_string())? else {
+        let shown = rel.display().to_string();
+        let mut on_bytes = |b: u64| {
+            if tty {
+                bar.add(b, &shown);
+            }
+        };
+        let got = store.download(&item.key, &dest, &mut on_bytes).await.map_err(|e| e.to_string())?;
+        let rel_s = rel.display().to_string();
+        pulled.push(Pulled { path: rel_s, size: item.size, sha256: item.sha256.clone(), present: got.is_some() });
+        let Some((size, sha)) = got else {
             // Retention deleted it after verification (KeepLast, Discard).
-            eprintln!("[{}/{}] {} no longer on the volume (checkpoint retention)", n + 1, chosen.len(), rel.display());
+            if !tty {
+                eprintln!(
+                    "[{}/{}] {} no longer on the volume (checkpoint retention)",
+                    n + 1,
+                    chosen.len(),
+                    rel.display()
+                );
+            }
             missing += 1;
             continue;
         };
@@ -109,6 +169,9 @@ pub async fn pull(client: Client, ns: &str, a: &PullArgs) -> Result<(), String> 
             ));
         }
         done += item.size;
+        if tty {
+            continue;
+        }
         eprintln!(
             "[{}/{}] {} {} sha256 ok ({} of {})",
             n + 1,
@@ -118,6 +181,12 @@ pub async fn pull(client: Client, ns: &str, a: &PullArgs) -> Result<(), String> 
             human(done),
             human(total)
         );
+    }
+    if tty {
+        eprintln!();
+    }
+    if !a.output.is_text() {
+        return a.output.print(&pulled);
     }
     let skipped = items.len() - chosen.len();
     println!(

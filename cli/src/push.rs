@@ -38,9 +38,18 @@ pub struct PushArgs {
     /// Check every file on the volume instead of trusting the last sealed push of this directory.
     #[arg(long)]
     pub verify_all: bool,
+    /// Push even when a Python file of the payload does not compile (checked with python3).
+    #[arg(long)]
+    pub no_compile_check: bool,
     /// Where stat data and the last pushed id are kept ($XDG_CACHE_HOME/ep or ~/.cache/ep).
     #[arg(long, env = "EP_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// `json` or `yaml`: the digest and what was uploaded, on stdout (default: the digest alone).
+    #[arg(short, long, value_enum, default_value = "text")]
+    pub output: crate::output::Format,
+    /// The entry the payload is pushed for (`kubectl ep run`): its script must be in the payload.
+    #[arg(skip)]
+    pub entry: Option<(String, ep_api::experiment::Entry)>,
 }
 
 /// A volume named by flags, for one the cluster does not know.
@@ -107,17 +116,35 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// `kubectl ep push`: prints the digest on stdout.
+/// What a push did, for `-o json|yaml`.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pushed {
+    /// For `spec.payload.digest`.
+    pub digest: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_files: u64,
+    pub uploaded_bytes: u64,
+    /// Blobs the volume held already.
+    pub present_files: u64,
+    pub s3_requests: u64,
+}
+
+/// `kubectl ep push`: prints the digest on stdout (or, with -o, what was pushed).
 pub async fn run_push(args: PushArgs, target: &Target) -> Result<(), String> {
     let (store, label) = volume(&args, target).await?;
-    let id = push_to(&store, &label, &args).await?;
-    println!("sha256:{id}");
-    eprintln!("put it in your Experiment: spec.payload.digest: \"sha256:{id}\"");
+    let pushed = push_to(&store, &label, &args).await?;
+    if !args.output.is_text() {
+        return args.output.print(&pushed);
+    }
+    println!("{}", pushed.digest);
+    eprintln!("put it in your Experiment: spec.payload.digest: \"{}\"", pushed.digest);
     Ok(())
 }
 
-/// Pushes `args.dir` to `store`; returns the payload id.
-pub async fn push_to(store: &S3Volume, label: &str, args: &PushArgs) -> Result<String, String> {
+/// Pushes `args.dir` to `store`.
+pub async fn push_to(store: &S3Volume, label: &str, args: &PushArgs) -> Result<Pushed, String> {
     let root = args.dir.canonicalize().map_err(|e| format!("{}: {e}", args.dir.display()))?;
     let cache = cache_dir(args.cache_dir.clone());
     let src = PayloadSource {
@@ -128,6 +155,16 @@ pub async fn push_to(store: &S3Volume, label: &str, args: &PushArgs) -> Result<S
     };
     let payload = Payload::build(&src).map_err(|e| e.to_string())?;
     eprintln!("payload: {} files, {}", payload.manifest.files.len(), human(payload.manifest.total_bytes()));
+    if let Some((file, entry)) = &args.entry {
+        ep_operator::order::entry::gate(entry, &payload.manifest, &payload.id)
+            .map_err(|b| format!("{file}: {}", b.message.replace("no pod was created", "nothing pushed")))?;
+    }
+    if !args.no_compile_check
+        && let Some(python) =
+            crate::preflight::python_compiles(&root, payload.manifest.files.iter().map(|f| f.path.as_str()))?
+    {
+        eprintln!("Python files compile ({python})");
+    }
     let previous = cache
         .as_ref()
         .and_then(|c| std::fs::read_to_string(last_push_file(c, label, &root)).ok())
@@ -169,5 +206,13 @@ pub async fn push_to(store: &S3Volume, label: &str, args: &PushArgs) -> Result<S
         }
         let _ = std::fs::write(f, &payload.id);
     }
-    Ok(payload.id)
+    Ok(Pushed {
+        digest: format!("sha256:{}", payload.id),
+        files: report.files_total,
+        bytes: report.bytes_total,
+        uploaded_files: report.uploaded_files,
+        uploaded_bytes: report.uploaded_bytes,
+        present_files: report.present_files,
+        s3_requests: report.requests,
+    })
 }

@@ -53,17 +53,18 @@ pub async fn run(client: Client, ns: &str, dir: &Path, file: &Path, follow: bool
         locations: exp.spec.payload.locations.clone(),
         excludes: exp.spec.payload.excludes.clone(),
         parallelism: 16,
+        entry: Some((file.display().to_string(), exp.spec.entry.clone())),
         ..PushArgs::default()
     };
-    let id = push_to(&store, &label, &args).await?;
-    exp.spec.payload.digest = Some(format!("sha256:{id}"));
+    let digest = push_to(&store, &label, &args).await?.digest;
+    exp.spec.payload.digest = Some(digest.clone());
     exp.spec.payload.config_map = None;
     exp.metadata.namespace = Some(ns.clone());
     exp.metadata.managed_fields = None;
     exp.status = None;
     let api = Api::<Experiment>::namespaced(client.clone(), &ns);
     api.patch(&name, &PatchParams::apply("kubectl-ep").force(), &Patch::Apply(&exp)).await.map_err(api_error)?;
-    println!("experiment.ep.dev/{name} applied in {ns} with payload sha256:{id}");
+    println!("experiment.ep.dev/{name} applied in {ns} with payload {digest}");
     if !follow {
         return Ok(());
     }

@@ -27,6 +27,7 @@ pub enum Output {
     Table,
     Wide,
     Json,
+    Yaml,
 }
 
 fn lowest(g: &CatalogGpu) -> Option<f64> {
@@ -88,11 +89,11 @@ pub async fn gpus(client: Client, f: &GpuFilter, output: Output) -> Result<(), S
     rows.sort_by(|a, b| {
         lowest(&a.2).unwrap_or(f64::MAX).total_cmp(&lowest(&b.2).unwrap_or(f64::MAX)).then_with(|| a.2.id.cmp(&b.2.id))
     });
-    if output == Output::Json {
+    if matches!(output, Output::Json | Output::Yaml) {
         let items: Vec<_> =
             rows.iter().map(|(p, dc, g)| json!({"provider": p, "volumeDataCenter": dc, "gpu": g})).collect();
-        println!("{}", serde_json::to_string_pretty(&items).map_err(|e| e.to_string())?);
-        return Ok(());
+        let format = if output == Output::Json { crate::output::Format::Json } else { crate::output::Format::Yaml };
+        return format.print(&items);
     }
     let many = providers.len() > 1;
     let mut table: Vec<Vec<String>> = Vec::new();

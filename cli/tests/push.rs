@@ -44,6 +44,19 @@ async fn push_prints_the_digest_and_repushes_only_changes() {
     assert!(err.contains("uploaded 1 of 20 files") && err.contains("19 already on the volume"), "{err}");
     let again = push();
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to upload"));
+    let json = Command::new(env!("CARGO_BIN_EXE_kubectl-ep"))
+        .args(["push", dir.path().to_str().unwrap(), "--exclude", "*.env", "-o", "json"])
+        .env("EP_S3_ENDPOINT", &e.s3)
+        .env("EP_S3_REGION", "EU-RO-1")
+        .env("EP_VOLUME_ID", "tgb8bx6fwl")
+        .env("EP_S3_ACCESS_KEY_ID", &e.s3_access_key)
+        .env("EP_S3_SECRET_ACCESS_KEY", &e.s3_secret_key)
+        .env("EP_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!((json["files"].as_u64(), json["uploadedFiles"].as_u64()), (Some(20), Some(0)), "{json}");
+    assert!(json["digest"].as_str().unwrap().starts_with("sha256:"), "{json}");
 
     // Bad input names the path and loses nothing.
     let bad = Command::new(env!("CARGO_BIN_EXE_kubectl-ep"))

@@ -129,6 +129,27 @@ async fn kubectl_ep_run_pushes_the_code_applies_and_follows_to_the_end() {
         .unwrap();
     let err = stack.kubectl_ep(&["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS]).unwrap_err();
     assert!(err.to_string().contains("mine.yaml"), "{err}");
+    // A typo costs nothing: Python that does not compile, or an entry the payload lacks, is
+    // refused before anything is pushed or applied.
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("train.py"), "import sys\ndef main(:\n    pass\n").unwrap();
+    let mine = exp("typo2")
+        .yaml()
+        .replace("payload: {configMap: {name: quickstart-code}}", "payload: {locations: [train.py]}");
+    std::fs::write(&file, &mine).unwrap();
+    let run = |dir: &std::path::Path| {
+        stack
+            .kubectl_ep(&["run", dir.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS])
+            .unwrap_err()
+            .to_string()
+    };
+    let err = run(broken.path());
+    assert!(err.contains("train.py:2: ") && err.contains("def main(:") && err.contains("nothing pushed"), "{err}");
+    std::fs::write(broken.path().join("train.py"), "print('fixed')\n").unwrap();
+    std::fs::write(&file, mine.replace("[python3, train.py]", "[python3, trian.py]")).unwrap();
+    let err = run(broken.path());
+    assert!(err.contains("mine.yaml: spec.entry runs trian.py") && err.contains("nothing pushed"), "{err}");
+    assert!(stack.get("exp", Some(NS), "typo2").unwrap().is_none(), "nothing applied");
 }
 
 /// kubectl's own completion (`kubectl __complete ...`, what the shell script kubectl generates
@@ -157,6 +178,20 @@ async fn describe_tells_the_story_and_completion_reaches_the_plugin() {
     {
         assert!(out.contains(want), "{want} missing from:\n{out}");
     }
+    let story: serde_json::Value =
+        serde_json::from_str(&stack.kubectl_ep(&["describe", "told", "-n", NS, "-o", "json"]).unwrap()).unwrap();
+    assert_eq!((story["phase"].as_str(), story["attempts"][0]["order"].as_str()), (Some("Succeeded"), Some("told-a1")));
+    assert!(story["timeline"].as_array().unwrap().iter().any(|m| m["phase"] == "RUNNER_ONLINE"), "{story}");
+    let yaml: serde_json::Value =
+        serde_saphyr::from_str(&stack.kubectl_ep(&["describe", "told", "-n", NS, "-o", "yaml"]).unwrap()).unwrap();
+    assert_eq!(yaml["attempts"], story["attempts"]);
+    let into = tempfile::tempdir().unwrap();
+    let pulled = stack.kubectl_ep(&["pull", "told", into.path().to_str().unwrap(), "-n", NS, "-o", "json"]).unwrap();
+    let pulled: serde_json::Value = serde_json::from_str(&pulled).unwrap();
+    let results = pulled.as_array().unwrap().iter().find(|f| f["path"] == "results.json").unwrap();
+    let sum = std::process::Command::new("sha256sum").arg(into.path().join("results.json")).output().unwrap();
+    let sum = String::from_utf8(sum.stdout).unwrap();
+    assert!(sum.starts_with(results["sha256"].as_str().unwrap()), "{pulled} vs {sum}");
     // kubectl completes the plugin's subcommands, then the namespace's experiments.
     let subs = kubectl_completes(&stack, &["ep", "re"]);
     assert!(subs.contains(&"rerun".to_owned()), "{subs:?}");

@@ -414,6 +414,8 @@ async fn kubectl_ep_gpus_shows_the_catalog_the_provider_sees(transport: &'static
     };
     assert!(rows.windows(2).all(|w| price(&w[0]) <= price(&w[1])), "sorted by price: {json}");
     assert_eq!(rows.len(), provider["status"]["catalog"]["gpus"].as_array().unwrap().len());
+    let yaml: serde_json::Value = serde_saphyr::from_str(&stack.kubectl_ep(&["gpus", "-o", "yaml"]).unwrap()).unwrap();
+    assert_eq!(yaml, json, "-o yaml says what -o json says");
     // Filters.
     // The cheaper cloud counts: the PRO 4500 is 0.59 in the community cloud.
     let cheap = stack.kubectl_ep(&["gpus", "--max-price", "0.5"]).unwrap();

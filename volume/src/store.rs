@@ -134,8 +134,14 @@ where
 
 impl S3Volume {
     /// Streams one object into `dest` (written beside it, then renamed) and returns its size and
-    /// hex sha256, computed on the bytes as they arrive; None when there is no such object.
-    pub async fn download(&self, key: &str, dest: &Path) -> Result<Option<(u64, String)>, StoreError> {
+    /// hex sha256, computed on the bytes as they arrive (`on_bytes` hears of each chunk written);
+    /// None when there is no such object.
+    pub async fn download(
+        &self,
+        key: &str,
+        dest: &Path,
+        on_bytes: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<Option<(u64, String)>, StoreError> {
         use sha2::Digest as _;
         use tokio::io::AsyncWriteExt as _;
         self.count();
@@ -158,6 +164,7 @@ impl S3Volume {
             hash.update(&chunk);
             size += chunk.len() as u64;
             file.write_all(&chunk).await.map_err(local)?;
+            on_bytes(chunk.len() as u64);
         }
         file.flush().await.map_err(local)?;
         drop(file);
