@@ -8,7 +8,6 @@ use ep_api::RunPodOrder;
 use ep_api::experiment::ArtifactRef;
 use ep_api::provider::RunPodProvider;
 use ep_api::volume::{Terminal, keys};
-use ep_operator::pool::{clients, credentials};
 use ep_volume::store::VolumeStore;
 use kube::{Api, Client, ResourceExt};
 
@@ -115,8 +114,7 @@ pub async fn pull(client: Client, ns: &str, a: &PullArgs) -> Result<(), String> 
         .await
         .map_err(api_error)?
         .ok_or_else(|| format!("spec.providerRef {} does not exist", order.spec.provider_ref))?;
-    let (creds, _) = credentials(&client, &provider).await.map_err(|e| e.to_string())?;
-    let (_, store) = clients(&provider, &creds).map_err(|e| e.to_string())?;
+    let store = ep_operator::pool::volume(&client, &provider).await.map_err(|e| e.to_string())?;
     let (prefix, items) = listed(&order, &store).await?;
     let run = order.spec.template(order.status.as_ref()).cloned();
     let attempt = run.as_ref().map_or(1, |r| r.attempt);

@@ -7,7 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ep_api::provider::RunPodProvider;
-use ep_operator::pool::{clients, credentials};
 use ep_volume::store::S3Settings;
 use ep_volume::sync::{Progress, SyncOptions, push};
 use ep_volume::{Payload, PayloadSource, S3Volume};
@@ -91,8 +90,7 @@ pub async fn provider_volume(client: &Client, name: &str) -> Result<(S3Volume, S
         Api::<RunPodProvider>::all(client.clone()).get_opt(name).await.map_err(api_error)?.ok_or_else(|| {
             format!("RunPodProvider {name} does not exist (--provider, or the --s3-* flags for a volume of your own)")
         })?;
-    let (creds, _) = credentials(client, &provider).await.map_err(|e| e.to_string())?;
-    let (_, store) = clients(&provider, &creds).map_err(|e| e.to_string())?;
+    let store = ep_operator::pool::volume(client, &provider).await.map_err(|e| e.to_string())?;
     Ok((store, format!("{}|{}", provider.spec.s3.endpoint, provider.spec.network_volume.id)))
 }
 

@@ -239,9 +239,10 @@ pub async fn logs(client: Client, ns: &str, a: &LogsArgs) -> Result<(), String> 
             format!("RunPodOrder {ns}/{oname}: spec.providerRef {} does not exist", order.spec.provider_ref)
         })?;
     let st = order.status.clone().unwrap_or_default();
-    let (creds, _) = credentials(&client, &provider).await.map_err(|e| e.to_string())?;
-    let (api, store) = clients(&provider, &creds).map_err(|e| e.to_string())?;
     if a.container {
+        // RunPod's API key: only for the container log (the volume needs its S3 keys alone).
+        let (creds, _) = credentials(&client, &provider).await.map_err(|e| e.to_string())?;
+        let (api, _) = clients(&provider, &creds).map_err(|e| e.to_string())?;
         if provider.spec.api.transport == Transport::Graphql {
             return Err(format!(
                 "RunPodProvider {} speaks GraphQL, which has no container logs; set spec.api.transport: restV2",
@@ -266,6 +267,7 @@ pub async fn logs(client: Client, ns: &str, a: &LogsArgs) -> Result<(), String> 
     }
     let run =
         st.run_id.clone().ok_or_else(|| format!("RunPodOrder {ns}/{oname} has no run yet (phase {:?})", st.phase))?;
+    let store = ep_operator::pool::volume(&client, &provider).await.map_err(|e| e.to_string())?;
     let streams: &[(&str, bool)] =
         if a.stderr { &[("stderr.log", true)] } else { &[("stdout.log", false), ("stderr.log", true)] };
     // Bytes of each stream already printed: following prints only what is new.

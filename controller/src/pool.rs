@@ -288,6 +288,19 @@ pub async fn credentials(
     Ok((Credentials { api_key: api.pop().unwrap_or_default(), s3_access_key, s3_secret_key }, fingerprint))
 }
 
+/// The network volume of a provider, read with its S3 Secret alone: what people who push code or
+/// read a run's files need, without the RunPod API key (which can rent pods).
+pub async fn volume(client: &kube::Client, provider: &RunPodProvider) -> Result<S3Volume, ProviderError> {
+    let (spec, name) = (&provider.spec, provider.name_any());
+    let c = &spec.s3.credentials_secret_ref;
+    let keys = [c.access_key_id_key.as_str(), c.secret_access_key_key.as_str()];
+    let (mut s3, _) = read_secret(client, &name, "spec.s3.credentialsSecretRef", &c.namespace, &c.name, &keys).await?;
+    let secret = s3.pop().unwrap_or_default();
+    let access = s3.pop().unwrap_or_default();
+    let vol = &spec.network_volume;
+    Ok(S3Volume::new(S3Settings::new(&spec.s3.endpoint, &vol.data_center, &vol.id, &access, &secret)))
+}
+
 /// The RunPod client and the volume store of a provider.
 pub fn clients(provider: &RunPodProvider, creds: &Credentials) -> Result<(RunPodClient, S3Volume), ProviderError> {
     let spec = &provider.spec;

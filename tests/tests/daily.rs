@@ -117,13 +117,19 @@ async fn kubectl_ep_run_pushes_the_code_applies_and_follows_to_the_end() {
     let file = dir.path().join("mine.yaml");
     std::fs::write(&file, yaml).unwrap();
     let code = ep_testkit::workspace_root().join("examples/quickstart");
-    let out = stack.kubectl_ep(&["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS]).unwrap();
+    // As Wren, an experiment author: the volume's S3 keys are hers to use, RunPod's API key is not.
+    let args = ["run", code.to_str().unwrap(), "-f", file.to_str().unwrap(), "-n", NS];
+    let out = stack.kubectl_ep_as("wren", &args).unwrap();
     assert!(out.contains("experiment.ep.dev/mine applied in ep-quickstart with payload sha256:"), "{out}");
     assert!(out.contains("epoch 3/3"), "the script's output is followed: {out}");
     assert!(out.contains("mine: f1="), "it ends with the declared metrics: {out}");
     let e = stack.get("exp", Some(NS), "mine").unwrap().unwrap();
     assert_eq!(e["status"]["phase"], "Succeeded");
     assert!(e["spec"]["payload"]["digest"].as_str().unwrap().starts_with("sha256:"), "{}", e["spec"]);
+    let denied = stack.kubectl_as("wren", &["get", "secret", "runpod", "-n", "ep-system"]).unwrap_err();
+    assert!(denied.to_string().contains("forbidden"), "{denied}");
+    let logs = stack.kubectl_ep_as("wren", &["logs", "mine", "-n", NS, "--tail", "1"]).unwrap();
+    assert!(logs.contains("\"f1\""), "{logs}");
     // A file that is not an Experiment is refused with the file and the field named.
     std::fs::write(&file, "apiVersion: ep.dev/v1alpha1\nkind: Experiment\nmetadata: {name: bad}\nspec: {image: 5}\n")
         .unwrap();
