@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Where cargo builds: CARGO_TARGET_DIR when set (as many Rust developers do), else ./target.
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 
-.PHONY: all build test sandbox image image-rootfs crds manifests examples deps fmt lint unit clean bench-sync bench-scale runner-static reasons
+.PHONY: all build test sandbox sandbox-long image image-rootfs crds manifests examples deps fmt lint unit clean bench-sync bench-scale runner-static reasons
 
 all: build
 
@@ -28,6 +28,9 @@ unit: ## fast: unit tests only, no servers
 sandbox: deps ## the main job on an embedded default; KEEP=1 keeps it running
 	$(CARGO) build --locked -q -p runpod-sim -p kube-sim -p kubectl-ep -p ep-operator -p ep-runner -p ep-testkit --bins
 	$(TARGET_DIR)/debug/ep-sandbox
+
+sandbox-long: ## the sandbox with a quickstart that trains for 10 real minutes; fails when cost and billing differ by 5% or more
+	EP_SANDBOX_MINUTES=$${EP_SANDBOX_MINUTES:-10} $(MAKE) sandbox
 
 bench-sync: deps ## payload sync and hashing vs rclone, aws s3 sync and sha256sum (release build)
 	command -v rclone >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq rclone >/dev/null || sudo apt-get install -y -qq rclone >/dev/null; }

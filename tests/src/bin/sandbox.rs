@@ -57,7 +57,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("==> examples/quickstart/ pointed at runpod-sim: kubectl create secret generic runpod|runpod-s3");
     println!("    --from-literal=... (runpod-sim's keys), then kubectl apply -f for the rest");
     let balance = stack.world().await?["balance"].as_f64().unwrap_or_default();
-    print!("{}", indent(&stack.apply_quickstart(true)?));
+    // EP_SANDBOX_MINUTES=10: the quickstart trains for that many real minutes (its 20 epochs
+    // spaced out), and the operator's cost must agree with runpod-sim's billing within 5%.
+    let minutes: Option<f64> = std::env::var("EP_SANDBOX_MINUTES").ok().map(|m| m.parse()).transpose()?;
+    print!("{}", indent(&stack.apply_quickstart(minutes.is_none())?));
+    if let Some(m) = minutes {
+        let yaml = std::fs::read_to_string(ep_testkit::workspace_root().join("examples/quickstart/30-experiment.yaml"))?;
+        let spaced = format!(r#"args: [--epochs, "20", --epoch-sleep, "{}"]"#, m * 60.0 / 20.0);
+        let yaml = yaml.replace(r#"args: [--epochs, "20"]"#, &spaced);
+        if !yaml.contains(&spaced) {
+            return Err("examples/quickstart/30-experiment.yaml no longer has args: [--epochs, \"20\"]".into());
+        }
+        println!("    the quickstart with {spaced}: about {m} minutes of training");
+        print!("{}", indent(&stack.apply(&yaml)?));
+    }
 
     println!("==> waiting for the experiment (kubectl get exp quickstart -n ep-quickstart -w)");
     let last = std::cell::RefCell::new(String::new());
@@ -65,7 +78,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "exp",
         Some("ep-quickstart"),
         "quickstart",
-        Duration::from_secs(300),
+        Duration::from_secs(300) + Duration::from_secs_f64(minutes.unwrap_or(0.0) * 60.0),
         "Succeeded or Failed",
         |o| {
             let phase = o.and_then(|o| o["status"]["phase"].as_str()).unwrap_or("").to_owned();
@@ -120,7 +133,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let billed = balance - stack.world().await?["balance"].as_f64().unwrap_or_default();
     let order = stack.get("rpo", Some("ep-quickstart"), "quickstart-a1")?.unwrap_or_default();
     let cost = order["status"]["accruedCostUsd"].as_f64().unwrap_or_default();
-    println!("==> cost: the operator counted ${cost:.6}; runpod-sim billed ${billed:.6} for the same pod");
+    let off = if billed > 0.0 { (cost - billed).abs() / billed } else { 1.0 };
+    println!(
+        "==> cost: the operator counted ${cost:.6}; runpod-sim billed ${billed:.6} for the same pod ({:.2}% apart)",
+        off * 100.0
+    );
+    if minutes.is_some() && off >= 0.05 {
+        return Err(format!("the operator's cost is {:.2}% off runpod-sim's billing (at most 5%)", off * 100.0).into());
+    }
     let live = stack.live_pods().await?.len();
     println!("==> runpod-sim holds {live} live pods; finished in {:.1}s", started.elapsed().as_secs_f64());
     let ok = st["phase"] == "Succeeded";
