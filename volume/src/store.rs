@@ -62,8 +62,18 @@ pub trait VolumeStore: Send + Sync {
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Requests sent so far (for reports and benchmarks).
     fn requests(&self) -> u64;
-    /// What the volume holds, by listing it: the one listing the data plane makes, only to give
-    /// the figures of a full volume (HTTP 507). None when the store cannot tell.
+    /// The sizes of the objects directly under `prefix` (one directory, `Delimiter=/`: RunPod
+    /// pages deep listings wrongly), keyed by full key. None when the store cannot list it
+    /// completely (a repeated continuation token): the caller then asks object by object.
+    fn list_dir(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<Option<std::collections::BTreeMap<String, u64>>, StoreError>> + Send {
+        let _ = prefix;
+        async { Ok(None) }
+    }
+    /// What the volume holds, by listing it: only to give the figures of a full volume (HTTP
+    /// 507). None when the store cannot tell.
     fn usage(&self) -> impl Future<Output = Result<Option<Usage>, StoreError>> + Send {
         async { Ok(None) }
     }
@@ -339,6 +349,37 @@ impl VolumeStore for S3Volume {
 
     fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    async fn list_dir(&self, prefix: &str) -> Result<Option<std::collections::BTreeMap<String, u64>>, StoreError> {
+        let mut found = std::collections::BTreeMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.count();
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.settings.bucket)
+                .prefix(prefix)
+                .delimiter("/")
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| req_err("ListObjectsV2", prefix, &e))?;
+            for o in page.contents() {
+                if let (Some(k), Some(size)) = (o.key(), o.size()) {
+                    found.insert(k.to_owned(), u64::try_from(size).unwrap_or(0));
+                }
+            }
+            let next = page.next_continuation_token().filter(|_| page.is_truncated() == Some(true));
+            match next {
+                None => return Ok(Some(found)),
+                // RunPod's paging bug: the same token twice. What was listed cannot be trusted
+                // to be all.
+                Some(t) if Some(t) == token.as_deref() => return Ok(None),
+                Some(t) => token = Some(t.to_owned()),
+            }
+        }
     }
 
     async fn usage(&self) -> Result<Option<Usage>, StoreError> {

@@ -1,4 +1,7 @@
-//! Payload sync: blobs the volume lacks go up, are verified by head_object, the manifest is sealed last.
+//! Payload sync: blobs the volume lacks go up and are verified on the volume, the manifest is
+//! sealed last. With more than a few blobs to check, one listing of the blob directory tells which
+//! are there and a second one verifies the uploads (about one request per file instead of three);
+//! a blob a listing does not show, or a listing RunPod cannot page, falls back to head_object.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +13,20 @@ use sha2::{Digest, Sha256};
 
 use crate::manifest::Payload;
 use crate::store::{StoreError, VolumeStore};
+
+/// Above this many blobs to check, listing the blob directory costs fewer requests than a HEAD each.
+const LIST_ABOVE: usize = 8;
+
+/// What became of one blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Synced {
+    /// On the volume already.
+    Present,
+    /// Uploaded and verified.
+    Uploaded,
+    /// Uploaded; the listing after all uploads verifies it.
+    Unverified,
+}
 
 /// How to sync.
 #[derive(Clone, Debug)]
@@ -113,6 +130,9 @@ pub async fn push<S: VolumeStore>(
     // One blob per distinct content.
     let mut seen = BTreeSet::new();
     let todo: Vec<_> = payload.manifest.files.iter().filter(|f| seen.insert(f.sha256.clone())).collect();
+    let unvouched = todo.iter().filter(|f| !vouched.contains(&f.sha256)).count();
+    let blob_dir = keys::payload_blob("");
+    let listed = if unvouched > LIST_ABOVE { store.list_dir(&blob_dir).await? } else { None };
     let files_done = AtomicU64::new(0);
     let bytes_done = AtomicU64::new(0);
     let uploaded = AtomicU64::new(0);
@@ -124,18 +144,32 @@ pub async fn push<S: VolumeStore>(
         progress(Progress { files_done: f, files_total: todo.len() as u64, bytes_done: b, bytes_total: unique_bytes });
     };
     // Futures collected first: a closure held across the await would make the future non-Send.
-    let blobs: Vec<_> = todo.iter().map(|entry| sync_blob(store, payload, entry, &vouched)).collect();
-    futures::stream::iter(blobs)
+    let blobs: Vec<_> = todo.iter().map(|entry| sync_blob(store, payload, entry, &vouched, listed.as_ref())).collect();
+    let done: Vec<(Synced, &ManifestEntry)> = futures::stream::iter(blobs)
         .buffer_unordered(opts.parallelism.max(1))
-        .map_ok(|(was_uploaded, size)| {
-            if was_uploaded {
+        .map_ok(|(synced, entry)| {
+            if synced != Synced::Present {
                 uploaded.fetch_add(1, Ordering::Relaxed);
-                uploaded_bytes.fetch_add(size, Ordering::Relaxed);
+                uploaded_bytes.fetch_add(entry.size, Ordering::Relaxed);
             }
-            tick(size);
+            tick(entry.size);
+            (synced, entry)
         })
-        .try_collect::<Vec<()>>()
+        .try_collect()
         .await?;
+    let unverified: Vec<&ManifestEntry> =
+        done.iter().filter(|(s, _)| *s == Synced::Unverified).map(|(_, e)| *e).collect();
+    if !unverified.is_empty() {
+        // One listing verifies every upload; what it does not show (a lagging listing, a page
+        // RunPod could not serve) is asked with HEAD.
+        let after = store.list_dir(&blob_dir).await?.unwrap_or_default();
+        let heads: Vec<_> = unverified
+            .into_iter()
+            .filter(|e| after.get(&keys::payload_blob(&e.sha256)) != Some(&e.size))
+            .map(|e| verify(store, payload, e))
+            .collect();
+        futures::stream::iter(heads).buffer_unordered(opts.parallelism.max(1)).try_collect::<Vec<()>>().await?;
+    }
     // Sealed last: a payload is usable only once every blob it names is verified.
     store.put_bytes(&manifest_key, Bytes::from(payload.manifest_bytes.clone()), &payload.id).await?;
     match store.head(&manifest_key).await? {
@@ -160,22 +194,29 @@ fn holds(i: &crate::store::ObjectInfo, entry: &ManifestEntry) -> bool {
     i.size == entry.size && i.sha256.as_deref() == Some(entry.sha256.as_str())
 }
 
-/// Makes one blob present and verified. Returns whether it was uploaded, and its size.
+/// Makes one blob present: whether it was there, or uploaded (and then verified unless a listing
+/// will verify it).
 ///
 /// A named function rather than a closure: its future must be `Send` for every borrow lifetime,
 /// which the compiler cannot prove for a closure returning an async block.
-async fn sync_blob<S: VolumeStore>(
+async fn sync_blob<'a, S: VolumeStore>(
     store: &S,
     payload: &Payload,
-    entry: &ManifestEntry,
+    entry: &'a ManifestEntry,
     vouched: &BTreeSet<String>,
-) -> Result<(bool, u64), SyncError> {
+    listed: Option<&std::collections::BTreeMap<String, u64>>,
+) -> Result<(Synced, &'a ManifestEntry), SyncError> {
     if vouched.contains(&entry.sha256) {
-        return Ok((false, entry.size));
+        return Ok((Synced::Present, entry));
     }
     let key = keys::payload_blob(&entry.sha256);
-    if store.head(&key).await?.is_some_and(|i| holds(&i, entry)) {
-        return Ok((false, entry.size));
+    let present = match listed {
+        // Blobs are named by their sha256: the key and the size say it is this content.
+        Some(l) => l.get(&key) == Some(&entry.size),
+        None => store.head(&key).await?.is_some_and(|i| holds(&i, entry)),
+    };
+    if present {
+        return Ok((Synced::Present, entry));
     }
     let path = payload.files.get(&entry.path).ok_or_else(|| SyncError::MissingSource { path: entry.path.clone() })?;
     if let Err(e) = store.put_file(&key, path, entry.size, &entry.sha256).await {
@@ -185,8 +226,25 @@ async fn sync_blob<S: VolumeStore>(
             store.put_file(&key, path, entry.size, &entry.sha256).await?;
         }
     }
+    if listed.is_some() {
+        return Ok((Synced::Unverified, entry));
+    }
+    verify(store, payload, entry).await?;
+    Ok((Synced::Uploaded, entry))
+}
+
+/// Checks with head_object that the volume holds the blob; an upload that answered 200 and did
+/// not land (a proxy can do that) is made once more before the sync fails.
+async fn verify<S: VolumeStore>(store: &S, payload: &Payload, entry: &ManifestEntry) -> Result<(), SyncError> {
+    let key = keys::payload_blob(&entry.sha256);
+    if store.head(&key).await?.is_some_and(|i| holds(&i, entry)) {
+        return Ok(());
+    }
+    let path = payload.files.get(&entry.path).ok_or_else(|| SyncError::MissingSource { path: entry.path.clone() })?;
+    tracing::debug!(key, "an upload did not land: once more");
+    store.put_file(&key, path, entry.size, &entry.sha256).await?;
     match store.head(&key).await? {
-        Some(i) if holds(&i, entry) => Ok((true, entry.size)),
+        Some(i) if holds(&i, entry) => Ok(()),
         found => Err(SyncError::Verify {
             path: entry.path.clone(),
             expected: describe(entry.size, Some(&entry.sha256)),

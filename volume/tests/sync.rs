@@ -1,5 +1,6 @@
 //! Payload sync against runpod-sim's S3: only what the volume lacks is written, everything is
-//! verified by head_object, the manifest is sealed last, and RunPod's faults are survived.
+//! verified on the volume (one listing, or head_object), the manifest is sealed last, and RunPod's
+//! faults are survived.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic on setup failure by design
 
@@ -62,12 +63,49 @@ async fn one_changed_file_writes_one_object_and_one_manifest() {
     assert_eq!((r.uploaded_files, r.manifest_written), (1, true));
     // get previous manifest, head new manifest, head+put+head the blob, put+head the manifest.
     assert_eq!(r.requests, 7, "{r:?}");
-    // Without a previous manifest every blob is checked, still only one written.
+    // Without a previous manifest every blob is checked by one listing, still only one written:
+    // head manifest, list, put blob, list, put+head manifest.
     std::fs::write(d.path().join("pkg/m8.py"), "x = 'again'\n").unwrap();
     let third = build(d.path());
     let r = push(&v.store, &third, &SyncOptions::default(), &|_| {}).await.unwrap();
     assert_eq!(r.uploaded_files, 1);
-    assert!(r.requests > 50);
+    assert_eq!(r.requests, 6, "{r:?}");
+}
+
+/// Every blob of the payload is on the volume with its content.
+fn all_there(v: &SimVolume, p: &Payload) {
+    for f in &p.manifest.files {
+        let on_volume = std::fs::read(v.workspace.join(keys::payload_blob(&f.sha256)));
+        assert_eq!(on_volume.ok().map(|b| b.len() as u64), Some(f.size), "{} missing after the sync", f.path);
+    }
+}
+
+#[tokio::test]
+async fn a_first_push_costs_about_one_request_per_file_and_a_lost_upload_is_made_again() {
+    let v = SimVolume::start(|_, _| {}).await.unwrap();
+    let d = payload_dir(200);
+    let p = build(d.path());
+    // Two uploads answer 200 and never land: the listing after the uploads shows they are not
+    // there, and they go up again before the manifest is sealed.
+    v.faults(serde_json::json!({"s3PutLost": 2})).await;
+    let r = push(&v.store, &p, &SyncOptions::default(), &|_| {}).await.unwrap();
+    assert_eq!(v.world().await["faults"]["s3PutLost"], 0, "the lost uploads happened");
+    all_there(&v, &p);
+    assert_eq!(r.uploaded_files, 201);
+    // 201 puts, head manifest, 2 listings, head + put + head for each lost one, put + head manifest.
+    assert_eq!(r.requests, 201 + 1 + 2 + 2 * 3 + 2, "{r:?}");
+}
+
+#[tokio::test]
+async fn a_listing_runpod_cannot_page_falls_back_to_head_object() {
+    let v = SimVolume::start(|_, _| {}).await.unwrap();
+    v.faults(serde_json::json!({"s3RepeatContinuationToken": true, "s3PutLost": 1})).await;
+    let d = payload_dir(2100); // three pages of 1,000 keys: the third repeats the second's token
+    let p = build(d.path());
+    let r = push(&v.store, &p, &SyncOptions::default(), &|_| {}).await.unwrap();
+    all_there(&v, &p);
+    assert_eq!(r.uploaded_files, 2101);
+    assert!(r.requests > 2 * 2101, "each upload verified with HEAD: {} requests", r.requests);
 }
 
 #[tokio::test]

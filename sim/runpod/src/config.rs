@@ -241,6 +241,10 @@ pub struct Faults {
     /// Next N PutObject calls answer HTTP 502 without writing.
     #[serde(default)]
     pub s3_put_502: u32,
+    /// Next N PutObject calls answer 200 but write nothing (a request a proxy lost after
+    /// answering for it).
+    #[serde(default)]
+    pub s3_put_lost: u32,
     /// Next N CompleteMultipartUpload calls answer HTTP 502 without completing.
     #[serde(default)]
     pub s3_complete_502: u32,

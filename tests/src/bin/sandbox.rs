@@ -62,7 +62,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let minutes: Option<f64> = std::env::var("EP_SANDBOX_MINUTES").ok().map(|m| m.parse()).transpose()?;
     print!("{}", indent(&stack.apply_quickstart(minutes.is_none())?));
     if let Some(m) = minutes {
-        let yaml = std::fs::read_to_string(ep_testkit::workspace_root().join("examples/quickstart/30-experiment.yaml"))?;
+        let yaml =
+            std::fs::read_to_string(ep_testkit::workspace_root().join("examples/quickstart/30-experiment.yaml"))?;
         let spaced = format!(r#"args: [--epochs, "20", --epoch-sleep, "{}"]"#, m * 60.0 / 20.0);
         let yaml = yaml.replace(r#"args: [--epochs, "20"]"#, &spaced);
         if !yaml.contains(&spaced) {

@@ -530,12 +530,30 @@ impl S3 for Volumes {
     async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
         let i = req.input;
         let (root, quota) = self.volume(&i.bucket)?;
+        let lost;
         {
             let (mut w, _) = self.sim.world();
             if w.faults.s3_put_502 > 0 {
                 w.faults.s3_put_502 -= 1;
                 return Err(status_err("BadGateway", 502, "Bad Gateway"));
             }
+            lost = w.faults.s3_put_lost > 0 && !i.key.ends_with('/');
+            if lost {
+                w.faults.s3_put_lost -= 1;
+            }
+        }
+        if lost {
+            // A 200 for a write that never landed: the body is read and dropped.
+            let mut i = i;
+            if let Some(mut body) = i.body.take() {
+                while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+                    chunk.map_err(|e| s3_error!(IncompleteBody, "{e}"))?;
+                }
+            }
+            return Ok(S3Response::new(PutObjectOutput {
+                e_tag: Some(ETag::Strong(EMPTY_MD5.into())),
+                ..PutObjectOutput::default()
+            }));
         }
         if i.key.ends_with('/') {
             let dir = key_path(&root, &i.key)?;
