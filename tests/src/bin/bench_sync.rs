@@ -1,12 +1,14 @@
-//! `make bench-sync`: payload sync and hashing against named baselines, measured in one run.
+//! `make bench-sync`: payload sync and hashing against named baselines, measured in the same run.
 //!
-//! Payload: 2,000 files of mixed sizes (~0.9 GiB). One S3 server (runpod-sim's network-volume S3,
-//! a separate process). Each tool writes under its own prefix of the same volume:
+//! Payload: 2,000 files of mixed sizes (~0.9 GiB). One S3 server per run (runpod-sim's
+//! network-volume S3, a separate process). Each tool writes under its own prefix of the volume:
 //! - first upload: ours (hashing included) vs `rclone sync` vs `aws s3 sync`;
 //! - re-sync after one file changed: ours (with the previous push known) vs each again;
-//! - sha256 of the whole payload on one core: ours vs `sha256sum`.
+//! - sha256 of the whole payload on one core: ours vs `openssl dgst -sha256` and `sha256sum`;
+//! - the payload's manifest built on every core vs one core of `openssl dgst -sha256`.
 //!
-//! Prints the ratios (ours / theirs: below 1 means ours is faster) and our S3 request counts.
+//! `EP_BENCH_RUNS` runs (default 3); each ratio is printed per run and as the median of the runs
+//! (ours / theirs in seconds: below 1 means ours is faster), with our S3 request counts.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -91,16 +93,74 @@ async fn ours(
 #[tokio::main]
 async fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-sync: {e}");
-            ExitCode::FAILURE
+    let runs: usize = std::env::var("EP_BENCH_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(3).max(1);
+    let mut all = vec![];
+    for n in 1..=runs {
+        println!("== run {n} of {runs}");
+        match run().await {
+            Ok(m) => all.push(m),
+            Err(e) => {
+                eprintln!("bench-sync: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
+    summary(&all);
+    ExitCode::SUCCESS
 }
 
-async fn run() -> Result<(), String> {
+/// One run's figures: (what, ours in seconds, the baseline's, when it is installed).
+struct Measured {
+    rows: Vec<(&'static str, f64, Option<f64>)>,
+    first_requests: u64,
+    files: usize,
+    re_requests: u64,
+    re_written: u64,
+    cores: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn summary(all: &[Measured]) {
+    let Some(first) = all.first() else { return };
+    println!();
+    println!("== median of {} runs ({} cores)", all.len(), first.cores);
+    println!("{:<46} {:>10} {:>14} {:>12}", "measurement", "ours (s)", "baseline (s)", "ours/theirs");
+    for (i, (what, _, _)) in first.rows.iter().enumerate() {
+        let ours = median(all.iter().map(|m| m.rows[i].1).collect());
+        let theirs: Vec<f64> = all.iter().filter_map(|m| m.rows[i].2).collect();
+        let ratios: Vec<f64> = all.iter().filter_map(|m| m.rows[i].2.map(|b| m.rows[i].1 / b)).collect();
+        if theirs.is_empty() {
+            println!("{what:<46} {ours:>10.3} {:>14} {:>12}", "not installed", "-");
+        } else {
+            println!("{what:<46} {ours:>10.3} {:>14.3} {:>12.3}", median(theirs), median(ratios));
+        }
+    }
+    let ratio = |label: &str| {
+        let i = first.rows.iter().position(|r| r.0 == label)?;
+        Some(median(all.iter().filter_map(|m| m.rows[i].2.map(|b| b / m.rows[i].1)).collect()))
+    };
+    println!();
+    if let Some(x) = ratio(HASH_VS_OPENSSL) {
+        println!("sha256 throughput, one core: {x:.2}x openssl's (median)");
+    }
+    if let Some(x) = ratio(MANIFEST_VS_OPENSSL) {
+        println!("manifest on {} cores: {x:.2}x one core of openssl (median)", first.cores);
+    }
+    let per_file = median(all.iter().map(|m| m.first_requests as f64 / m.files as f64).collect());
+    println!("first upload: {per_file:.3} S3 requests per file (median)");
+    let re = all.iter().map(|m| format!("{} object(s) + 1 manifest in {} requests", m.re_written, m.re_requests));
+    println!("re-sync, one file changed: {}", re.collect::<Vec<_>>().join("; "));
+}
+
+const HASH_VS_OPENSSL: &str = "sha256, one core vs openssl dgst -sha256";
+const MANIFEST_VS_OPENSSL: &str = "manifest, all cores vs openssl on one core";
+
+async fn run() -> Result<Measured, String> {
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let root = tmp.path().join("payload");
     let (files, bytes) = make_payload(&root).map_err(|e| e.to_string())?;
@@ -160,7 +220,7 @@ async fn run() -> Result<(), String> {
         None
     };
 
-    // Hashing on one core.
+    // Hashing on one core: ours, openssl (the machine's SHA-256 as OpenSSL does it), sha256sum.
     let mut paths: Vec<PathBuf> = first.files.values().cloned().collect();
     paths.sort();
     let t = Instant::now();
@@ -171,29 +231,50 @@ async fn run() -> Result<(), String> {
     let list = tmp.path().join("files.txt");
     std::fs::write(&list, paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
         .map_err(|e| e.to_string())?;
-    let mut sum = Command::new("sh");
-    sum.arg("-c").arg(format!("xargs -a {} sha256sum > /dev/null", list.display()));
-    let sha256sum = timed("sha256sum", sum)?;
-
-    println!();
-    println!("{:<40} {:>10} {:>14} {:>14}", "measurement", "ours (s)", "baseline (s)", "ours/theirs");
-    let row = |what: &str, o: f64, b: Option<f64>| match b {
-        Some(b) => println!("{what:<40} {o:>10.3} {b:>14.3} {:>14.3}", o / b),
-        None => println!("{what:<40} {o:>10.3} {:>14} {:>14}", "not installed", "-"),
+    let one_core = |tool: &str| {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg(format!("xargs -a {} {tool} > /dev/null", list.display()));
+        c
     };
-    row("first upload vs rclone sync", ours_first, rclone_first);
-    row("first upload vs aws s3 sync", ours_first, aws_first);
-    row("re-sync, one file changed vs rclone", ours_re, rclone_re);
-    row("re-sync, one file changed vs aws s3 sync", ours_re, aws_re);
-    row("sha256, one core vs sha256sum", ours_hash, Some(sha256sum));
-    println!();
-    println!("ours, first upload: {ours_first_up} objects written, {ours_first_req} S3 requests");
+    let openssl = which("openssl").map(|_| timed("openssl dgst", one_core("openssl dgst -sha256"))).transpose()?;
+    let sha256sum = timed("sha256sum", one_core("sha256sum"))?;
+    // The whole manifest on every core, no stat cache.
+    let t = Instant::now();
+    Payload::build(&PayloadSource { root: root.clone(), ..PayloadSource::default() }).map_err(|e| e.to_string())?;
+    let ours_manifest = t.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+
+    let rows = vec![
+        ("first upload vs rclone sync", ours_first, rclone_first),
+        ("first upload vs aws s3 sync", ours_first, aws_first),
+        ("re-sync, one file changed vs rclone", ours_re, rclone_re),
+        ("re-sync, one file changed vs aws s3 sync", ours_re, aws_re),
+        (HASH_VS_OPENSSL, ours_hash, openssl),
+        ("sha256, one core vs sha256sum", ours_hash, Some(sha256sum)),
+        (MANIFEST_VS_OPENSSL, ours_manifest, openssl),
+    ];
+    println!("{:<46} {:>10} {:>14} {:>12}", "measurement", "ours (s)", "baseline (s)", "ours/theirs");
+    for (what, o, b) in &rows {
+        match b {
+            Some(b) => println!("{what:<46} {o:>10.3} {b:>14.3} {:>12.3}", o / b),
+            None => println!("{what:<46} {o:>10.3} {:>14} {:>12}", "not installed", "-"),
+        }
+    }
+    println!("ours, first upload: {ours_first_up} objects written, {ours_first_req} S3 requests for {files} files");
     println!("ours, re-sync:      {ours_re_up} object written + 1 manifest, {ours_re_req} S3 requests");
     println!(
-        "hashing throughput: ours {:.0} MB/s, sha256sum {:.0} MB/s (ratio {:.2})",
+        "hashing throughput, one core: ours {:.0} MB/s, openssl {}, sha256sum {:.0} MB/s; manifest on {cores} cores {:.0} MB/s",
         bytes as f64 / ours_hash / 1e6,
+        openssl.map_or_else(|| "-".to_owned(), |o| format!("{:.0} MB/s", bytes as f64 / o / 1e6)),
         bytes as f64 / sha256sum / 1e6,
-        sha256sum / ours_hash
+        bytes as f64 / ours_manifest / 1e6,
     );
-    Ok(())
+    Ok(Measured {
+        rows,
+        first_requests: ours_first_req,
+        files,
+        re_requests: ours_re_req,
+        re_written: ours_re_up,
+        cores,
+    })
 }
