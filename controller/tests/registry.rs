@@ -533,3 +533,111 @@ async fn a_member_of_the_reader_role_reads_every_table_and_writes_none() {
     reg.migrate().await.unwrap();
     sqlx::query_scalar::<_, i64>("SELECT count(*) FROM exp_registry.attempts").fetch_one(&finch).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_of_many_experiments_costs_one_statement_per_table_and_keeps_every_guard() {
+    use ep_operator::registry::{Registry, Row};
+    let pg = TempPostgres::start().unwrap();
+    let reg = registry(&pg, "bulk").await;
+    // An earlier claim of run b000-a1 holds token 9: the batch's token 5 for it is stale.
+    reg.upsert_experiment(&experiment("b000", status::RUNNING)).await.unwrap();
+    let held = AttemptRow { experiment: "b000".into(), ..attempt("b000-a1", 9, "RUNNING") };
+    reg.upsert_attempt(&held).await.unwrap();
+    let mut rows = vec![];
+    for i in 0..50 {
+        let name = format!("b{i:03}");
+        let run = format!("{name}-a1");
+        let order = format!("{name}-a1");
+        rows.push(Row::Experiment(ExperimentRow { attempts: 1, ..experiment(&name, status::RUNNING) }));
+        let a = AttemptRow { experiment: name.clone(), attempt: 1, ..attempt(&run, 5, "RUNNING") };
+        rows.push(Row::Attempt(a));
+        rows.push(Row::Order(OrderRow {
+            namespace: "fraud-detect".into(),
+            name: order.clone(),
+            uid: format!("uid-{order}"),
+            experiment: Some(name.clone()),
+            run_id: Some(run.clone()),
+            attempt: Some(1),
+            policy: "smoke".into(),
+            worker_id: "runpod-1".into(),
+            provider: "default".into(),
+            phase: "RUNNER_ONLINE".into(),
+            reason: None,
+            approved: false,
+            approved_by: None,
+            reserved_usd: Some(0.5),
+            pod_id: Some(format!("pod{i}")),
+            gpu_type_id: None,
+            gpu_display_name: None,
+            data_center: None,
+            cost_per_hr: Some(0.5),
+            accrued_usd: Some(0.01 * f64::from(i)),
+            deleted_at: None,
+            created_at: None,
+            extra: json!({}),
+        }));
+        rows.push(Row::Phase(PhaseChange {
+            kind: "RunPodOrder".into(),
+            namespace: "fraud-detect".into(),
+            name: order.clone(),
+            uid: format!("uid-{order}"),
+            from_phase: Some("VERIFIED".into()),
+            to_phase: "RUNNER_ONLINE".into(),
+            reason: None,
+            message: None,
+            at: t(i64::from(i)),
+        }));
+        rows.push(Row::Session(SessionRow {
+            worker_id: format!("w{i}"),
+            run_id: run.clone(),
+            pod_id: Some(format!("pod{i}")),
+            started_at: t(0),
+            ended_at: None,
+            end_reason: None,
+        }));
+        rows.push(Row::Progress(ProgressRow {
+            run_id: run.clone(),
+            step: 1,
+            total: Some(3),
+            metrics: json!({"loss": 0.5}),
+            reported_at: t(5),
+        }));
+    }
+    let mut stray = attempt("nowhere-a1", 1, "CLAIMED");
+    stray.experiment = "never-mirrored".into();
+    rows.push(Row::Attempt(stray));
+    rows.sort_by_key(Row::rank);
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").execute(reg.pool()).await.unwrap();
+    sqlx::query("SELECT pg_stat_statements_reset()").execute(reg.pool()).await.unwrap();
+    let outcomes = reg.write_batch(&rows).await.unwrap();
+    let statements: i64 = sqlx::query_scalar(
+        "SELECT sum(calls)::bigint FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+         WHERE d.datname = 'bulk' AND s.query NOT ILIKE '%pg_stat_statements%'",
+    )
+    .fetch_one(reg.pool())
+    .await
+    .unwrap();
+    assert!(statements <= 12, "{statements} statements for {} rows", rows.len());
+    let refused: Vec<(&Row, &str)> =
+        rows.iter().zip(&outcomes).filter_map(|(r, o)| o.as_ref().err().map(|e| (r, e.category()))).collect();
+    let refused: Vec<(String, &str)> = refused.into_iter().map(|(r, c)| (r.key(), c)).collect();
+    assert_eq!(
+        refused,
+        [("attempt/b000-a1".to_owned(), "stale_fencing_token"), ("attempt/nowhere-a1".to_owned(), "missing_parent")]
+    );
+    let pool = reg.pool().clone();
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+    };
+    assert_eq!(count("SELECT count(*) FROM exp_registry.experiments").await, 50);
+    assert_eq!(count("SELECT count(*) FROM exp_registry.attempts WHERE fencing_token = 5").await, 49);
+    assert_eq!(count("SELECT fencing_token FROM exp_registry.attempts WHERE run_id = 'b000-a1'").await, 9);
+    assert_eq!(count("SELECT count(*) FROM exp_registry.orders WHERE experiment_id IS NOT NULL").await, 50);
+    assert_eq!(count("SELECT count(*) FROM exp_registry.phase_log").await, 50);
+    assert_eq!(count("SELECT count(*) FROM exp_registry.worker_sessions").await, 50);
+    assert_eq!(count("SELECT count(*) FROM exp_registry.progress").await, 50, "every run's progress");
+    let spent: f64 =
+        sqlx::query_scalar("SELECT sum(spent_usd) FROM exp_registry.spend_ledger").fetch_one(reg.pool()).await.unwrap();
+    assert!((spent - 12.25).abs() < 1e-9, "the ledger holds every order's spend: {spent}");
+}

@@ -4,6 +4,7 @@
 //! that a replay after an outage is harmless; writes that carry a fencing token are refused when
 //! the registry already holds a newer one.
 
+mod bulk;
 mod pg;
 pub mod schema;
 

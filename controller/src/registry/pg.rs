@@ -20,9 +20,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// The registry on a PostgreSQL pool.
 #[derive(Clone, Debug)]
 pub struct PgRegistry {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// Experiment ids by (namespace, name): children look their parent up once.
-    ids: Arc<Mutex<HashMap<(String, String), i64>>>,
+    pub(super) ids: Arc<Mutex<HashMap<(String, String), i64>>>,
 }
 
 impl PgRegistry {
@@ -130,9 +130,15 @@ fn aborts(e: &RegistryError) -> bool {
 
 impl Registry for PgRegistry {
     async fn write_batch(&self, rows: &[Row]) -> Result<Vec<Result<(), RegistryError>>, RegistryError> {
-        match self.batch(rows, false).await {
+        match self.bulk(rows).await {
+            // A row PostgreSQL refused spoils its kind's statement: row by row under savepoints,
+            // only that row stays out.
             Err(e) if e.is_row_level() => self.batch(rows, true).await,
-            r => r,
+            Err(e) => {
+                self.forget_ids();
+                Err(e)
+            }
+            ok => ok,
         }
     }
 
@@ -477,7 +483,12 @@ async fn progress(c: &mut PgConnection, r: &ProgressRow) -> Result<(), RegistryE
     Ok(())
 }
 
-async fn settings(c: &mut PgConnection, sha256: &str, body: &Value, at: DateTime<Utc>) -> Result<(), RegistryError> {
+pub(super) async fn settings(
+    c: &mut PgConnection,
+    sha256: &str,
+    body: &Value,
+    at: DateTime<Utc>,
+) -> Result<(), RegistryError> {
     sqlx::query(
         "INSERT INTO exp_registry.settings (sha256, body, first_applied_at, last_applied_at) VALUES ($1, $2, $3, $3) \
          ON CONFLICT (sha256) DO UPDATE SET last_applied_at = GREATEST(exp_registry.settings.last_applied_at, EXCLUDED.last_applied_at)",

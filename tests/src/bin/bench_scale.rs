@@ -124,6 +124,18 @@ async fn statements(pool: &sqlx::PgPool) -> Result<f64, sqlx::Error> {
     Ok(n.unwrap_or(0) as f64)
 }
 
+/// The operator's statements by kind (first words), most called first, per experiment.
+async fn breakdown(pool: &sqlx::PgPool, per: f64) -> Result<String, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT regexp_replace(left(s.query, 60), '\\s+', ' ', 'g'), sum(calls)::bigint FROM pg_stat_statements s \
+         JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = 'ep' AND s.query NOT ILIKE '%pg_stat_statements%' \
+         AND s.query NOT ILIKE 'SELECT count(*) FROM exp_registry%' GROUP BY 1 ORDER BY 2 DESC LIMIT 12",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(|(q, n)| format!("      {:>7.2}  {q}\n", *n as f64 / per)).collect())
+}
+
 async fn reset(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_stat_statements_reset()").execute(pool).await.map(|_| ())
 }
@@ -200,6 +212,12 @@ async fn one_size(n: usize, reconciles: u16) -> Result<Run, String> {
     while completed < i64::try_from(n).unwrap_or(i64::MAX) && Instant::now() < mirror_deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         completed = count_completed().await;
+    }
+    if std::env::var_os("EP_SCALE_BREAKDOWN").is_some() {
+        print!(
+            "    registry statements per experiment, by kind:\n{}",
+            breakdown(&pool, n as f64).await.map_err(|e| e.to_string())?
+        );
     }
     let mut run = Run {
         n,
