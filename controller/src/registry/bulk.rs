@@ -34,7 +34,7 @@ impl PgRegistry {
         experiments(&mut tx, &of!(Experiment)).await?;
         for r in rows {
             if let Row::Settings { sha256, body, at } = r {
-                super::pg::settings(&mut tx, sha256, body, *at).await?;
+                settings(&mut tx, sha256, body, *at).await?;
             }
         }
         instances(&mut tx, &of!(Instance)).await?;
@@ -468,6 +468,26 @@ async fn progress(c: &mut PgConnection, rows: &[&ProgressRow]) -> Result<(), Reg
     .bind(col(rows, |r| r.total))
     .bind(col(rows, |r| r.metrics.clone()))
     .bind(col(rows, |r| r.reported_at))
+    .execute(&mut *c)
+    .await
+    .map_err(RegistryError::classify)?;
+    Ok(())
+}
+
+/// The settings the operator runs with, once per content.
+pub(super) async fn settings(
+    c: &mut PgConnection,
+    sha256: &str,
+    body: &serde_json::Value,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<(), RegistryError> {
+    sqlx::query(
+        "INSERT INTO exp_registry.settings (sha256, body, first_applied_at, last_applied_at) VALUES ($1, $2, $3, $3) \
+         ON CONFLICT (sha256) DO UPDATE SET last_applied_at = GREATEST(exp_registry.settings.last_applied_at, EXCLUDED.last_applied_at)",
+    )
+    .bind(sha256)
+    .bind(body)
+    .bind(at)
     .execute(&mut *c)
     .await
     .map_err(RegistryError::classify)?;

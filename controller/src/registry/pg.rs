@@ -84,7 +84,7 @@ impl PgRegistry {
             Row::Instance(r) => instance(c, r).await,
             Row::Phase(r) => phase(c, r).await,
             Row::Progress(r) => progress(c, r).await,
-            Row::Settings { sha256, body, at } => settings(c, sha256, body, *at).await,
+            Row::Settings { sha256, body, at } => super::bulk::settings(c, sha256, body, *at).await,
         }
     }
 
@@ -183,7 +183,7 @@ impl PgRegistry {
     }
     pub async fn record_settings(&self, sha256: &str, body: &Value, at: DateTime<Utc>) -> Result<(), RegistryError> {
         let mut c = self.pool.acquire().await?;
-        settings(&mut c, sha256, body, at).await
+        super::bulk::settings(&mut c, sha256, body, at).await
     }
 }
 
@@ -477,25 +477,6 @@ async fn progress(c: &mut PgConnection, r: &ProgressRow) -> Result<(), RegistryE
     .bind(r.total)
     .bind(&r.metrics)
     .bind(r.reported_at)
-    .execute(&mut *c)
-    .await
-    .map_err(RegistryError::classify)?;
-    Ok(())
-}
-
-pub(super) async fn settings(
-    c: &mut PgConnection,
-    sha256: &str,
-    body: &Value,
-    at: DateTime<Utc>,
-) -> Result<(), RegistryError> {
-    sqlx::query(
-        "INSERT INTO exp_registry.settings (sha256, body, first_applied_at, last_applied_at) VALUES ($1, $2, $3, $3) \
-         ON CONFLICT (sha256) DO UPDATE SET last_applied_at = GREATEST(exp_registry.settings.last_applied_at, EXCLUDED.last_applied_at)",
-    )
-    .bind(sha256)
-    .bind(body)
-    .bind(at)
     .execute(&mut *c)
     .await
     .map_err(RegistryError::classify)?;
