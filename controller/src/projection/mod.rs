@@ -30,6 +30,9 @@ use crate::registry::{HeartbeatRow, InstanceRow, Registry, RegistryError, Row};
 
 /// How many rows one transaction carries at most.
 const BATCH: usize = 500;
+/// How long rows gather between flushes while the mirror keeps up (the registry trails the
+/// cluster by about this much).
+const COALESCE: Duration = Duration::from_millis(400);
 
 /// How far the registry is behind.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -385,7 +388,9 @@ impl Projector {
             }
             if self.flush(&registry, events.as_ref()).await {
                 backoff = Duration::from_millis(500);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Rows gather for a moment: a newer version of a row replaces the queued one,
+                // and one statement per table carries every experiment that changed meanwhile.
+                tokio::time::sleep(COALESCE).await;
             } else {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
