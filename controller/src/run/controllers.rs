@@ -313,16 +313,23 @@ where
     let (store, writer) = reflector::store_shared(1024);
     let handles = (0..subscribers).map(|_| writer.subscribe()).collect::<Option<Vec<_>>>()?;
     let kind = K::kind(&()).to_string();
-    let watch = watcher(Api::<K>::all(client.clone()), wc.clone()).default_backoff().reflect_shared(writer).for_each(
-        move |r| {
+    // What the operator never reads stays out of the cache: managedFields and kubectl's copy of
+    // the applied object (together often larger than the object itself, times every object).
+    let watch = watcher(Api::<K>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(|o| {
+            o.managed_fields_mut().clear();
+            o.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
+        .reflect_shared(writer)
+        .for_each(move |r| {
             let kind = kind.clone();
             async move {
                 if let Err(e) = r {
                     tracing::warn!(%kind, error = %e, "watch failed; retrying");
                 }
             }
-        },
-    );
+        });
     Some(Cache { store, handles, watch: tokio::spawn(watch) })
 }
 
