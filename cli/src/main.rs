@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Sync a payload directory to the network volume and print its digest for spec.payload.digest.
-    Push(push::PushArgs),
+    Push(Box<push::PushArgs>),
     /// Push a directory, put its digest into an Experiment, apply it, and follow it (phase,
     /// progress, the script's output) until it ends; Ctrl-C stops following, not the run.
     Run {
@@ -168,7 +168,7 @@ fn main() -> ExitCode {
     };
     let target = cli.target;
     let result = match cli.command {
-        Command::Push(args) => rt.block_on(push::run_push(args, &target)),
+        Command::Push(args) => rt.block_on(push::run_push(*args, &target)),
         Command::Run { dir, file, no_follow, namespace } => rt.block_on(async {
             let (client, ns, _) = orders::connect(namespace, &target).await?;
             run::run(client, &ns, &dir, &file, !no_follow).await

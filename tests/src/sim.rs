@@ -56,6 +56,11 @@ impl RunPodSimProcess {
         Ok(Self { child, _state: state, endpoints })
     }
 
+    /// The simulator's process id (for CPU figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An endpoint field, e.g. `"graphql"`.
     pub fn get(&self, key: &str) -> String {
         self.endpoints[key].as_str().unwrap_or_default().to_owned()

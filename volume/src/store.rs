@@ -142,6 +142,30 @@ where
     StoreError::Request { op, key: key.into(), status, message }
 }
 
+/// Tells the SigV4 signer the payload's sha256 instead of letting it hash the body.
+///
+/// Written here because the SDK's fluent builders expose only the unsigned override; the
+/// precomputed one is the signer's own `PayloadSigningOverride`, put in the request's config bag
+/// before signing.
+#[derive(Debug)]
+struct KnownPayload(String);
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for KnownPayload {
+    fn name(&self) -> &'static str {
+        "KnownPayload"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _: &mut aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut<'_>,
+        _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        cfg.interceptor_state().store_put(aws_runtime::auth::PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
+    }
+}
+
 impl S3Volume {
     /// Streams one object into `dest` (written beside it, then renamed) and returns its size and
     /// hex sha256, computed on the bytes as they arrive (`on_bytes` hears of each chunk written);
@@ -210,16 +234,24 @@ impl S3Volume {
     /// One PutObject with the sha256 in metadata.
     async fn put(&self, key: &str, body: ByteStream, sha256: &str) -> Result<(), StoreError> {
         self.count();
-        self.client
-            .put_object()
-            .bucket(&self.settings.bucket)
-            .key(key)
-            .metadata(SHA256_META, sha256)
-            .body(body)
+        let put =
+            self.client.put_object().bucket(&self.settings.bucket).key(key).metadata(SHA256_META, sha256).body(body);
+        // The body's sha256 is known (blobs are named by it): the signature carries it as the
+        // payload hash, so the client does not hash every byte again, and a server that checks
+        // SigV4 payload hashes (S3 answers XAmzContentSHA256Mismatch) verifies the bytes it got.
+        put.customize()
+            .interceptor(KnownPayload(sha256.to_owned()))
             .send()
             .await
             .map_err(|e| req_err("PutObject", key, &e))?;
         Ok(())
+    }
+
+    /// Over TLS a multipart part is not hashed into the signature (UNSIGNED-PAYLOAD, as `aws s3`
+    /// and rclone send S3 parts over HTTPS): TLS guards it in flight and the whole object is
+    /// verified after upload. Over plain HTTP the part stays signed.
+    fn unsigned_parts(&self) -> bool {
+        self.settings.endpoint.starts_with("https://")
     }
 
     async fn multipart(&self, key: &str, path: &Path, size: u64, sha256: &str) -> Result<(), StoreError> {
@@ -252,17 +284,13 @@ impl S3Volume {
                     source: std::io::Error::other(e),
                 })?;
             self.count();
-            let p = self
-                .client
-                .upload_part()
-                .bucket(b)
-                .key(key)
-                .upload_id(&id)
-                .part_number(n)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| req_err("UploadPart", key, &e))?;
+            let up = self.client.upload_part().bucket(b).key(key).upload_id(&id).part_number(n).body(body);
+            let sent = if self.unsigned_parts() {
+                up.customize().disable_payload_signing().send().await
+            } else {
+                up.send().await
+            };
+            let p = sent.map_err(|e| req_err("UploadPart", key, &e))?;
             parts.push(CompletedPart::builder().part_number(n).set_e_tag(p.e_tag().map(str::to_owned)).build());
             offset += len;
             n += 1;

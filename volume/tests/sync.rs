@@ -149,3 +149,15 @@ async fn a_full_volume_fails_the_sync_and_leaves_it_unsealed() {
     assert!(err.to_string().contains("InsufficientStorage") && err.to_string().contains("HTTP 507"), "{err}");
     assert!(v.store.head(&keys::payload_manifest(&p.id)).await.unwrap().is_none(), "never sealed");
 }
+
+#[tokio::test]
+async fn a_blob_whose_bytes_are_not_its_sha256_is_refused_by_the_server() {
+    // The PUT's signature carries the sha256 the blob is named by as its payload hash, so the
+    // server checks the bytes it received against it (S3: XAmzContentSHA256Mismatch).
+    let v = SimVolume::start(|_, _| {}).await.unwrap();
+    let wrong = "0".repeat(64);
+    let err = v.store.put_bytes(&keys::payload_blob(&wrong), bytes::Bytes::from_static(b"hello"), &wrong).await;
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("Sha256Mismatch") && err.contains("HTTP 400"), "{err}");
+    assert!(!v.workspace.join(keys::payload_blob(&wrong)).exists(), "nothing landed");
+}

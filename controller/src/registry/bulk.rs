@@ -208,7 +208,7 @@ async fn attempts(
          WHERE u.run_id NOT IN (SELECT run_id FROM applied)",
     )
     .bind(col(rows, |r| r.run_id.clone()))
-    .bind(col(rows, |r| experiment_id(r)))
+    .bind(col(rows, experiment_id))
     .bind(col(rows, |r| r.attempt))
     .bind(col(rows, |r| r.fencing_token))
     .bind(col(rows, |r| r.status.clone()))
@@ -271,7 +271,7 @@ async fn orders(
     .bind(col(rows, |r| r.namespace.clone()))
     .bind(col(rows, |r| r.name.clone()))
     .bind(col(rows, |r| r.uid.clone()))
-    .bind(col(rows, |r| experiment_id(r)))
+    .bind(col(rows, experiment_id))
     .bind(col(rows, |r| r.run_id.clone()))
     .bind(col(rows, |r| r.attempt))
     .bind(col(rows, |r| r.policy.clone()))

@@ -67,6 +67,16 @@ fn timed(label: &str, mut cmd: Command) -> Result<f64, String> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// CPU seconds of a process (user + system), and with `children` of its waited-for children.
+fn cpu_s(pid: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0);
+    // utime, stime, cutime, cstime are fields 14 to 17; in clock ticks (100 a second on Linux).
+    (at(11) + at(12) + if children { at(13) + at(14) } else { 0.0 }) / 100.0
+}
+
 fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(tool)).find(|c| c.exists()))
 }
@@ -200,9 +210,21 @@ async fn run() -> Result<Measured, String> {
         c
     };
 
-    // First upload.
+    // First upload, with the CPU each side spent on it (the client, and runpod-sim serving it).
+    let sim_pid = sim.pid().to_string();
+    let cpu = || (cpu_s("self", true), cpu_s(&sim_pid, false));
+    let before = cpu();
     let (ours_first, first, ours_first_req, ours_first_up) = ours(&store, &root, &cache, None).await?;
+    let mid = cpu();
     let rclone_first = if rclone.is_some() { Some(timed("rclone sync", rclone_cmd())?) } else { None };
+    let after = cpu();
+    println!(
+        "  CPU seconds, first upload: ours {:.2} + runpod-sim {:.2}; rclone {:.2} + runpod-sim {:.2}",
+        mid.0 - before.0,
+        mid.1 - before.1,
+        after.0 - mid.0,
+        after.1 - mid.1
+    );
     let aws_first =
         if aws.is_some() { Some(timed("aws s3 sync", aws_cmd(&format!("s3://{VOLUME}/awscli")))?) } else { None };
 
