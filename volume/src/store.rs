@@ -239,11 +239,13 @@ impl S3Volume {
         // The body's sha256 is known (blobs are named by it): the signature carries it as the
         // payload hash, so the client does not hash every byte again, and a server that checks
         // SigV4 payload hashes (S3 answers XAmzContentSHA256Mismatch) verifies the bytes it got.
-        put.customize()
-            .interceptor(KnownPayload(sha256.to_owned()))
-            .send()
-            .await
-            .map_err(|e| req_err("PutObject", key, &e))?;
+        let known = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let sent = if known {
+            put.customize().interceptor(KnownPayload(sha256.to_owned())).send().await
+        } else {
+            put.send().await
+        };
+        sent.map_err(|e| req_err("PutObject", key, &e))?;
         Ok(())
     }
 
