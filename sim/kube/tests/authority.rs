@@ -309,6 +309,8 @@ async fn the_charts_approval_policy_lets_only_approvers_approve() {
     let chart = dir.path().join("chart.yaml");
     std::fs::write(&chart, [rendered.stdout, chart_bindings("ml").into_bytes()].concat()).unwrap();
     k.ok(&["create", "namespace", "ml"]);
+    // The release namespace holds the volume-reader Role the chart grants authors.
+    k.ok(&["create", "namespace", "ep-system"]);
     let applied = k.ok(&["apply", "-f", chart.to_str().unwrap()]);
     for made in [
         "validatingadmissionpolicy.admissionregistration.k8s.io/ep-operator-order-approval created",
