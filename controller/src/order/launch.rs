@@ -55,11 +55,12 @@ pub fn pod_deadline(
 }
 
 /// The pod's start command: copy the runner off the volume (S3 objects carry no exec bit) and run
-/// it. The copy is named by the run id: pods sharing a host's /tmp must not overwrite each other's
-/// running binary.
+/// it. The copy goes to `$TMPDIR` (the container's /tmp when unset, as on RunPod) and is named by
+/// the run id: pods sharing a host's temporary directory must not overwrite each other's running
+/// binary.
 pub fn start_command(mount: &str, runner_key: &str, run_id: &str) -> Vec<String> {
     let script = format!(
-        "set -e; b=/tmp/ep-runner-{run_id}; cp '{mount}/{runner_key}' \"$b\"; chmod 0755 \"$b\"; exec \"$b\" run --run-id '{run_id}' --workspace '{mount}'"
+        "set -e; b=\"${{TMPDIR:-/tmp}}/ep-runner-{run_id}\"; cp '{mount}/{runner_key}' \"$b\"; chmod 0755 \"$b\"; exec \"$b\" run --run-id '{run_id}' --workspace '{mount}'"
     );
     vec!["/bin/sh".into(), "-c".into(), script]
 }

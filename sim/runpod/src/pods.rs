@@ -153,7 +153,11 @@ pub fn spawn(pod: &Pod, state_dir: &Path) -> std::io::Result<PodProcess> {
     if let Some(StartCommand::Argv(_)) = pod.start.as_ref() {
         cmd.arg("--").args(&argv);
     }
-    cmd.env("EP_SIM_MOUNT", mount).env("EP_SIM_VOLUME", &volume);
+    // The pod's own temporary directory, as a container has its own /tmp: what a pod leaves there
+    // goes with the simulator's state, not into the host's /tmp.
+    let tmp = pod_dir.join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    cmd.env("EP_SIM_MOUNT", mount).env("EP_SIM_VOLUME", &volume).env("TMPDIR", &tmp);
     if let Some(StartCommand::Shell(line)) = pod.start.as_ref() {
         cmd.env("EP_SIM_COMMAND", line);
     }
