@@ -168,6 +168,11 @@ impl KubeSimProcess {
         Ok(Self { child, dir, url })
     }
 
+    /// The simulator's process id (for CPU figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The kubeconfig kube-sim wrote.
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.path().join("kubeconfig")

@@ -109,7 +109,27 @@ fn request_value(r: &Request) -> Value {
 
 /// A failed evaluation, or an expression that is not a bool.
 fn run(ctx: &Context, expr: &str) -> Result<Cel, String> {
-    let p = Program::compile(expr).map_err(|e| format!("compilation failed: {e}"))?;
+    thread_local! {
+        // Policies change rarely and are evaluated on every write: each expression is parsed
+        // once per thread.
+        static PROGRAMS: std::cell::RefCell<HashMap<String, std::rc::Rc<Program>>> =
+            std::cell::RefCell::new(HashMap::new());
+    }
+    let cached = PROGRAMS.with(|c| c.borrow().get(expr).cloned());
+    let p = match cached {
+        Some(p) => p,
+        None => {
+            let p = std::rc::Rc::new(Program::compile(expr).map_err(|e| format!("compilation failed: {e}"))?);
+            PROGRAMS.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() >= 1024 {
+                    c.clear();
+                }
+                c.insert(expr.to_owned(), p.clone());
+            });
+            p
+        }
+    };
     p.execute(ctx).map_err(|e| e.to_string())
 }
 
@@ -233,7 +253,7 @@ pub fn validate(
     ) else {
         return Ok(Vec::new());
     };
-    let bindings = api.list(bindings, None);
+    let bindings: Vec<&Value> = api.stored(bindings, None).collect();
     if bindings.is_empty() || r.res.group == GROUP {
         return Ok(Vec::new());
     }

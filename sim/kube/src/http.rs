@@ -105,7 +105,13 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
             details: None,
         });
     }
+    // JSON is YAML: a YAML body that parses as JSON (kube-rs's server-side apply) is read as JSON.
     if ct.contains("yaml") {
+        if body.trim_ascii_start().starts_with(b"{")
+            && let Ok(v) = serde_json::from_slice(body)
+        {
+            return Ok(v);
+        }
         serde_saphyr::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
     } else {
         serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
@@ -379,9 +385,9 @@ async fn handle(
                     .map_err(ApiError::bad_request)?;
             let api = lock(state);
             let items: Vec<Value> = api
-                .list(&t.res, t.namespace.as_deref())
-                .into_iter()
+                .stored(&t.res, t.namespace.as_deref())
                 .filter(|o| labels.matches(o) && fields.matches(o))
+                .map(|o| crate::store::with_version(o, &t.res))
                 .collect();
             let rv = api.rv.to_string();
             if wants_table(headers) {
@@ -545,14 +551,23 @@ fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>, as_table: bool
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
     // A watch that asks for Tables (kubectl get -w) gets each object as a one-row Table.
     let table_res = t.res.clone();
+    // Each line is written straight from the stored object: no copy of it per watcher.
     let line = move |kind: &str, obj: &Value| {
-        let obj = if as_table && kind != "ERROR" && kind != "BOOKMARK" {
+        let mut out = Vec::with_capacity(1024);
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\",\"object\":");
+        let written = if as_table && kind != "ERROR" && kind != "BOOKMARK" {
             let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or("").to_owned();
-            table::table(&table_res, std::slice::from_ref(obj), &rv)
+            serde_json::to_writer(&mut out, &table::table(&table_res, std::slice::from_ref(obj), &rv))
         } else {
-            obj.clone()
+            serde_json::to_writer(&mut out, obj)
         };
-        Bytes::from(format!("{}\n", json!({"type": kind, "object": obj})))
+        if written.is_err() {
+            tracing::error!(kind, "a watch event could not be serialised");
+        }
+        out.extend_from_slice(b"}\n");
+        Bytes::from(out)
     };
     let (mut initial, mut live, mut last_rv) = {
         let api = lock(state);
@@ -569,19 +584,19 @@ fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>, as_table: bool
                     return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response());
                 }
                 for e in api.history.iter().filter(|e| e.rv > rv && matches(&e.key, &e.object)) {
-                    initial.push(line(e.kind, &crate::store::with_version(&e.object, &t.res)));
+                    initial.push(line(e.kind, &crate::store::at_version(&e.object, &t.res)));
                 }
                 last_rv = api.rv;
             }
             None => {
-                for o in api.list(&t.res, t.namespace.as_deref()) {
+                for o in api.stored(&t.res, t.namespace.as_deref()) {
                     let key = Api::key(
                         &t.res,
                         o["metadata"]["namespace"].as_str().unwrap_or(""),
                         o["metadata"]["name"].as_str().unwrap_or(""),
                     );
-                    if matches(&key, &o) {
-                        initial.push(line("ADDED", &o));
+                    if matches(&key, o) {
+                        initial.push(line("ADDED", &crate::store::at_version(o, &t.res)));
                     }
                 }
                 last_rv = api.rv;
@@ -614,7 +629,7 @@ fn watch(state: &Shared, t: &Target, q: &HashMap<String, String>, as_table: bool
                     Ok(e) => {
                         if e.rv <= last_rv { continue; }
                         last_rv = e.rv;
-                        if matches(&e.key, &e.object) && tx.send(line(e.kind, &crate::store::with_version(&e.object, &res))).await.is_err() {
+                        if matches(&e.key, &e.object) && tx.send(line(e.kind, &crate::store::at_version(&e.object, &res))).await.is_err() {
                             return;
                         }
                     }

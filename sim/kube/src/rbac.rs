@@ -4,6 +4,8 @@
 //! bootstrap roles every cluster has (`cluster-admin`, `admin`, `edit`, `view`, discovery and the
 //! self reviews for every authenticated user).
 
+use std::borrow::Cow;
+
 use serde_json::{Value, json};
 
 use crate::auth::UserInfo;
@@ -26,12 +28,14 @@ pub struct Attributes {
 
 /// The RBAC objects in force: every ClusterRole and ClusterRoleBinding, and the Roles and
 /// RoleBindings of the request's namespace.
+/// The objects are borrowed from the store (a request is authorized on every call; copying every
+/// ClusterRole per request was most of kube-sim's time at a thousand objects).
 #[derive(Clone, Debug, Default)]
-pub struct Policy {
-    pub cluster_roles: Vec<Value>,
-    pub cluster_role_bindings: Vec<Value>,
-    pub roles: Vec<Value>,
-    pub role_bindings: Vec<Value>,
+pub struct Policy<'a> {
+    pub cluster_roles: Vec<Cow<'a, Value>>,
+    pub cluster_role_bindings: Vec<Cow<'a, Value>>,
+    pub roles: Vec<Cow<'a, Value>>,
+    pub role_bindings: Vec<Cow<'a, Value>>,
 }
 
 fn strs(v: &Value) -> impl Iterator<Item = &str> {
@@ -61,9 +65,9 @@ fn label_selector_matches(sel: &Value, labels: &Value) -> bool {
         })
 }
 
-impl Policy {
+impl Policy<'_> {
     fn cluster_role(&self, name: &str) -> Option<&Value> {
-        self.cluster_roles.iter().find(|r| r["metadata"]["name"] == name)
+        self.cluster_roles.iter().map(AsRef::as_ref).find(|r| r["metadata"]["name"] == name)
     }
 
     /// A ClusterRole's rules; an aggregated one's are those of every ClusterRole its selectors
@@ -203,7 +207,7 @@ pub fn forbidden(user: &UserInfo, a: &Attributes) -> ApiError {
 }
 
 /// The `status` of a SelfSubjectRulesReview: what the user may do in `namespace`.
-pub fn rules_review(policy: &Policy, user: &UserInfo, namespace: &str) -> Value {
+pub fn rules_review(policy: &Policy<'_>, user: &UserInfo, namespace: &str) -> Value {
     let rules: Vec<Value> = if user.is_master() {
         vec![
             json!({"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"]}),
@@ -328,12 +332,12 @@ pub fn bootstrap() -> Vec<(&'static str, Value)> {
 mod tests {
     use super::*;
 
-    fn policy() -> Policy {
+    fn policy() -> Policy<'static> {
         let mut p = Policy::default();
         for (plural, o) in bootstrap() {
             match plural {
-                "clusterroles" => p.cluster_roles.push(o),
-                _ => p.cluster_role_bindings.push(o),
+                "clusterroles" => p.cluster_roles.push(Cow::Owned(o)),
+                _ => p.cluster_role_bindings.push(Cow::Owned(o)),
             }
         }
         p
@@ -356,18 +360,18 @@ mod tests {
     #[test]
     fn a_persona_role_labelled_aggregate_to_edit_reaches_edit_and_admin_but_not_view() {
         let mut p = policy();
-        p.cluster_roles.push(
+        p.cluster_roles.push(Cow::Owned(
             json!({"metadata": {"name": "ep-author", "labels": {"rbac.authorization.k8s.io/aggregate-to-edit": "true"}},
             "rules": [{"apiGroups": ["ep.dev"], "resources": ["experiments"], "verbs": ["create", "patch"]}]}),
-        );
-        p.role_bindings.push(
+        ));
+        p.role_bindings.push(Cow::Owned(
             json!({"metadata": {"name": "b", "namespace": "ml"}, "roleRef": {"kind": "ClusterRole", "name": "edit"},
             "subjects": [{"kind": "User", "name": "alice"}]}),
-        );
-        p.role_bindings.push(
+        ));
+        p.role_bindings.push(Cow::Owned(
             json!({"metadata": {"name": "v", "namespace": "ml"}, "roleRef": {"kind": "ClusterRole", "name": "view"},
             "subjects": [{"kind": "Group", "name": "viewers"}]}),
-        );
+        ));
         let alice = user("alice", &["system:authenticated"]);
         let finch = user("finch", &["viewers", "system:authenticated"]);
         assert!(p.allows(&alice, &req("create", "ep.dev", "experiments", "ml")));
@@ -381,13 +385,13 @@ mod tests {
     #[test]
     fn subresources_resource_names_and_paths_match_as_the_api_server_matches_them() {
         let mut p = policy();
-        p.cluster_roles.push(json!({"metadata": {"name": "r"}, "rules": [
+        p.cluster_roles.push(Cow::Owned(json!({"metadata": {"name": "r"}, "rules": [
             {"apiGroups": ["ep.dev"], "resources": ["runpodorders/status"], "verbs": ["patch"]},
             {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["runpod"], "verbs": ["get"]},
-            {"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]}));
+            {"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]})));
         p.cluster_role_bindings
-            .push(json!({"metadata": {"name": "r"}, "roleRef": {"kind": "ClusterRole", "name": "r"},
-            "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": "ep-system"}]}));
+            .push(Cow::Owned(json!({"metadata": {"name": "r"}, "roleRef": {"kind": "ClusterRole", "name": "r"},
+            "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": "ep-system"}]})));
         let op = user("system:serviceaccount:ep-system:op", &["system:authenticated"]);
         let status = Attributes { subresource: "status".into(), ..req("patch", "ep.dev", "runpodorders", "ml") };
         assert!(p.allows(&op, &status));

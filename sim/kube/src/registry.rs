@@ -2,8 +2,32 @@
 //! clients discover them through (`/api`, `/apis`, `/apis/{g}/{v}`, `/openapi/v3`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{Value, json};
+
+/// A CRD version's compiled CEL rules. Equal whenever the schemas they came from are (a
+/// [`Resource`] compares its schema), so they take no part in comparisons.
+#[derive(Clone)]
+pub struct CompiledRules(pub Arc<kube::core::cel::CompiledSchema>);
+
+impl CompiledRules {
+    fn compile(schema: &Value) -> Self {
+        Self(Arc::new(kube::core::cel::compile_schema(schema)))
+    }
+}
+
+impl PartialEq for CompiledRules {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for CompiledRules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompiledRules")
+    }
+}
 
 /// One resource type served at `/api(s)/{group}/{version}/.../{plural}`.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,7 +42,10 @@ pub struct Resource {
     pub categories: Vec<String>,
     pub status_subresource: bool,
     /// openAPIV3Schema of the version, for custom resources.
-    pub schema: Option<Value>,
+    /// Shared: a Resource is copied for every request.
+    pub schema: Option<Arc<Value>>,
+    /// The schema's CEL rules, compiled once when the CRD is stored (not on every write).
+    pub rules: Option<CompiledRules>,
     pub printer_columns: Vec<Value>,
     /// Fields a fieldSelector may use besides metadata.name and metadata.namespace.
     pub selectable_fields: Vec<String>,
@@ -69,6 +96,7 @@ impl Resource {
             categories: Vec::new(),
             status_subresource: status,
             schema: None,
+            rules: None,
             printer_columns: Vec::new(),
             // Events are found by what they are about (kubectl describe does this).
             selectable_fields: if kind == "Event" {
@@ -251,7 +279,8 @@ impl Registry {
                     short_names: strings(&names["shortNames"]),
                     categories: strings(&names["categories"]),
                     status_subresource: v.pointer("/subresources/status").is_some(),
-                    schema: v.pointer("/schema/openAPIV3Schema").cloned(),
+                    schema: v.pointer("/schema/openAPIV3Schema").cloned().map(Arc::new),
+                    rules: v.pointer("/schema/openAPIV3Schema").map(CompiledRules::compile),
                     printer_columns: v["additionalPrinterColumns"].as_array().cloned().unwrap_or_default(),
                     selectable_fields: v["selectableFields"]
                         .as_array()
@@ -378,7 +407,8 @@ impl Registry {
             let name = schema_name(r);
             let mut schema = r
                 .schema
-                .clone()
+                .as_deref()
+                .cloned()
                 .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
             schema["x-kubernetes-group-version-kind"] = json!([gvk]);
             schemas.insert(name, schema);

@@ -1,6 +1,6 @@
 //! Objects, resource versions and the event history watches replay from.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -48,6 +48,10 @@ pub struct State {
     pub auth: Authenticator,
     /// Set while the ClusterRole aggregation writes the aggregated roles.
     aggregating: bool,
+    /// Every stored object's key by uid, and the dependents of each owner uid: garbage collection
+    /// looks up an owner's dependents instead of walking every object (events included) per delete.
+    uids: HashMap<String, Key>,
+    dependents: HashMap<String, BTreeSet<Key>>,
 }
 
 /// Request options that shape a write.
@@ -203,6 +207,8 @@ impl State {
             audit: None,
             auth: Authenticator::default(),
             aggregating: false,
+            uids: HashMap::new(),
+            dependents: HashMap::new(),
         };
         for ns in ["default", "kube-system", "kube-public"] {
             let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
@@ -222,7 +228,7 @@ impl State {
     }
 
     /// The RBAC objects that decide a request in `namespace` (cluster-wide ones always).
-    pub fn policy(&self, namespace: &str) -> rbac::Policy {
+    pub fn policy(&self, namespace: &str) -> rbac::Policy<'_> {
         // Keys sort by group, plural, namespace: each list is one range of the map.
         let list = |plural: &str, ns: Option<&str>| {
             let start = Key {
@@ -236,7 +242,7 @@ impl State {
                 .take_while(|(k, _)| {
                     k.group == rbac::GROUP && k.plural == plural && ns.is_none_or(|n| k.namespace == n)
                 })
-                .map(|(_, o)| o.clone())
+                .map(|(_, o)| std::borrow::Cow::Borrowed(o))
                 .collect::<Vec<_>>()
         };
         let ns = (!namespace.is_empty()).then_some(namespace);
@@ -271,23 +277,33 @@ impl State {
     /// (so `kubectl get clusterrole edit -o yaml` shows what `edit` grants).
     fn aggregate_cluster_roles(&mut self) {
         self.aggregating = true;
-        let policy = self.policy("");
-        for role in policy.cluster_roles.iter().filter(|r| r.get("aggregationRule").is_some()) {
-            let rules = Value::from(policy.cluster_role_rules(role, 0));
-            if role["rules"] == rules {
-                continue;
-            }
-            let key = Key {
-                group: rbac::GROUP.into(),
-                plural: "clusterroles".into(),
-                namespace: String::new(),
-                name: role["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
-            };
-            let mut o = role.clone();
-            o["rules"] = rules;
+        let changed: Vec<(Key, Value)> = {
+            let policy = self.policy("");
+            policy
+                .cluster_roles
+                .iter()
+                .filter(|r| r.get("aggregationRule").is_some())
+                .filter_map(|role| {
+                    let rules = Value::from(policy.cluster_role_rules(role, 0));
+                    if role["rules"] == rules {
+                        return None;
+                    }
+                    let key = Key {
+                        group: rbac::GROUP.into(),
+                        plural: "clusterroles".into(),
+                        namespace: String::new(),
+                        name: role["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
+                    };
+                    let mut o = role.clone().into_owned();
+                    o["rules"] = rules;
+                    Some((key, o))
+                })
+                .collect()
+        };
+        for (key, mut o) in changed {
             let rv = self.next_rv();
             o["metadata"]["resourceVersion"] = json!(rv.to_string());
-            self.objects.insert(key.clone(), o.clone());
+            self.put(key.clone(), o.clone());
             self.emit("MODIFIED", key, o);
         }
         self.aggregating = false;
@@ -296,6 +312,48 @@ impl State {
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
         self.rv
+    }
+
+    /// Stores `obj` at `key`, keeping the uid and owner indexes.
+    fn put(&mut self, key: Key, obj: Value) {
+        if let Some(old) = self.objects.remove(&key) {
+            self.unindex(&key, &old);
+        }
+        if let Some(uid) = obj["metadata"]["uid"].as_str() {
+            self.uids.insert(uid.to_owned(), key.clone());
+        }
+        for owner in owner_uids(&obj) {
+            self.dependents.entry(owner.to_owned()).or_default().insert(key.clone());
+        }
+        self.objects.insert(key, obj);
+    }
+
+    /// Removes the object at `key` from the store and the indexes.
+    fn take(&mut self, key: &Key) -> Option<Value> {
+        let old = self.objects.remove(key)?;
+        self.unindex(key, &old);
+        Some(old)
+    }
+
+    fn unindex(&mut self, key: &Key, old: &Value) {
+        if let Some(uid) = old["metadata"]["uid"].as_str()
+            && self.uids.get(uid) == Some(key)
+        {
+            self.uids.remove(uid);
+        }
+        for owner in owner_uids(old) {
+            if let Some(set) = self.dependents.get_mut(owner) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(owner);
+                }
+            }
+        }
+    }
+
+    /// The keys of objects owned by `owner_uid`.
+    fn dependents_of(&self, owner_uid: &str) -> Vec<Key> {
+        self.dependents.get(owner_uid).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     pub fn key(res: &Resource, namespace: &str, name: &str) -> Key {
@@ -315,13 +373,25 @@ impl State {
     }
 
     pub fn list(&self, res: &Resource, namespace: Option<&str>) -> Vec<Value> {
+        self.stored(res, namespace).map(|o| with_version(o, res)).collect()
+    }
+
+    /// The stored objects of `res` (in `namespace` when given), without copying: keys sort by
+    /// group, plural, namespace, name, so they are one range of the map.
+    pub fn stored<'a>(&'a self, res: &'a Resource, namespace: Option<&'a str>) -> impl Iterator<Item = &'a Value> + 'a {
+        let scoped = namespace;
+        let start = Key {
+            group: res.group.clone(),
+            plural: res.plural.clone(),
+            namespace: scoped.unwrap_or_default().to_owned(),
+            name: String::new(),
+        };
         self.objects
-            .iter()
-            .filter(|(k, _)| {
-                k.group == res.group && k.plural == res.plural && namespace.is_none_or(|ns| k.namespace == ns)
+            .range(start..)
+            .take_while(move |(k, _)| {
+                k.group == res.group && k.plural == res.plural && scoped.is_none_or(|ns| k.namespace == ns)
             })
-            .map(|(_, o)| with_version(o, res))
-            .collect()
+            .map(|(_, o)| o)
     }
 
     /// Schema validation, pruning, defaulting and CEL for custom resources.
@@ -359,7 +429,9 @@ impl State {
             }
             let mut errors = outcome.errors;
             if errors.is_empty() {
-                errors.extend(validate::cel(schema, obj, old));
+                if let Some(rules) = &res.rules {
+                    errors.extend(validate::cel(&rules.0, obj, old));
+                }
             }
             if !errors.is_empty() {
                 return Err(ApiError::invalid(res, &name, &errors));
@@ -518,7 +590,7 @@ impl State {
             "CustomResourceDefinition" => self.register_crd(&mut body),
             _ => {}
         }
-        self.objects.insert(key.clone(), body.clone());
+        self.put(key.clone(), body.clone());
         self.emit("ADDED", key, body.clone());
         Ok(Written { object: body, warnings, created: true })
     }
@@ -662,7 +734,7 @@ impl State {
         if res.kind == "CustomResourceDefinition" {
             self.register_crd(&mut new);
         }
-        self.objects.insert(key.clone(), new.clone());
+        self.put(key.clone(), new.clone());
         self.emit("MODIFIED", key, new.clone());
         Ok(Written { object: with_version(&new, res), warnings, created: false })
     }
@@ -763,7 +835,7 @@ impl State {
             o["metadata"]["deletionGracePeriodSeconds"] = json!(0);
             let rv = self.next_rv();
             o["metadata"]["resourceVersion"] = json!(rv.to_string());
-            self.objects.insert(key.clone(), o.clone());
+            self.put(key.clone(), o.clone());
             self.emit("MODIFIED", key, o.clone());
             return Ok(with_version(&o, res));
         }
@@ -773,7 +845,7 @@ impl State {
 
     /// Removes an object for good, then what depended on it.
     fn remove(&mut self, key: &Key, mut last: Value) {
-        if self.objects.remove(key).is_none() {
+        if self.take(key).is_none() {
             return;
         }
         let rv = self.next_rv();
@@ -814,19 +886,10 @@ impl State {
         if owner_uid.is_empty() {
             return;
         }
-        let live: std::collections::HashSet<String> =
-            self.objects.values().filter_map(|o| o["metadata"]["uid"].as_str().map(str::to_owned)).collect();
         let dependents: Vec<Key> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| {
-                let refs = o["metadata"]["ownerReferences"].as_array();
-                refs.is_some_and(|rs| {
-                    rs.iter().any(|r| r["uid"] == owner_uid)
-                        && rs.iter().all(|r| !live.contains(r["uid"].as_str().unwrap_or("")))
-                })
-            })
-            .map(|(k, _)| k.clone())
+            .dependents_of(owner_uid)
+            .into_iter()
+            .filter(|k| self.objects.get(k).is_some_and(|o| owner_uids(o).all(|u| !self.uids.contains_key(u))))
             .collect();
         for k in dependents {
             if let Some(res) = self.resource_of(&k) {
@@ -836,14 +899,7 @@ impl State {
     }
 
     fn orphan_dependents(&mut self, owner_uid: &str) {
-        let keys: Vec<Key> = self
-            .objects
-            .iter()
-            .filter(|(_, o)| {
-                o["metadata"]["ownerReferences"].as_array().is_some_and(|rs| rs.iter().any(|r| r["uid"] == owner_uid))
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let keys = self.dependents_of(owner_uid);
         for k in keys {
             if let Some(mut o) = self.objects.get(&k).cloned() {
                 let refs: Vec<Value> = o["metadata"]["ownerReferences"]
@@ -856,17 +912,31 @@ impl State {
                 o["metadata"]["ownerReferences"] = json!(refs);
                 let rv = self.next_rv();
                 o["metadata"]["resourceVersion"] = json!(rv.to_string());
-                self.objects.insert(k.clone(), o.clone());
+                self.put(k.clone(), o.clone());
                 self.emit("MODIFIED", k, o);
             }
         }
     }
 }
 
+/// The uids of an object's owners.
+fn owner_uids(obj: &Value) -> impl Iterator<Item = &str> {
+    obj["metadata"]["ownerReferences"].as_array().into_iter().flatten().filter_map(|r| r["uid"].as_str())
+}
+
 /// Records the writer in managedFields (field ownership, see [`crate::fields`]).
 fn record_manager(obj: &mut Value, before: &Value, opts: &WriteOptions) {
     let Some(manager) = opts.field_manager.clone() else { return };
     crate::fields::record(obj, before, &manager, opts.applied.as_ref(), &now());
+}
+
+/// The object as served at `res`'s version, copied only when its stored version differs.
+pub fn at_version<'a>(obj: &'a Value, res: &Resource) -> std::borrow::Cow<'a, Value> {
+    if obj["apiVersion"].as_str() == Some(res.api_version().as_str()) {
+        std::borrow::Cow::Borrowed(obj)
+    } else {
+        std::borrow::Cow::Owned(with_version(obj, res))
+    }
 }
 
 /// The object as served at `res`'s version.

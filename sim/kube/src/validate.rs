@@ -153,7 +153,7 @@ fn walk(schema: &Value, value: &mut Value, path: &str, out: &mut Outcome) {
             });
         }
         if let Some(p) = schema.get("pattern").and_then(Value::as_str)
-            && regex::Regex::new(p).is_ok_and(|re| !re.is_match(s))
+            && pattern(p).is_some_and(|re| !re.is_match(s))
         {
             out.errors.push(FieldError::invalid(path, value, &format!("{path} in body should match '{p}'")));
         }
@@ -239,16 +239,56 @@ fn object(schema: &Value, map: &mut Map<String, Value>, path: &str, out: &mut Ou
     }
 }
 
+/// A schema pattern, compiled once per thread.
+fn pattern(p: &str) -> Option<regex::Regex> {
+    thread_local! {
+        static PATTERNS: std::cell::RefCell<std::collections::HashMap<String, Option<regex::Regex>>> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
+    PATTERNS.with(|c| c.borrow_mut().entry(p.to_owned()).or_insert_with(|| regex::Regex::new(p).ok()).clone())
+}
+
 /// Evaluates the schema's `x-kubernetes-validations` (with `oldSelf` on update).
-pub fn cel(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
-    match kube::core::cel::Validator::new().validate(schema, obj, old) {
+///
+/// On update, a top-level field the write left unchanged is not evaluated again, as the API
+/// server's validation ratcheting ignores errors on unchanged values (a status write does not
+/// re-run the spec's rules). Rules on the root object see the whole object and always run.
+pub fn cel(rules: &kube::core::cel::CompiledSchema, obj: &Value, old: Option<&Value>) -> Vec<FieldError> {
+    let Some(old) = old.filter(|_| rules.validations.is_empty()) else {
+        return cel_at(rules, obj, old, "");
+    };
+    let mut errors = Vec::new();
+    for (field, sub) in &rules.properties {
+        let (now, before) = (obj.get(field), old.get(field));
+        if let Some(now) = now
+            && before != Some(now)
+        {
+            errors.extend(cel_at(sub, now, before, field));
+        }
+    }
+    errors
+}
+
+/// The rules of `rules` on `obj`, which sits at `prefix` (dotted) in the object.
+fn cel_at(rules: &kube::core::cel::CompiledSchema, obj: &Value, old: Option<&Value>, prefix: &str) -> Vec<FieldError> {
+    thread_local! {
+        // Registering the Kubernetes CEL library is itself work: once per thread.
+        static VALIDATOR: kube::core::cel::Validator = kube::core::cel::Validator::new();
+    }
+    match VALIDATOR.with(|v| v.validate_compiled(rules, obj, old)) {
         Ok(()) => Vec::new(),
         Err(errors) => errors
             .into_vec()
             .into_iter()
             .map(|e| {
-                let field = if e.field_path.is_empty() { "<nil>".to_owned() } else { e.field_path.clone() };
                 let at = pointer_at(obj, &e.field_path);
+                let path = match (prefix, e.field_path.as_str()) {
+                    ("", p) => p.to_owned(),
+                    (pre, "") => pre.to_owned(),
+                    (pre, p) if p.starts_with('[') => format!("{pre}{p}"),
+                    (pre, p) => format!("{pre}.{p}"),
+                };
+                let field = if path.is_empty() { "<nil>".to_owned() } else { path };
                 FieldError {
                     message: format!(
                         "{field}: Invalid value: {:?}: {}",
@@ -263,8 +303,14 @@ pub fn cel(schema: &Value, obj: &Value, old: Option<&Value>) -> Vec<FieldError> 
     }
 }
 
+/// The value at a field path such as `spec.items[0].name`.
 fn pointer_at<'a>(obj: &'a Value, dotted: &str) -> Option<&'a Value> {
-    dotted.split('.').filter(|s| !s.is_empty()).try_fold(obj, |v, k| v.get(k))
+    dotted.split('.').filter(|s| !s.is_empty()).try_fold(obj, |v, segment| {
+        let mut parts = segment.split('[');
+        let name = parts.next().unwrap_or_default();
+        let v = if name.is_empty() { v } else { v.get(name)? };
+        parts.try_fold(v, |v, index| v.get(index.trim_end_matches(']').parse::<usize>().ok()?))
+    })
 }
 
 #[cfg(test)]
@@ -332,6 +378,7 @@ mod tests {
             "x-kubernetes-validations": [{"rule": "self.max >= self.min", "message": "max must be >= min"}],
             "properties": {"min": {"type": "integer"}, "max": {"type": "integer"},
                            "id": {"type": "string", "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "id is immutable"}]}}}}});
+        let s = kube::core::cel::compile_schema(&s);
         let errs = cel(&s, &json!({"spec": {"min": 3, "max": 1, "id": "a"}}), None);
         assert_eq!(errs[0].message, "spec: Invalid value: \"object\": max must be >= min");
         let errs = cel(
@@ -340,5 +387,28 @@ mod tests {
             Some(&json!({"spec": {"min": 1, "max": 1, "id": "a"}})),
         );
         assert_eq!(errs[0].message, "spec.id: Invalid value: \"string\": id is immutable");
+    }
+
+    #[test]
+    fn an_update_leaving_a_field_unchanged_does_not_rerun_its_rules() {
+        let s = kube::core::cel::compile_schema(&json!({"type": "object", "properties": {
+            "spec": {"type": "object", "x-kubernetes-validations": [{"rule": "self.n <= 2", "message": "n at most 2"}],
+                     "properties": {"n": {"type": "integer"}}},
+            "status": {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "object",
+                       "x-kubernetes-validations": [{"rule": "self.a != 'bad'", "message": "not bad"}],
+                       "properties": {"a": {"type": "string"}}}}}}}}));
+        // Stored before the rule was tightened: a status write is not refused for the spec.
+        let old = json!({"spec": {"n": 5}, "status": {"items": []}});
+        assert!(cel(&s, &json!({"spec": {"n": 5}, "status": {"items": [{"a": "ok"}]}}), Some(&old)).is_empty());
+        // A changed field is checked, with its full path.
+        let errs = cel(&s, &json!({"spec": {"n": 5}, "status": {"items": [{"a": "bad"}]}}), Some(&old));
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].message, "status.items[0]: Invalid value: \"object\": not bad");
+        assert_eq!(
+            cel(&s, &json!({"spec": {"n": 6}}), Some(&old))[0].message,
+            "spec: Invalid value: \"object\": n at most 2"
+        );
+        // On create everything runs.
+        assert_eq!(cel(&s, &json!({"spec": {"n": 5}}), None).len(), 1);
     }
 }

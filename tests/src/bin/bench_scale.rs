@@ -32,6 +32,34 @@ struct Run {
     pods_left: usize,
     restart_ready_s: f64,
     restart_first_pass_s: f64,
+    others: Others,
+}
+
+/// CPU of the other processes on the machine, in ms (per experiment once divided).
+#[derive(Clone, Copy, Debug, Default)]
+struct Others {
+    kube_sim: f64,
+    runpod_sim: f64,
+    /// The pods: runners and training processes, runpod-sim's reaped children.
+    pods: f64,
+}
+
+impl Others {
+    fn now(stack: &Stack) -> Self {
+        Self {
+            kube_sim: cpu_ms(stack.kube.pid()),
+            runpod_sim: cpu_ms(stack.runpod.pid()),
+            pods: children_cpu_ms(stack.runpod.pid()),
+        }
+    }
+
+    fn minus(&self, before: &Self, n: f64) -> Self {
+        Self {
+            kube_sim: (self.kube_sim - before.kube_sim) / n,
+            runpod_sim: (self.runpod_sim - before.runpod_sim) / n,
+            pods: (self.pods - before.pods) / n,
+        }
+    }
 }
 
 fn world() -> String {
@@ -79,6 +107,88 @@ fn cpu_ms(pid: u32) -> f64 {
     let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     ticks * 1000.0 / clock_ticks()
+}
+
+/// cutime + cstime: the CPU of a process's children it has waited for, in ms.
+fn children_cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(13).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(14).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks * 1000.0 / clock_ticks()
+}
+
+/// CPU ms of one `python3 train.py` of a tiny experiment on its own (mean of 10 runs): the least a
+/// pod costs, whatever the control plane does.
+fn python_alone_ms() -> f64 {
+    let dir = tempfile::tempdir().ok();
+    let Some(dir) = dir else { return 0.0 };
+    let script = ep_testkit::workspace_root().join("examples/quickstart/train.py");
+    let me = std::process::id();
+    let before = children_cpu_ms(me);
+    let runs = 10;
+    for _ in 0..runs {
+        let _ = std::process::Command::new("python3")
+            .arg(&script)
+            .args(["--epochs", "1", "--samples", "100", "--epoch-sleep", "0"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    (children_cpu_ms(me) - before) / f64::from(runs)
+}
+
+/// Waits until every experiment is Succeeded or Failed and returns the seconds from `started`
+/// to the last one's terminal transition (its `status.transitions` time, to the microsecond),
+/// so how often this loop looks does not change the figure. It watches the registry (one cheap
+/// count) and asks the cluster only once the registry says all are done: polling with kubectl
+/// would spend the cores being measured.
+async fn wait_finished(
+    stack: &Stack,
+    pool: &sqlx::PgPool,
+    n: usize,
+    started: chrono::DateTime<chrono::Utc>,
+) -> Result<f64, String> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let mut last_cluster_look = Instant::now();
+    loop {
+        let registry_done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM exp_registry.experiments WHERE status IN ('COMPLETED', 'FAILED', 'FAILED_STATUS_DIVERGENCE')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0);
+        // The registry trails the cluster; look at the cluster when it says all are done, and
+        // every 20 s in case the mirror is behind.
+        if registry_done >= i64::try_from(n).unwrap_or(i64::MAX)
+            || last_cluster_look.elapsed() > Duration::from_secs(20)
+        {
+            last_cluster_look = Instant::now();
+            let json = stack.kubectl(&["get", "exp", "-n", NS, "-o", "json"]).map_err(|e| e.to_string())?;
+            let list: serde_json::Value = serde_json::from_str(&json).map_err(|e| e.to_string())?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            let terminal = |p: &serde_json::Value| p == "Succeeded" || p == "Failed";
+            let done: Vec<&serde_json::Value> = items.iter().filter(|i| terminal(&i["status"]["phase"])).collect();
+            if done.len() == n {
+                let last = done
+                    .iter()
+                    .filter_map(|i| {
+                        i["status"]["transitions"].as_array()?.iter().rev().find(|t| terminal(&t["phase"]))?["at"]
+                            .as_str()
+                            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+                    })
+                    .max()
+                    .ok_or("no terminal transition time")?;
+                return Ok((last.with_timezone(&chrono::Utc) - started).as_seconds_f64());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("N={n}: only {} finished in 30 minutes", done.len()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -140,15 +250,6 @@ async fn reset(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_stat_statements_reset()").execute(pool).await.map(|_| ())
 }
 
-fn phases(stack: &Stack) -> Vec<String> {
-    stack
-        .kubectl(&["get", "exp", "-n", NS, "-o", "custom-columns=P:.status.phase", "--no-headers"])
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 fn apply_all(stack: &Stack, names: &[String], epoch_sleep: f64, epochs: u32) -> Result<(), String> {
     for (i, chunk) in names.chunks(250).enumerate() {
         let yaml: Vec<String> = chunk.iter().map(|n| experiment(n, epoch_sleep, epochs)).collect();
@@ -185,22 +286,12 @@ async fn one_size(n: usize, reconciles: u16) -> Result<Run, String> {
     let audit = stack.audit_log();
     let (calls0, cpu0) = (operator_kube_calls(&audit), cpu_ms(pid));
 
+    let others0 = Others::now(&stack);
+
     let names: Vec<String> = (0..n).map(|i| format!("s{i:04}")).collect();
-    let started = Instant::now();
+    let started = chrono::Utc::now();
     apply_all(&stack, &names, 0.0, 1)?;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    loop {
-        let p = phases(&stack);
-        let done = p.iter().filter(|p| *p == "Succeeded" || *p == "Failed").count();
-        if done == n {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("N={n}: only {done} finished in 30 minutes"));
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = wait_finished(&stack, &pool, n, started).await?;
     let count_completed = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM exp_registry.experiments WHERE status = 'COMPLETED'")
             .fetch_one(&pool)
@@ -225,6 +316,7 @@ async fn one_size(n: usize, reconciles: u16) -> Result<Run, String> {
         kube_calls: (operator_kube_calls(&audit) - calls0) as f64 / n as f64,
         statements: statements(&pool).await.map_err(|e| e.to_string())? / n as f64,
         cpu_ms: (cpu_ms(pid) - cpu0) / n as f64,
+        others: Others::now(&stack).minus(&others0, n as f64),
         peak_rss_mib: peak_rss_mib(pid),
         completed,
         pods_left: stack.live_pods().await.map_err(e)?.len(),
@@ -321,6 +413,12 @@ async fn main() -> ExitCode {
     println!(
         "bench-scale: tiny experiments (1 epoch, 100 samples), plenty of stock, poll 1 s, reconciles {reconciles}"
     );
+    let cores = std::thread::available_parallelism().map_or(1.0, |c| c.get() as f64);
+    let python = python_alone_ms();
+    println!(
+        "one tiny experiment's `python3 train.py` alone: {python:.1} CPU ms, at most {:.1} exp/s on {cores} cores",
+        cores * 1000.0 / python
+    );
     println!(
         "{:>6} {:>8} {:>8} {:>10} {:>10} {:>9} {:>9} {:>10} {:>6} {:>10} {:>10}",
         "N",
@@ -352,6 +450,17 @@ async fn main() -> ExitCode {
                     r.pods_left,
                     r.restart_ready_s,
                     r.restart_first_pass_s
+                );
+                let o = r.others;
+                let all = r.cpu_ms + o.kube_sim + o.runpod_sim + o.pods;
+                println!(
+                    "        CPU ms per experiment: operator {:.1}, kube-sim {:.1}, runpod-sim {:.1}, pods {:.1}; all {:.1}: at most {:.1} exp/s on {cores} cores",
+                    r.cpu_ms,
+                    o.kube_sim,
+                    o.runpod_sim,
+                    o.pods,
+                    all,
+                    cores * 1000.0 / all
                 );
                 runs.push(r);
             }
