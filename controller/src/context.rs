@@ -11,7 +11,6 @@ use ep_api::{Experiment, RunPodOrder, RunPodProvider};
 use ep_volume::{StoreError, VolumeStore};
 use kube::Resource;
 use kube::runtime::reflector::{ObjectRef, Store};
-use tokio::sync::Semaphore;
 
 use crate::events::Events;
 use crate::lenient::Lenient;
@@ -27,6 +26,8 @@ pub struct Stores {
     pub experiments: Store<Lenient<Experiment>>,
     pub orders: Store<Lenient<RunPodOrder>>,
     pub providers: Store<Lenient<RunPodProvider>>,
+    /// The orders of each experiment, fed by the orders' watch.
+    pub orders_by_experiment: crate::index::OrdersByExperiment,
 }
 
 fn decoded<K>(items: &[Arc<Lenient<K>>]) -> Vec<Arc<K>> {
@@ -50,8 +51,11 @@ impl Stores {
 
     /// The orders whose `spec.experimentRef` names an experiment.
     pub fn orders_of(&self, namespace: &str, experiment: &str) -> Vec<Arc<RunPodOrder>> {
-        self.orders_in(namespace)
-            .into_iter()
+        self.orders_by_experiment
+            .names(namespace, experiment)
+            .iter()
+            .filter_map(|name| self.orders.get(&ObjectRef::new(name).within(namespace)))
+            .filter_map(|l| l.get().cloned())
             .filter(|o| o.spec.experiment_ref.as_ref().is_some_and(|r| r.name == experiment))
             .collect()
     }
@@ -85,10 +89,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub events: Events,
     pub runner: RunnerBinary,
-    /// Payload syncs running at once (settings `concurrency.syncs` at start-up).
-    pub sync_slots: Semaphore,
+    /// Payload syncs running at once (settings `concurrency.syncs`, hot-reloaded).
+    pub sync_slots: crate::slots::Slots,
     /// Pod creates in flight at once (one fewer than the reconcile slots).
-    pub create_slots: Semaphore,
+    pub create_slots: crate::slots::Slots,
     /// Where ConfigMap payloads are staged before upload.
     pub staging: PathBuf,
 }

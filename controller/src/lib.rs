@@ -9,6 +9,7 @@ pub mod experiment;
 pub mod failpoint;
 #[cfg(test)]
 mod fixtures;
+pub mod index;
 pub mod lenient;
 pub mod metrics;
 pub mod names;
@@ -21,4 +22,5 @@ pub mod registry;
 pub mod run;
 pub mod runpod;
 pub mod settings;
+pub mod slots;
 pub mod time;

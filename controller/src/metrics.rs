@@ -60,6 +60,8 @@ pub struct Metrics {
     pub build_info: Family<Labels, Gauge>,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// The concurrency limits in force (`concurrency.*` of the settings, hot-reloaded), by limit.
+    pub concurrency_limit: Family<Labels, Gauge>,
     /// Requests left in each of RunPod's rate-limit windows, as the last answer said.
     pub runpod_ratelimit_remaining: Family<Labels, Gauge>,
     /// Where each object stands, as its last reconcile saw it; the families below are computed
@@ -119,6 +121,7 @@ impl Metrics {
             settings_rejections: Counter::default(),
             build_info: Family::default(),
             leader: Gauge::default(),
+            concurrency_limit: Family::default(),
             runpod_ratelimit_remaining: Family::default(),
             standing: Mutex::default(),
             budgets: Mutex::default(),
@@ -184,6 +187,11 @@ impl Metrics {
             self.settings_rejections.clone(),
         );
         registry.register("leader", "1 while this replica holds the leader lease", self.leader.clone());
+        registry.register(
+            "concurrency_limit",
+            "Concurrency limits in force, by limit (settings concurrency.*, applied without a restart)",
+            self.concurrency_limit.clone(),
+        );
         registry.register(
             "runpod_ratelimit_remaining",
             "Requests left in each RunPod rate-limit window, as RunPod's last answer said",

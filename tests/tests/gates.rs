@@ -461,13 +461,20 @@ async fn a_settings_edit_is_applied_live_and_an_invalid_one_is_refused_visibly()
     let e = stack.wait_phase("exp", "still", &["Succeeded", "Failed"]).unwrap();
     assert_eq!(e["status"]["phase"], "Succeeded");
     // A valid edit applies without a restart: the smoke policy now needs approval.
-    let stricter = FAST_SETTINGS.replace(
-        "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: false",
-        "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: true",
-    );
+    // (and the concurrency limits follow the file).
+    let reconciles = "ep_concurrency_limit{limit=\"reconciles\"}";
+    assert_eq!(op.metric(reconciles), Some(4.0));
+    let stricter = FAST_SETTINGS
+        .replace(
+            "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: false",
+            "smoke: {aliases: [smoke_test], cloudType: SECURE, containerDiskGb: 20, requiresApproval: true",
+        )
+        .replace("concurrency: {reconciles: 4, syncs: 2}", "concurrency: {reconciles: 7, syncs: 3}");
     assert_ne!(stricter, FAST_SETTINGS);
     std::fs::write(stack.settings_path(), stricter).unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    ep_testkit::e2e::wait_until("the new limits apply", LONG, || op.metric(reconciles) == Some(7.0)).unwrap();
+    assert_eq!(op.metric("ep_concurrency_limit{limit=\"syncs\"}"), Some(3.0));
+    assert!(stack.operator_log(5000).contains("concurrency changed"), "{}", stack.operator_log(50));
     stack.apply(&exp("later").yaml()).unwrap();
     stack
         .wait_for("rpo", Some(NS), "later-a1", LONG, "AwaitingApproval", |o| {

@@ -43,7 +43,20 @@ pub struct Entry {
     pub spent_usd: f64,
     /// Holds its GPUs and reservation until the order ends.
     pub open: bool,
+    /// On a day's entry ([`DAY_PREFIX`]): how many closed orders it sums.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub orders: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Key prefix of a day's entry: the closed orders admitted that day (UTC), summed. A closed
+/// order whose order has ended or is gone folds into it, so the ledger holds the open orders and
+/// one entry per day instead of every order of the last two months (a thousand orders a day
+/// would outgrow a ConfigMap's 1 MiB within weeks, and every admission reads and writes it all).
+pub const DAY_PREFIX: &str = "closed.";
 
 /// What a live order in the cache says about its entry.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -134,7 +147,36 @@ impl Ledger {
         }
         let before = self.entries.len();
         self.entries.retain(|_, e| e.open || now - e.admitted_at < chrono::Duration::days(KEEP_DAYS));
-        changed || self.entries.len() != before
+        self.fold(&live) || changed || self.entries.len() != before
+    }
+
+    /// Folds the closed entries of orders that ended or are gone into their day's entry; true
+    /// when any folded. Usage is unchanged: a day's entry counts on the day it sums.
+    fn fold(&mut self, live: impl Fn(&str) -> Option<Live>) -> bool {
+        let done: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(uid, e)| !e.open && !uid.starts_with(DAY_PREFIX) && live(uid).is_none_or(|l| l.ended))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &done {
+            let Some(e) = self.entries.remove(uid) else { continue };
+            let day = e.admitted_at.date_naive();
+            let sum = self.entries.entry(format!("{DAY_PREFIX}{day}")).or_insert_with(|| Entry {
+                order: String::new(),
+                experiment: None,
+                admitted_at: day.and_time(chrono::NaiveTime::MIN).and_utc(),
+                gpus: 0,
+                reserved_usd: 0.0,
+                spent_usd: 0.0,
+                open: false,
+                orders: 0,
+            });
+            sum.spent_usd += e.spent_usd;
+            sum.orders += e.orders.max(1);
+            sum.order = format!("{} orders admitted on {day}, closed", sum.orders);
+        }
+        !done.is_empty()
     }
 
     /// Admits `entry` for order `uid` if the budget has room; true when the ledger changed. An
@@ -286,6 +328,7 @@ mod tests {
             reserved_usd: reserved,
             spent_usd: 0.0,
             open: true,
+            orders: 0,
         }
     }
 
@@ -339,6 +382,37 @@ mod tests {
         assert_eq!(l.usage("x", at(3, 12), |_| None), Usage { gpus: 0, day_usd: 4.5, month_usd: 4.5 });
         assert!(l.heal(at(28, 12) + chrono::Duration::days(62), |_| None));
         assert!(l.entries.is_empty(), "closed entries leave after the retention");
+    }
+
+    #[test]
+    fn closed_orders_that_ended_fold_into_their_day_and_count_the_same() {
+        let mut l = Ledger::default();
+        let b = budget(100.0, Some(1000.0), 8);
+        for (uid, day) in [("a", 3), ("b", 3), ("c", 4), ("running", 4)] {
+            l.admit("ns", uid, entry(day, 1, 5.0), &b, |_| None).unwrap();
+        }
+        for (uid, spent) in [("a", 1.25), ("b", 2.0), ("c", 0.5)] {
+            l.settle(uid, spent);
+        }
+        // "c" is closed but its order still runs its last pass: it stays until the order ends.
+        let live = |uid: &str| match uid {
+            "running" => Some(Live { spent_usd: 0.1, ended: false }),
+            "c" => Some(Live { spent_usd: 0.5, ended: false }),
+            _ => Some(Live { spent_usd: 0.0, ended: true }),
+        };
+        let before = (l.usage("x", at(3, 12), live), l.usage("x", at(4, 12), live));
+        assert!(l.heal(at(4, 12), live));
+        assert_eq!((l.usage("x", at(3, 12), live), l.usage("x", at(4, 12), live)), before);
+        let data = l.to_data();
+        assert_eq!(data.keys().cloned().collect::<Vec<_>>(), ["c", "closed.2026-11-03", "running"]);
+        let day: Entry = serde_json::from_str(&data["closed.2026-11-03"]).unwrap();
+        assert_eq!((day.spent_usd, day.orders, day.open), (3.25, 2, false));
+        // Read back, the day's entry is an entry like any other; "c" folds once its order ended.
+        let mut again = Ledger::from_data(Some(&data));
+        assert!(again.heal(at(4, 13), |uid| (uid == "running").then_some(Live { spent_usd: 0.1, ended: false })));
+        assert_eq!(again.entries.len(), 3, "running, and one entry per day");
+        assert_eq!(again.usage("x", at(4, 13), |_| None).month_usd, before.1.month_usd);
+        assert!(!again.heal(at(4, 14), |uid| (uid == "running").then_some(Live { spent_usd: 0.1, ended: false })));
     }
 
     #[test]

@@ -223,6 +223,7 @@ pub async fn run<W: World>(w: &W, pass: &mut Pass<'_>) -> Result<Option<Duration
             reserved_usd: (reserved * 100.0).ceil() / 100.0,
             spent_usd: 0.0,
             open: true,
+            orders: 0,
         };
         if let Err(b) = w.reserve(&pass.ns, &pass.uid, entry, budget).await? {
             return Ok(pass.block(b));

@@ -184,10 +184,10 @@ impl World for KubeWorld<'_> {
     }
 
     fn sync_slots(&self) -> &Semaphore {
-        &self.ctx.sync_slots
+        self.ctx.sync_slots.semaphore()
     }
     fn create_slots(&self) -> &Semaphore {
-        &self.ctx.create_slots
+        self.ctx.create_slots.semaphore()
     }
 
     fn record_spend(&self, namespace: &str, usd: f64) {

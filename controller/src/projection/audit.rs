@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use super::Projector;
 use crate::events::Events;
 use crate::reason::Reason;
-use crate::registry::{Registry, RegistryError, Row, status};
+use crate::registry::{Registry, RegistryError, status};
 
 /// The experiments the cluster holds, by (namespace, name).
 pub type ClusterFn = Arc<dyn Fn() -> HashSet<(String, String)> + Send + Sync>;
@@ -73,13 +73,7 @@ impl Projector {
     /// The experiment rows last written, as the cluster says them.
     fn written_experiments(&self) -> Said {
         let st = self.lock();
-        st.written
-            .values()
-            .filter_map(|r| match r {
-                Row::Experiment(e) => Some(((e.namespace.clone(), e.name.clone()), e.status.clone())),
-                _ => None,
-            })
-            .collect()
+        st.written_status.iter().map(|(k, status)| (k.clone(), status.clone())).collect()
     }
 
     /// One audit: compares, records what diverges, reports what is new. Rows written or queued while

@@ -69,8 +69,12 @@ struct State {
     seq: u64,
     pending: BTreeMap<u64, (Row, Owner, DateTime<Utc>)>,
     by_key: HashMap<String, u64>,
-    /// The row last written per key: an unchanged row is not written again.
-    written: HashMap<String, Row>,
+    /// A fingerprint of the row last written per key: an unchanged row is not written again.
+    /// Only the fingerprint is kept (the rows themselves, every phase and progress row of every
+    /// experiment, were most of the operator's memory at a thousand experiments).
+    written: HashMap<String, u64>,
+    /// The status last written for each experiment, for the divergence audit.
+    written_status: HashMap<(String, String), String>,
     /// Rows PostgreSQL refused, by key, until their content changes.
     refused: HashMap<String, Row>,
     /// Why an experiment's rows are quarantined.
@@ -128,7 +132,7 @@ impl Projector {
             (item.0, item.1) = (row, owner);
             return seq;
         }
-        if st.written.get(&key) == Some(&row) || st.refused.get(&key) == Some(&row) {
+        if st.written.get(&key).is_some_and(|f| *f == fingerprint(&row)) || st.refused.get(&key) == Some(&row) {
             return 0;
         }
         st.seq += 1;
@@ -230,6 +234,8 @@ impl Projector {
         let keep: std::collections::HashSet<String> =
             st.diverged.keys().map(|(ns, n)| format!("experiment/{ns}/{n}")).collect();
         st.written.retain(|k, _| keep.contains(k));
+        let diverged: std::collections::HashSet<(String, String)> = st.diverged.keys().cloned().collect();
+        st.written_status.retain(|k, _| diverged.contains(k));
     }
 
     /// The lag now.
@@ -411,8 +417,27 @@ fn done(st: &mut State, seq: u64, row: &Row, refused: bool) {
         st.refused.insert(key, row.clone());
     } else {
         st.refused.remove(&key);
-        st.written.insert(key, row.clone());
+        st.written.insert(key, fingerprint(row));
+        if let Row::Experiment(e) = row {
+            st.written_status.insert((e.namespace.clone(), e.name.clone()), e.status.clone());
+        }
     }
+}
+
+/// A row's fingerprint: a hash of every field (as `Debug` prints them), computed without
+/// building the text.
+fn fingerprint(row: &Row) -> u64 {
+    use std::hash::Hasher;
+    struct Feed(std::hash::DefaultHasher);
+    impl std::fmt::Write for Feed {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.write(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut feed = Feed(std::hash::DefaultHasher::new());
+    let _ = std::fmt::write(&mut feed, format_args!("{row:?}"));
+    feed.0.finish()
 }
 
 /// One row per worker: the newest heartbeat of any of its runs, and how many of them are live.

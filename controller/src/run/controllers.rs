@@ -8,16 +8,17 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ep_api::order::OrderPhase;
-use ep_api::{Experiment, RunPodOrder, RunPodProvider};
+use ep_api::{Experiment, RunPodOrder};
 use futures::{Stream, StreamExt};
+use kube::runtime::Controller;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
-use kube::runtime::reflector::{self, ObjectRef};
-use kube::runtime::{Controller, WatchStreamExt, watcher};
-use kube::{Api, Resource, ResourceExt};
-use tokio::sync::{Semaphore, watch};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use tokio::sync::watch;
 
+use super::caches::{Caches, caches};
 use super::shutdown_future;
-use crate::context::{Context, RunnerBinary, Stores};
+use crate::context::{Context, RunnerBinary};
 use crate::error::Error;
 use crate::events::Events;
 use crate::lenient::Lenient;
@@ -26,6 +27,7 @@ use crate::pool::{ProviderPool, SeenPods};
 use crate::projection::Projector;
 use crate::reason::Reason;
 use crate::settings::SettingsHandle;
+use crate::slots::Slots;
 use crate::{experiment, order, provider};
 
 /// What the controllers are built from.
@@ -124,8 +126,8 @@ struct Shared {
     ctx: Arc<Context>,
     failures: Failures,
     passes: Passes,
-    /// The order controller's concurrency (fixed when the controllers start).
-    concurrency: u16,
+    /// Passes running at once, by kind (settings `concurrency.reconciles`, hot-reloaded).
+    reconciles: HashMap<&'static str, Slots>,
     /// Objects already reported as undecodable, by uid and resourceVersion.
     undecodable: Mutex<HashSet<String>>,
 }
@@ -186,6 +188,10 @@ where
             }
             return Ok(Action::await_change());
         }
+    };
+    let _slot = match s.reconciles.get(kind) {
+        Some(slots) => slots.acquire().await,
+        None => None,
     };
     let start = Instant::now();
     if kind == order::KIND {
@@ -252,7 +258,8 @@ fn poller(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> impl Stream<Item 
                 .filter(|(k, _)| !shared.failures.backing_off(k))
                 .collect();
             let mean = Duration::from_micros(shared.passes.mean_us.load(std::sync::atomic::Ordering::Relaxed));
-            let share = poll_share(shared.concurrency, poll, mean);
+            let concurrency = shared.reconciles.get(order::KIND).map_or(1, Slots::size);
+            let share = poll_share(u16::try_from(concurrency).unwrap_or(u16::MAX), poll, mean);
             let candidates = keys.iter().map(|(k, _)| (k.as_str(), shared.passes.last_started(k))).collect();
             let wake: HashSet<&str> = due(candidates, Instant::now(), poll, share).into_iter().collect();
             tracing::debug!(live = keys.len(), share, mean_pass = ?mean, woken = wake.len(), "poll tick");
@@ -264,6 +271,39 @@ fn poller(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> impl Stream<Item 
         }
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) })
+}
+
+/// The most passes of one kind kube-runtime runs at once; `concurrency.reconciles` below it
+/// applies without a restart (above it, from the next start).
+const RECONCILES_CEILING: u16 = 64;
+
+/// Applies `concurrency.*` from each settings reload to the running limits.
+fn follow_concurrency(shared: Arc<Shared>) {
+    let mut settings = shared.ctx.settings.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let c = settings.borrow_and_update().concurrency.clone();
+            let reconciles = usize::from(c.reconciles);
+            let ctx = &shared.ctx;
+            let mut changed = ctx.sync_slots.resize(usize::from(c.syncs));
+            changed |= ctx.create_slots.resize(reconciles.saturating_sub(1));
+            for slots in shared.reconciles.values() {
+                changed |= slots.resize(reconciles);
+            }
+            // The limits as the slots hold them, not as the file says them.
+            let limit = |l: &str| vec![("limit", l.to_owned())];
+            let held = shared.reconciles.get(order::KIND).map_or(0, Slots::size);
+            ctx.metrics.concurrency_limit.get_or_create(&limit("reconciles")).set(i64::try_from(held).unwrap_or(0));
+            let syncs = i64::try_from(ctx.sync_slots.size()).unwrap_or(0);
+            ctx.metrics.concurrency_limit.get_or_create(&limit("syncs")).set(syncs);
+            if changed {
+                tracing::info!(reconciles, syncs = c.syncs, "concurrency changed");
+            }
+            if settings.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// The registry's divergence audit, against the experiments the caches hold.
@@ -289,84 +329,6 @@ fn resync(ctx: Arc<Context>, every: Duration) {
             }
         }
     });
-}
-
-/// A shared cache, the handles of the controllers woken from it, and the watch feeding it.
-struct Cache<K: Resource + Clone + 'static>
-where
-    K::DynamicType: std::hash::Hash + Eq + Clone,
-{
-    store: reflector::Store<K>,
-    handles: Vec<reflector::ReflectHandle<K>>,
-    watch: tokio::task::JoinHandle<()>,
-}
-
-/// One watch of every object of a kind feeding one cache; each subscriber is woken only after the
-/// cache holds the change, so an experiment never reads an order older than the event that woke
-/// it. The watch runs on its own task: the caches fill whatever the controllers are doing, and the
-/// controllers start only once every cache holds its initial list (a pass before that would read
-/// "missing" for an object that exists and say so in status).
-fn shared<K>(client: &kube::Client, wc: &watcher::Config, subscribers: usize) -> Option<Cache<K>>
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-{
-    let (store, writer) = reflector::store_shared(1024);
-    let handles = (0..subscribers).map(|_| writer.subscribe()).collect::<Option<Vec<_>>>()?;
-    let kind = K::kind(&()).to_string();
-    // What the operator never reads stays out of the cache: managedFields and kubectl's copy of
-    // the applied object (together often larger than the object itself, times every object).
-    let watch = watcher(Api::<K>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .modify(|o| {
-            o.managed_fields_mut().clear();
-            o.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-        })
-        .reflect_shared(writer)
-        .for_each(move |r| {
-            let kind = kind.clone();
-            async move {
-                if let Err(e) = r {
-                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
-                }
-            }
-        });
-    Some(Cache { store, handles, watch: tokio::spawn(watch) })
-}
-
-/// The three caches, filled, and the handles of the controllers woken from them.
-struct Caches {
-    stores: Stores,
-    providers: reflector::ReflectHandle<Lenient<RunPodProvider>>,
-    experiments: [reflector::ReflectHandle<Lenient<Experiment>>; 2],
-    orders: [reflector::ReflectHandle<Lenient<RunPodOrder>>; 2],
-    watches: [tokio::task::JoinHandle<()>; 3],
-}
-
-/// Starts the watches and waits until every cache holds its initial list; None on shutdown.
-async fn caches(client: &kube::Client, stop: &watch::Receiver<bool>) -> Option<Caches> {
-    let wc = watcher::Config::default();
-    let orders = shared::<Lenient<RunPodOrder>>(client, &wc, 2)?;
-    let experiments = shared::<Lenient<Experiment>>(client, &wc, 2)?;
-    let providers = shared::<Lenient<RunPodProvider>>(client, &wc, 1)?;
-    let watches = [orders.watch, experiments.watch, providers.watch];
-    let stores = Stores { experiments: experiments.store, orders: orders.store, providers: providers.store };
-    let mut stopping = stop.clone();
-    tokio::select! {
-        () = stores.ready() => tracing::debug!("caches hold their initial lists"),
-        _ = stopping.wait_for(|v| *v) => {
-            watches.iter().for_each(tokio::task::JoinHandle::abort);
-            return None;
-        }
-    }
-    let mut order_handles = orders.handles.into_iter();
-    let mut experiment_handles = experiments.handles.into_iter();
-    Some(Caches {
-        stores,
-        providers: providers.handles.into_iter().next()?,
-        experiments: [experiment_handles.next()?, experiment_handles.next()?],
-        orders: [order_handles.next()?, order_handles.next()?],
-        watches,
-    })
 }
 
 /// The experiment an order serves: a change to the order wakes it.
@@ -410,8 +372,8 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         metrics: p.metrics,
         events: p.events,
         runner: p.runner,
-        sync_slots: Semaphore::new(usize::from(settings.concurrency.syncs.max(1))),
-        create_slots: Semaphore::new(usize::from(settings.concurrency.reconciles.saturating_sub(1).max(1))),
+        sync_slots: Slots::new(usize::from(settings.concurrency.syncs)),
+        create_slots: Slots::new(usize::from(settings.concurrency.reconciles.saturating_sub(1))),
         staging: p.staging,
     });
     ctx.metrics.init_errors(&[experiment::KIND, order::KIND, provider::KIND], Error::CATEGORIES);
@@ -419,10 +381,15 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
         ctx: ctx.clone(),
         failures: Failures::default(),
         passes: Passes::default(),
-        concurrency: settings.concurrency.reconciles.max(1),
+        reconciles: [experiment::KIND, order::KIND, provider::KIND]
+            .into_iter()
+            .map(|k| (k, Slots::new(usize::from(settings.concurrency.reconciles))))
+            .collect(),
         undecodable: Mutex::default(),
     });
-    let config = ControllerConfig::default().concurrency(settings.concurrency.reconciles.max(1));
+    // kube-runtime's own limit is a ceiling fixed at start; the slots above apply the settings.
+    let config = ControllerConfig::default().concurrency(RECONCILES_CEILING.max(settings.concurrency.reconciles));
+    follow_concurrency(shared.clone());
     resync(ctx.clone(), Duration::from_secs(600));
     audit(&ctx, settings.poll_interval.get() * 10);
     let lag = ctx.projector.subscribe();

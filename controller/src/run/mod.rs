@@ -1,6 +1,7 @@
 //! `ep-operator run`: the three controllers, the registry projection, the pod poller, metrics and
 //! health endpoints, leader election and graceful shutdown.
 
+mod caches;
 mod controllers;
 mod lease;
 
