@@ -24,7 +24,7 @@ const SHARDS: usize = 32;
 const MAX_NOTE: usize = 1000;
 
 impl Events {
-    pub fn new(client: kube::Client, identity: &str) -> Self {
+    pub fn new(client: &kube::Client, identity: &str) -> Self {
         let reporter = Reporter { controller: "ep-operator".into(), instance: Some(identity.to_owned()) };
         Self { recorders: (0..SHARDS).map(|_| Recorder::new(client.clone(), reporter.clone())).collect() }
     }

@@ -30,6 +30,7 @@ fn entry(order: &str, reserved: f64) -> Entry {
         reserved_usd: reserved,
         spent_usd: 0.0,
         open: true,
+        orders: 0,
     }
 }
 

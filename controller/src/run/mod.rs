@@ -171,7 +171,7 @@ pub async fn run(opts: RunOptions) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("--listen {}: cannot bind: {e}", opts.listen))?;
     let client = kube_client(&opts).await?;
-    let events = Events::new(client.clone(), &opts.identity);
+    let events = Events::new(&client, &opts.identity);
     let projector = Projector::new(metrics.clone(), opts.database_url.is_some());
     let settings = settings(&opts, &projector, &metrics, events.clone())?;
     let runner = RunnerBinary::load(&opts.runner_binary).map_err(|e| {

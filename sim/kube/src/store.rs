@@ -428,10 +428,10 @@ impl State {
                 }
             }
             let mut errors = outcome.errors;
-            if errors.is_empty() {
-                if let Some(rules) = &res.rules {
-                    errors.extend(validate::cel(&rules.0, obj, old));
-                }
+            if errors.is_empty()
+                && let Some(rules) = &res.rules
+            {
+                errors.extend(validate::cel(&rules.0, obj, old));
             }
             if !errors.is_empty() {
                 return Err(ApiError::invalid(res, &name, &errors));
