@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::caches::{Caches, caches};
 use super::shutdown_future;
-use crate::context::{Context, RunnerBinary};
+use crate::context::{Context, RunnerBinary, Stores};
 use crate::error::Error;
 use crate::events::Events;
 use crate::lenient::Lenient;
@@ -345,6 +345,36 @@ fn approved_order(e: &Lenient<Experiment>) -> Option<ObjectRef<Lenient<RunPodOrd
     Some(ObjectRef::new(&order).within(&e.namespace()?))
 }
 
+/// The context every pass shares, and the controllers' own state.
+fn shared_state(p: Parts, stores: Stores) -> Arc<Shared> {
+    let settings = p.settings.current();
+    let ctx = Arc::new(Context {
+        client: p.client.clone(),
+        stores,
+        settings: p.settings,
+        providers: ProviderPool::default(),
+        seen_pods: SeenPods::default(),
+        projector: p.projector,
+        metrics: p.metrics,
+        events: p.events,
+        runner: p.runner,
+        sync_slots: Slots::new(usize::from(settings.concurrency.syncs)),
+        create_slots: Slots::new(usize::from(settings.concurrency.reconciles.saturating_sub(1))),
+        staging: p.staging,
+    });
+    ctx.metrics.init_errors(&[experiment::KIND, order::KIND, provider::KIND], Error::CATEGORIES);
+    Arc::new(Shared {
+        ctx,
+        failures: Failures::default(),
+        passes: Passes::default(),
+        reconciles: [experiment::KIND, order::KIND, provider::KIND]
+            .into_iter()
+            .map(|k| (k, Slots::new(usize::from(settings.concurrency.reconciles))))
+            .collect(),
+        undecodable: Mutex::default(),
+    })
+}
+
 /// Builds the controllers and runs them until `stop`.
 pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     let client = p.client.clone();
@@ -361,32 +391,9 @@ pub async fn run(p: Parts, stop: &watch::Receiver<bool>) {
     let providers = Controller::for_shared_stream(providers, stores.providers.clone());
     let experiments = Controller::for_shared_stream(experiments, stores.experiments.clone());
     let orders = Controller::for_shared_stream(order_events, stores.orders.clone());
-    let settings = p.settings.current();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        stores,
-        settings: p.settings,
-        providers: ProviderPool::default(),
-        seen_pods: SeenPods::default(),
-        projector: p.projector,
-        metrics: p.metrics,
-        events: p.events,
-        runner: p.runner,
-        sync_slots: Slots::new(usize::from(settings.concurrency.syncs)),
-        create_slots: Slots::new(usize::from(settings.concurrency.reconciles.saturating_sub(1))),
-        staging: p.staging,
-    });
-    ctx.metrics.init_errors(&[experiment::KIND, order::KIND, provider::KIND], Error::CATEGORIES);
-    let shared = Arc::new(Shared {
-        ctx: ctx.clone(),
-        failures: Failures::default(),
-        passes: Passes::default(),
-        reconciles: [experiment::KIND, order::KIND, provider::KIND]
-            .into_iter()
-            .map(|k| (k, Slots::new(usize::from(settings.concurrency.reconciles))))
-            .collect(),
-        undecodable: Mutex::default(),
-    });
+    let shared = shared_state(p, stores);
+    let ctx = shared.ctx.clone();
+    let settings = ctx.settings.current();
     // kube-runtime's own limit is a ceiling fixed at start; the slots above apply the settings.
     let config = ControllerConfig::default().concurrency(RECONCILES_CEILING.max(settings.concurrency.reconciles));
     follow_concurrency(shared.clone());
