@@ -334,8 +334,16 @@ async fn deleting_an_experiment_mid_run_drains_keeps_the_last_checkpoint_and_end
         .to_owned();
     assert_eq!(format!("checkpoints/{}", left[0].to_string_lossy()), newest);
     assert!(run_dir.join("logs").is_dir(), "logs so far are kept");
-    let rows = query(&stack.database_url, "SELECT status, reason FROM exp_registry.attempts").await;
-    assert_eq!(rows[0][0], "STOPPED", "{rows:?}");
+    // The registry trails the cluster by a flush (rows gather for 400 ms).
+    let deadline = Instant::now() + LONG;
+    loop {
+        let rows = query(&stack.database_url, "SELECT status, reason FROM exp_registry.attempts").await;
+        if rows[0][0] == "STOPPED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the attempt never reached STOPPED in the registry: {rows:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // The experiment is gone; the registry says it ended, not that it still runs.
     stack.wait_for("exp", Some(NS), "del", LONG, "gone", |o| o.is_none()).unwrap();
     wait_registry(&stack.database_url, "del", "FAILED").await;
